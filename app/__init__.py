@@ -1,0 +1,1 @@
+"""Flower entry points (ServerApp, ClientApp) and the task code both sides share."""

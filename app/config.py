@@ -1,0 +1,300 @@
+"""Compose an experiment from `conf/` with Hydra, validate it, and hand out typed values.
+
+Config is read once, at the edge (DESIGN.md): the ServerApp, the ClientApp and the sweep CLI
+all call :func:`load_config` with the same override strings and get the same typed
+:class:`ExperimentConfig`. Nothing below this module digs in a dict.
+
+Validation happens in three layers, all before any training:
+1. Hydra itself rejects an unknown group option (``model=foo``) and lists the available ones,
+   and rejects unknown keys (the composed config is in struct mode).
+2. Merging into the dataclass schemas below rejects wrong types (``num_rounds=abc``) and keys
+   that a group file added but the schema does not know.
+3. :func:`_check_values` rejects values that have the right type but cannot work
+   (``training.optimizer=rmsprop``, ``strategy.fraction_train=0``, a label-skew partitioner on
+   a regression data set), naming the key and what to use instead.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_NAME = "config"
+
+
+class ConfigError(ValueError):
+    """A bad experiment configuration: the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- schemas
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    # sklearn: ships inside scikit-learn; synthetic: generated; hub: Flower Datasets / HF hub
+    source: str = "sklearn"
+    task: str = "classification"  # classification | regression
+    test_fraction: float = 0.2  # held by the server for centralized evaluation
+    val_fraction: float = 0.1  # each client's validation split
+    # synthetic linear regression y = slope * x + intercept + N(0, noise_std^2)
+    n_samples: int = 1000
+    slope: float = 2.0
+    intercept: float = 1.0
+    noise_std: float = 0.1
+    # hub data sets (need the network)
+    hub_name: str = ""
+    feature_key: str = "image"
+    label_key: str = "label"
+    max_samples: int = 0  # 0: all
+
+
+@dataclass
+class PartitionerConfig:
+    name: str = "iid"  # iid | dirichlet | pathological
+    alpha: float = 0.5  # Dirichlet concentration: smaller -> more label skew
+    min_partition_size: int = 10
+    self_balancing: bool = False
+    classes_per_partition: int = 2  # pathological
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # linear | mlp | cnn
+    hidden_sizes: list[int] = field(default_factory=lambda: [64])
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam
+    fraction_train: float = 0.5  # share of clients sampled for training each round
+    fraction_evaluate: float = 0.5  # share sampled for federated evaluation
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+    proximal_mu: float = 0.0  # fedprox
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.0  # fedavgm
+    eta: float = 0.01  # fedadam server lr
+    eta_l: float = 0.01  # fedadam client lr (reported by Flower only)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-9
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "none"
+
+
+@dataclass
+class SecAggConfig:
+    name: str = "none"
+
+
+@dataclass
+class TrainingConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 1  # per client process; 0 keeps torch's default
+
+
+@dataclass
+class SimulationConfig:
+    """How `python -m app.sweep` launches `flwr run` (under a plain `flwr run .` these
+    values come from `--federation-config`; the ServerApp warns when they differ)."""
+
+    num_supernodes: int = 10
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    num_rounds: int = 5
+    seed: int = 0
+    output_dir: str | None = None
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset.source": ("sklearn", "synthetic", "hub"),
+    "dataset.task": ("classification", "regression"),
+    "partitioner.name": ("iid", "dirichlet", "pathological"),
+    "model.name": ("linear", "mlp", "cnn"),
+    "strategy.name": ("fedavg", "fedavgm", "fedprox", "fedadam"),
+    "privacy.name": ("none",),
+    "secagg.name": ("none",),
+    "training.optimizer": ("sgd", "adam"),
+    "training.device": ("auto", "cpu", "cuda"),
+}
+
+
+# --------------------------------------------------------------------------- loading
+def parse_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Split the `overrides` run-config string like a shell would (quotes group values)."""
+    if overrides is None:
+        return ()
+    if isinstance(overrides, str):
+        try:
+            return tuple(shlex.split(overrides))
+        except ValueError as err:
+            raise ConfigError(f"Cannot parse overrides {overrides!r}: {err}") from err
+    return tuple(overrides)
+
+
+def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides (no validation against schemas)."""
+    return _compose_cached(parse_overrides(overrides))
+
+
+@lru_cache(maxsize=32)
+def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+    # Imported here: hydra is heavy and only needed when composing.
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err, overrides)) from err
+    return cfg
+
+
+def load_config(overrides: str | list[str] | tuple[str, ...] | None = None) -> ExperimentConfig:
+    """Compose, validate and return the typed experiment configuration."""
+    return to_experiment_config(compose(overrides))
+
+
+def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
+    """Validate a composed config (e.g. from `@hydra.main`) against the schemas."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), plain)
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, ())) from err
+    _check_values(typed)
+    return typed
+
+
+def resolved_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved configuration as YAML (written to `config.yaml` of each run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _explain(err: Exception, overrides: tuple[str, ...]) -> str:
+    msg = str(err).strip()
+    if msg.startswith("Could not override"):
+        # Hydra suggests `+key=value`, which our schemas would reject anyway: say what is true.
+        key = msg.split("'")[1]
+        msg = f"'{key}' is not a key of the experiment configuration."
+    # Drop Hydra's search-path dump: it names folders, not what the user can change.
+    msg = msg.split("Config search path:")[0].strip()
+    options = "; ".join(f"{g}={'|'.join(_group_options(g))}" for g in _groups())
+    given = f" (overrides: {' '.join(overrides)})" if overrides else ""
+    return (
+        f"Invalid experiment configuration{given}: {msg}\n"
+        f"Config groups and their options: {options}. Keys and defaults: conf/config.yaml "
+        "and conf/<group>/<option>.yaml."
+    )
+
+
+def _groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    def value(key: str):
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, choices in CHOICES.items():
+        if value(key) not in choices:
+            raise ConfigError(
+                f"Invalid experiment configuration: {key}={value(key)!r} is not one of "
+                f"{', '.join(choices)}."
+            )
+
+    def require(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"Invalid experiment configuration: {key}={value(key)!r}: {why}")
+
+    require(cfg.num_rounds >= 1, "num_rounds", "run at least one round")
+    require(0.0 < cfg.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
+    require(0.0 <= cfg.dataset.val_fraction < 1.0, "dataset.val_fraction", "must be in [0, 1)")
+    require(0.0 < cfg.strategy.fraction_train <= 1.0, "strategy.fraction_train", "must be in (0, 1]")
+    require(
+        0.0 <= cfg.strategy.fraction_evaluate <= 1.0,
+        "strategy.fraction_evaluate",
+        "must be in [0, 1] (0 turns federated evaluation off)",
+    )
+    for key in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+        require(value(f"strategy.{key}") >= 1, f"strategy.{key}", "must be at least 1")
+    require(cfg.strategy.proximal_mu >= 0.0, "strategy.proximal_mu", "must be >= 0")
+    require(
+        cfg.strategy.name != "fedprox" or cfg.strategy.proximal_mu > 0.0,
+        "strategy.proximal_mu",
+        "FedProx needs proximal_mu > 0 (0 is plain FedAvg: use strategy=fedavg)",
+    )
+    require(cfg.training.local_epochs >= 1, "training.local_epochs", "must be at least 1")
+    require(cfg.training.batch_size >= 1, "training.batch_size", "must be at least 1")
+    require(cfg.training.lr > 0.0, "training.lr", "must be > 0")
+    require(cfg.training.torch_threads >= 0, "training.torch_threads", "must be >= 0")
+    require(cfg.partitioner.alpha > 0.0, "partitioner.alpha", "Dirichlet alpha must be > 0")
+    require(
+        cfg.partitioner.classes_per_partition >= 1,
+        "partitioner.classes_per_partition",
+        "must be at least 1",
+    )
+    require(
+        cfg.dataset.task == "classification" or cfg.partitioner.name == "iid",
+        "partitioner.name",
+        "label-skew partitioners need class labels; a regression data set "
+        f"({cfg.dataset.name}) takes partitioner=iid",
+    )
+    require(
+        cfg.model.name != "cnn" or cfg.dataset.name == "digits",
+        "model.name",
+        "the cnn reads 1x8x8 images: use dataset=digits, or model=mlp|linear",
+    )
+    require(
+        cfg.dataset.source != "hub" or bool(cfg.dataset.hub_name),
+        "dataset.hub_name",
+        "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)",
+    )
+    require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
+    require(cfg.simulation.client_cpus >= 1, "simulation.client_cpus", "Flower needs whole CPUs")
+    if cfg.output_dir is not None:
+        require(
+            Path(cfg.output_dir).expanduser().is_absolute(),
+            "output_dir",
+            "must be an absolute path: the ServerApp runs from Flower's app folder, "
+            "not from your checkout (e.g. output_dir=$PWD/outputs/run1)",
+        )

@@ -1,0 +1,130 @@
+"""ServerApp: compose the config, build the strategy, run the rounds, write the results."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server import Grid, ServerApp, ServerConfig, SimpleClientManager
+from flwr.server.compat import start_grid
+
+from app.config import ExperimentConfig, load_config
+from app.data import centralized_test_split, data_spec
+from app.evaluation import evaluate, resolve_device
+from app.experiment_server import ExperimentServer
+from app.models import build_model, get_weights, num_parameters, set_weights
+from app.results import RunRecorder
+from strategies.factory import build_strategy
+
+DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
+
+
+def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser()
+    return DEFAULT_RUNS_ROOT / f"{datetime.now():%Y%m%d-%H%M%S}-run{run_id}"
+
+
+def warn_if_runtime_environment() -> None:
+    """Flower's SuperLink installs the app's dependencies into a fresh per-run virtualenv
+    unless told not to; for this app that means re-downloading torch (GBs) on every run."""
+    venv = os.environ.get("VIRTUAL_ENV", "")
+    if f"{os.sep}runtime-envs{os.sep}" in venv:
+        log(
+            WARNING,
+            "This run executes in a per-run environment that Flower built by installing the "
+            "app's dependencies (%s). The package is already installed: start the SuperLink "
+            "with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (see README, 'No downloads "
+            "at run time'); `flwr local stop` stops a SuperLink started without it.",
+            venv,
+        )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
+    cfg = load_config(str(context.run_config.get("overrides", "")))
+    warn_if_runtime_environment()
+    if cfg.training.torch_threads > 0:
+        torch.set_num_threads(cfg.training.torch_threads)
+    output_dir = resolve_output_dir(cfg, context.run_id)
+    recorder = RunRecorder(output_dir, cfg)
+
+    spec = data_spec(cfg.dataset)
+    test_data = centralized_test_split(cfg.dataset, cfg.seed)
+    device = resolve_device(cfg.training.device)
+    model = build_model(cfg.model, spec, seed=cfg.seed)
+    eval_model = build_model(cfg.model, spec).to(device)
+
+    def evaluate_centrally(server_round, weights, config):
+        set_weights(eval_model, weights)
+        metrics = evaluate(eval_model, test_data, spec.task, device)
+        return metrics.pop("loss"), metrics
+
+    strategy = build_strategy(
+        cfg, ndarrays_to_parameters(get_weights(model)), evaluate_fn=evaluate_centrally
+    )
+    nodes = len(list(grid.get_node_ids()))
+    log(
+        INFO,
+        "Experiment: dataset=%s partitioner=%s model=%s (%d parameters) strategy=%s, "
+        "%d rounds, %d SuperNodes connected, results -> %s",
+        cfg.dataset.name,
+        cfg.partitioner.name,
+        cfg.model.name,
+        num_parameters(model),
+        cfg.strategy.name,
+        cfg.num_rounds,
+        nodes,
+        output_dir,
+    )
+    if nodes < cfg.strategy.min_available_clients:
+        log(
+            WARNING,
+            "%d SuperNodes connected but strategy.min_available_clients=%d: rounds wait for "
+            "more nodes. In simulation: flwr run . --federation-config 'num-supernodes=%d'",
+            nodes,
+            cfg.strategy.min_available_clients,
+            cfg.simulation.num_supernodes,
+        )
+
+    server = ExperimentServer(
+        client_manager=SimpleClientManager(), strategy=strategy, recorder=recorder
+    )
+    start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
+
+    set_weights(model, parameters_to_ndarrays(server.parameters))
+    rounds = recorder.rounds
+    final: dict = {
+        "rounds_completed": server.rounds_completed,
+        "stop_reason": server.stop_reason,
+        "num_parameters": num_parameters(model),
+        "num_supernodes": nodes,
+        "seconds_total": time.perf_counter() - started,
+        "comm_total": {
+            "bytes_down": sum(r["comm"]["bytes_down"] for r in rounds),
+            "bytes_up": sum(r["comm"]["bytes_up"] for r in rounds),
+        },
+    }
+    for scope in ("centralized", "federated"):
+        last = next((r[scope] for r in reversed(rounds) if scope in r), None)
+        if last is not None:
+            final[scope] = last
+    recorder.finish(final, model)
+    summary = " | ".join(
+        [f"{server.rounds_completed} rounds ({server.stop_reason})"]
+        + [f"{k} {v:.4f}" for k, v in final.get("centralized", {}).items()]
+        + [f"{final['seconds_total']:.1f} s"]
+    )
+    log(INFO, "Finished: %s", summary)
+    log(INFO, "Results in %s", output_dir)
+    print(f"Results in {output_dir}", flush=True)

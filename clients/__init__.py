@@ -1,0 +1,1 @@
+"""Client side: Flower NumPyClients and the PyTorch training they wrap."""

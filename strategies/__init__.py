@@ -1,0 +1,1 @@
+"""Server side: Flower strategies, the wrappers stacked on them, and the factory."""

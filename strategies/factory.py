@@ -1,0 +1,86 @@
+"""Build the strategy stack from config: Flower base strategy -> validation -> traffic meter.
+
+Later layers (DP, HE) slot in between the base and the meter; the meter stays outermost so it
+counts what really crosses the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.common import Metrics, Parameters, Scalar
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+
+from app.config import ExperimentConfig
+from strategies.traffic import TrafficMeter
+from strategies.update_validation import RejectMalformedUpdates
+
+EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+def weighted_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
+    """Example-weighted mean of every numeric metric the clients report.
+
+    Flower's legacy strategies take this as a callback and ship none (only the loss is
+    weighted by Flower itself), so it is written here.
+    """
+    totals: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for num_examples, metrics in results:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            totals[key] = totals.get(key, 0.0) + num_examples * float(value)
+            weights[key] = weights.get(key, 0) + num_examples
+    return {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
+
+
+def fit_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scalar]]:
+    """Per-round instructions the server sends with the model (read by the client's fit)."""
+
+    def configure(server_round: int) -> dict[str, Scalar]:
+        return {
+            "server_round": server_round,
+            "local_epochs": cfg.training.local_epochs,
+            "lr": cfg.training.lr,
+        }
+
+    return configure
+
+
+def build_strategy(
+    cfg: ExperimentConfig,
+    initial_parameters: Parameters,
+    evaluate_fn: EvaluateFn | None,
+) -> TrafficMeter:
+    s = cfg.strategy
+    common = dict(
+        fraction_fit=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_fit_clients=s.min_train_clients,
+        min_evaluate_clients=s.min_evaluate_clients if s.fraction_evaluate > 0 else 0,
+        min_available_clients=s.min_available_clients,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=fit_config_fn(cfg),
+        on_evaluate_config_fn=lambda server_round: {"server_round": server_round},
+        accept_failures=True,
+        initial_parameters=initial_parameters,
+        fit_metrics_aggregation_fn=weighted_metrics,
+        evaluate_metrics_aggregation_fn=weighted_metrics,
+    )
+    base: Strategy
+    if s.name == "fedavg":
+        base = FedAvg(**common)
+    elif s.name == "fedavgm":
+        base = FedAvgM(
+            **common, server_learning_rate=s.server_learning_rate, server_momentum=s.server_momentum
+        )
+    elif s.name == "fedprox":
+        base = FedProx(**common, proximal_mu=s.proximal_mu)
+    elif s.name == "fedadam":
+        base = FedAdam(
+            **common, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau
+        )
+    else:
+        raise ValueError(f"strategy.name={s.name!r}: use fedavg, fedavgm, fedprox or fedadam")
+    return TrafficMeter(RejectMalformedUpdates(base))

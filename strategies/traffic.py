@@ -1,0 +1,56 @@
+"""Count the bytes of model payloads that cross the wire each round (`comm` in results.json).
+
+bytes_down: the serialized parameter tensors sent to every sampled client (training and
+federated evaluation); bytes_up: the tensors every client returned from training. These are
+the payload bytes of Flower's messages (NumPy .npy serialization, headers included), not
+counting gRPC/protobuf framing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.common import Parameters
+
+from strategies.wrapper import StrategyWrapper
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    return sum(len(tensor) for tensor in parameters.tensors)
+
+
+@dataclass
+class Traffic:
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class TrafficMeter(StrategyWrapper):
+    """Outermost wrapper: sees exactly what is sent and what comes back."""
+
+    def __init__(self, strategy) -> None:
+        super().__init__(strategy)
+        self._rounds: dict[int, Traffic] = {}
+
+    def traffic(self, server_round: int) -> Traffic:
+        return self._rounds.setdefault(server_round, Traffic())
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.traffic(server_round).bytes_down += sum(
+            payload_bytes(ins.parameters) for _, ins in instructions
+        )
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.traffic(server_round).bytes_up += sum(
+            payload_bytes(res.parameters) for _, res in results
+        )
+        return super().aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        instructions = super().configure_evaluate(server_round, parameters, client_manager)
+        self.traffic(server_round).bytes_down += sum(
+            payload_bytes(ins.parameters) for _, ins in instructions
+        )
+        return instructions

@@ -1,0 +1,58 @@
+"""Base class of our strategy wrappers (decorator pattern, like Flower's DP wrappers).
+
+A wrapper holds `self.strategy` and forwards every call; subclasses override only what they
+change. Flower's legacy `flwr.server.strategy.Strategy` API is used because it is the one that
+pairs with `NumPyClient` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+
+class StrategyWrapper(Strategy):
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"{type(self).__name__} wraps a flwr Strategy, got {strategy!r}")
+        self.strategy = strategy
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.strategy!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        return self.strategy.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return self.strategy.evaluate(server_round, parameters)
