@@ -99,8 +99,8 @@ class SecAggConfig:
 
 @dataclass
 class TrainingConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
+    local_epochs: int = 3
+    batch_size: int = 16
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.05
     momentum: float = 0.9
@@ -129,7 +129,7 @@ class ExperimentConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    num_rounds: int = 5
+    num_rounds: int = 10
     seed: int = 0
     output_dir: str | None = None
 

@@ -27,6 +27,7 @@ from app.config import DatasetConfig, PartitionerConfig
 
 FEATURES = "x"
 LABEL = "label"
+SAMPLE_ID = "sample_id"  # row index in the full local data set: lets tests check disjointness
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -84,11 +85,19 @@ def load_client_data(
     return _client_data_cached(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
 
 
-def partition_sizes(
+def partition_layout(
     cfg: DatasetConfig, part_cfg: PartitionerConfig, num_partitions: int, seed: int
-) -> list[int]:
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(sample ids per partition, labels per partition, test sample ids) of a local data set:
+    what the partitioner produced, for inspection and tests."""
     partitioner = _partitioner(_key(cfg), _key(part_cfg), num_partitions, seed)
-    return [len(partitioner.load_partition(i)) for i in range(num_partitions)]
+    parts = [partitioner.load_partition(i).with_format("numpy") for i in range(num_partitions)]
+    _, _, test = _local_pool_and_test(cfg, seed)
+    return (
+        [np.asarray(p[SAMPLE_ID]) for p in parts],
+        [np.asarray(p[LABEL]) for p in parts],
+        np.asarray(test.with_format("numpy")[SAMPLE_ID]),
+    )
 
 
 # --------------------------------------------------------------------------- internals
@@ -144,14 +153,16 @@ def _local_cached(cfg_key: tuple, seed: int):
             {
                 FEATURES: datasets.Sequence(datasets.Value("float32")),
                 LABEL: datasets.ClassLabel(num_classes=spec.num_outputs),
+                SAMPLE_ID: datasets.Value("int64"),
             }
         )
-        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y}, features=features)
+        ids = np.arange(len(y))
+        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y, SAMPLE_ID: ids}, features=features)
         split = full.train_test_split(
             test_size=cfg.test_fraction, seed=seed, stratify_by_column=LABEL
         )
     else:
-        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y})
+        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y, SAMPLE_ID: np.arange(len(y))})
         split = full.train_test_split(test_size=cfg.test_fraction, seed=seed)
     return spec, split["train"], split["test"]
 

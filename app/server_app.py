@@ -41,7 +41,7 @@ def warn_if_runtime_environment() -> None:
             "This run executes in a per-run environment that Flower built by installing the "
             "app's dependencies (%s). The package is already installed: start the SuperLink "
             "with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (see README, 'No downloads "
-            "at run time'); `flwr local stop` stops a SuperLink started without it.",
+            "at run time'): stop the SuperLink started without it (pkill -f flower-superlink) and run again.",
             venv,
         )
 
