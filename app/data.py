@@ -195,6 +195,8 @@ def _make_partitioner(part_cfg: PartitionerConfig, num_partitions: int, seed: in
             num_partitions=num_partitions,
             partition_by=LABEL,
             num_classes_per_partition=part_cfg.classes_per_partition,
+            # every class goes to at least one client (random assignment can drop a class)
+            class_assignment_mode="first-deterministic",
             seed=seed,
         )
     raise ValueError(f"partitioner.name={part_cfg.name!r}: use iid, dirichlet or pathological")
