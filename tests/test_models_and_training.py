@@ -52,7 +52,7 @@ def test_model_sizes():
 
 
 @pytest.mark.parametrize(
-    "overrides", ["model=mlp", "model=cnn training.optimizer=adam training.lr=0.005", "dataset=breast_cancer"]
+    "overrides", ["model=mlp", "model=cnn training.optimizer=adam training.lr=0.005 training.local_epochs=5", "dataset=breast_cancer"]
 )
 def test_local_training_lowers_the_loss(overrides):
     cfg = load_config(overrides)
