@@ -1,0 +1,83 @@
+"""End to end: `flwr run .` on Flower's simulation engine, as a user runs it.
+
+One isolated Flower home for the module (its own FLWR_HOME and ports); the fixture stops the
+SuperLink, SuperExec, simulation and Ray processes it started, by PID.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_experiment_on_digits_learns_and_writes_every_result(flower, tmp_path):
+    out = tmp_path / "digits"
+    proc = flower.run(f"num_rounds=5 output_dir={out}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Results in {out}" in proc.stdout
+
+    for name in ("config.yaml", "results.json", "metrics.png", "model.pt"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    for r in rounds:
+        assert set(r["centralized"]) == {"loss", "accuracy"}
+        assert r["comm"]["bytes_down"] > r["comm"]["bytes_up"] > 0
+        assert r["seconds"] > 0
+        assert r["clients"] == {"trained": 2, "failed": 0}  # fraction_train=0.5 of 4
+    final = results["final"]
+    assert final["centralized"]["accuracy"] >= 0.85
+    assert final["num_parameters"] == 64 * 64 + 64 + 64 * 10 + 10
+    assert final["rounds_completed"] == 5 and final["num_supernodes"] == 4
+    assert "num_rounds: 5" in (out / "config.yaml").read_text()
+    # one readable line per round in the log
+    assert proc.stdout.count("| clients 2 ok 0 failed |") == 5
+    # the app was already installed: Flower must not have built a per-run environment
+    assert not (flower.home / "runtime-envs").exists()
+
+
+def test_linear_regression_recovers_slope_and_intercept(flower, tmp_path):
+    out = tmp_path / "linear"
+    proc = flower.run(f"dataset=linear model=linear num_rounds=5 output_dir={out}", 4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = torch.load(out / "model.pt")
+    weight, bias = state["0.weight"].item(), state["0.bias"].item()
+    assert weight == pytest.approx(2.0, abs=0.1)
+    assert bias == pytest.approx(1.0, abs=0.1)
+    results = json.loads((out / "results.json").read_text())
+    assert "accuracy" not in results["final"]["centralized"]
+    assert results["final"]["centralized"]["loss"] < 0.05  # noise variance is 0.01
+
+
+def test_bad_override_fails_before_any_training(flower, tmp_path):
+    out = tmp_path / "bad"
+    proc = flower.run(f"model=transformer output_dir={out}", 2)
+    text = proc.stdout + proc.stderr
+    assert "Invalid experiment configuration" in text
+    assert "cnn" in text and "mlp" in text  # the valid choices are named
+    assert not (out / "results.json").exists()
+
+
+def test_sweep_cli_runs_each_job_as_a_simulation_with_a_summary(flower, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.sweep", "-m", "seed=0,1", "num_rounds=1",
+         "simulation.num_supernodes=2", "strategy.fraction_evaluate=0"],
+        cwd=tmp_path, env=flower.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (summary,) = tmp_path.glob("multirun/*/*/summary.csv")
+    rows = list(csv.DictReader(summary.open()))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert all(r["status"] == "ok" and r["rounds_completed"] == "1" for r in rows)
+    assert rows[0]["overrides"].startswith("seed=0") and rows[1]["overrides"].startswith("seed=1")
+    for job in ("0", "1"):
+        assert (summary.parent / job / "results.json").exists()
+        assert (summary.parent / job / "flwr.log").exists()
+    # different seeds, different runs
+    assert rows[0]["centralized_loss"] != rows[1]["centralized_loss"]
