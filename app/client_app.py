@@ -38,6 +38,9 @@ def client_fn(context: Context) -> Client:
         cfg.training,
         resolve_device(cfg.training.device),
         seed=cfg.seed * 100_003 + partition_id,
+        privacy=cfg.privacy,
+        state=context,
+        expected_rounds=max(1, round(cfg.num_rounds * cfg.strategy.fraction_train)),
     ).to_client()
 
 

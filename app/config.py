@@ -89,7 +89,24 @@ class StrategyConfig:
 
 @dataclass
 class PrivacyConfig:
+    """Differential privacy. Client level: server_fixed | client_fixed | adaptive | local;
+    sample level: dpsgd (Opacus). See strategies/dp_client_level.py and clients/dpsgd.py."""
+
     name: str = "none"
+    noise_multiplier: float = 1.0  # z: noise std = z * clipping norm (dpsgd: * max_grad_norm)
+    clipping_norm: float = 1.0  # C: L2 bound of a client's update (adaptive: initial value)
+    target_delta: float = 1e-5
+    epsilon_budget: float | None = None  # stop before a round that would exceed it
+    accounting: str = "poisson"  # poisson | without_replacement (see privacy_accounting.py)
+    noise_seed: int | None = None  # null: fresh OS entropy; an int makes the noise reproducible
+    secure_noise: bool = False  # CSPRNG noise (os.urandom); overrides noise_seed
+    # adaptive clipping (Andrew et al. 2021)
+    target_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float | None = None  # null: sampled clients / 20 (Flower's default)
+    # dpsgd (sample level, Opacus)
+    max_grad_norm: float = 1.0  # per-sample gradient clipping
+    target_epsilon: float | None = None  # per client over the whole run; sets the noise
 
 
 @dataclass
@@ -134,13 +151,26 @@ class ExperimentConfig:
     output_dir: str | None = None
 
 
+def _register_schema() -> None:
+    """Make `ExperimentConfig` the base of conf/config.yaml (its first default): every key of the
+    schema exists in the composed config even where no group file names it, and Hydra checks
+    types while composing."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
+
+
+SCHEMA_NAME = "experiment_schema"
+_register_schema()
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.source": ("sklearn", "synthetic", "hub"),
     "dataset.task": ("classification", "regression"),
     "partitioner.name": ("iid", "dirichlet", "pathological"),
     "model.name": ("linear", "mlp", "cnn"),
     "strategy.name": ("fedavg", "fedavgm", "fedprox", "fedadam"),
-    "privacy.name": ("none",),
+    "privacy.name": ("none", "server_fixed", "client_fixed", "adaptive", "local", "dpsgd"),
+    "privacy.accounting": ("poisson", "without_replacement"),
     "secagg.name": ("none",),
     "training.optimizer": ("sgd", "adam"),
     "training.device": ("auto", "cpu", "cuda"),
@@ -205,6 +235,8 @@ def resolved_yaml(cfg: ExperimentConfig) -> str:
 
 def _explain(err: Exception, overrides: tuple[str, ...]) -> str:
     msg = str(err).strip()
+    if err.__cause__ is not None and str(err.__cause__) not in msg:
+        msg = f"{msg}: {str(err.__cause__).strip()}"  # Hydra keeps the detail in the cause
     if msg.startswith("Could not override"):
         # Hydra suggests `+key=value`, which our schemas would reject anyway: say what is true.
         key = msg.split("'")[1]
@@ -226,6 +258,74 @@ def _groups() -> list[str]:
 
 def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_privacy(cfg: ExperimentConfig, require) -> None:
+    p = cfg.privacy
+    if p.name == "none":
+        return
+    require(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0 (0: no noise)")
+    require(p.clipping_norm > 0, "privacy.clipping_norm", "must be > 0")
+    require(0 < p.target_delta < 1, "privacy.target_delta", "must be in (0, 1), e.g. 1e-5")
+    require(
+        p.epsilon_budget is None or p.epsilon_budget > 0,
+        "privacy.epsilon_budget",
+        "must be > 0, or null for no budget",
+    )
+    if p.name in ("server_fixed", "client_fixed", "adaptive", "local"):
+        n = cfg.simulation.num_supernodes
+        require(
+            p.target_delta < 1 / n,
+            "privacy.target_delta",
+            f"client-level DP needs delta < 1/N = 1/{n} clients (simulation.num_supernodes); "
+            "delta >= 1/N allows releasing one client's data outright",
+        )
+    if p.name == "adaptive":
+        require(0 <= p.target_quantile <= 1, "privacy.target_quantile", "must be in [0, 1]")
+        require(p.clip_norm_lr > 0, "privacy.clip_norm_lr", "must be > 0")
+        sampled = max(
+            cfg.strategy.min_train_clients,
+            int(cfg.strategy.fraction_train * cfg.simulation.num_supernodes),
+        )
+        count_std = p.clipped_count_stddev if p.clipped_count_stddev is not None else sampled / 20
+        require(
+            p.noise_multiplier < 2 * count_std,
+            "privacy.noise_multiplier",
+            f"adaptive clipping needs noise_multiplier < 2 * clipped_count_stddev = "
+            f"{2 * count_std:g} (default stddev: {sampled} sampled clients / 20); raise "
+            "privacy.clipped_count_stddev or sample more clients",
+        )
+    if p.name in ("local", "dpsgd"):
+        require(
+            p.epsilon_budget is None,
+            "privacy.epsilon_budget",
+            f"privacy={p.name} is accounted by each client, so the server cannot stop on a "
+            "budget: leave it null"
+            + (" and set privacy.target_epsilon (per client)" if p.name == "dpsgd" else ""),
+        )
+    if p.name == "dpsgd":
+        require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        require(
+            p.target_epsilon is None or p.target_epsilon > 0,
+            "privacy.target_epsilon",
+            "must be > 0, or null to use privacy.noise_multiplier",
+        )
+        require(
+            p.target_epsilon is not None or p.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            "DP-SGD needs noise: noise_multiplier > 0 or a target_epsilon",
+        )
+        require(
+            not p.secure_noise,
+            "privacy.secure_noise",
+            "Opacus' secure mode needs torchcsprng, which is not installed with this package",
+        )
+        require(
+            cfg.strategy.name != "fedprox",
+            "strategy.name",
+            "FedProx's proximal term has no per-sample gradient, so DP-SGD would silently "
+            "drop it: use strategy=fedavg|fedavgm|fedadam with privacy=dpsgd",
+        )
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -290,6 +390,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)",
     )
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
+    _check_privacy(cfg, require)
     require(cfg.simulation.client_cpus >= 1, "simulation.client_cpus", "Flower needs whole CPUs")
     if cfg.output_dir is not None:
         require(

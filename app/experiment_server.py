@@ -18,15 +18,14 @@ from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager
 
 from app.results import RunRecorder
-from strategies.traffic import TrafficMeter
+from strategies.wrapper import StrategyWrapper
 
 
 class ExperimentServer(Server):
     def __init__(
-        self, *, client_manager: ClientManager, strategy: TrafficMeter, recorder: RunRecorder
+        self, *, client_manager: ClientManager, strategy: StrategyWrapper, recorder: RunRecorder
     ) -> None:
         super().__init__(client_manager=client_manager, strategy=strategy)
-        self.meter = strategy
         self.recorder = recorder
         self.rounds_completed = 0
         self.stop_reason = "not started"
@@ -42,12 +41,18 @@ class ExperimentServer(Server):
         start = time.perf_counter()
         self.stop_reason = f"completed {num_rounds} rounds"
         for server_round in range(1, num_rounds + 1):
+            reason = self.strategy.stop_reason()
+            if reason:
+                self.stop_reason = reason
+                break
             round_start = time.perf_counter()
             record: dict[str, Any] = {"round": server_round}
 
             res_fit = self.fit_round(server_round=server_round, timeout=timeout)
             if res_fit is None:
-                self.stop_reason = f"round {server_round}: no clients could be sampled"
+                self.stop_reason = self.strategy.stop_reason() or (
+                    f"round {server_round}: no clients could be sampled"
+                )
                 log(INFO, "Stopping: %s", self.stop_reason)
                 break
             parameters, fit_metrics, (results, failures) = res_fit
@@ -70,8 +75,7 @@ class ExperimentServer(Server):
                 history.add_loss_distributed(server_round, res_fed[0])
                 history.add_metrics_distributed(server_round, res_fed[1])
 
-            traffic = self.meter.traffic(server_round)
-            record["comm"] = {"bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up}
+            record.update(self.strategy.round_report(server_round))
             record["seconds"] = time.perf_counter() - round_start
             self.recorder.add_round(record)
             self.rounds_completed = server_round
@@ -95,6 +99,8 @@ def _round_line(record: dict[str, Any], num_rounds: int, total: float) -> str:
         parts.append(f"central {_fmt(record['centralized'])}")
     if "federated" in record:
         parts.append(f"federated {_fmt(record['federated'])}")
+    if "privacy" in record:
+        parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
     if "train" in record and "train_loss" in record["train"]:
         parts.append(f"train loss {record['train']['train_loss']:.4f}")
     clients = record["clients"]

@@ -12,6 +12,13 @@ from flwr.common import Metrics, Parameters, Scalar
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from app.config import ExperimentConfig
+from app.privacy import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
+from strategies.dp_client_level import (
+    AdaptiveClipping,
+    ClientReportedPrivacy,
+    ClientSideFixedClipping,
+    ServerSideFixedClipping,
+)
 from strategies.traffic import TrafficMeter
 from strategies.update_validation import RejectMalformedUpdates
 
@@ -83,4 +90,42 @@ def build_strategy(
         )
     else:
         raise ValueError(f"strategy.name={s.name!r}: use fedavg, fedavgm, fedprox or fedadam")
-    return TrafficMeter(RejectMalformedUpdates(base))
+    return TrafficMeter(RejectMalformedUpdates(with_privacy(base, cfg)))
+
+
+CLIENT_LEVEL_DP = {
+    "server_fixed": ServerSideFixedClipping,
+    "client_fixed": ClientSideFixedClipping,
+    "adaptive": AdaptiveClipping,
+}
+
+
+def with_privacy(base: Strategy, cfg: ExperimentConfig) -> Strategy:
+    """Wrap `base` in the DP layer `privacy.name` asks for (or return it as is)."""
+    p = cfg.privacy
+    if p.name in CLIENT_LEVEL_DP:
+        kwargs = dict(
+            noise_multiplier=p.noise_multiplier,
+            clipping_norm=p.clipping_norm,
+            target_delta=p.target_delta,
+            epsilon_budget=p.epsilon_budget,
+            sampling=p.accounting,
+            noise=make_noise_source(p.noise_seed, p.secure_noise),
+            metrics_fn=weighted_metrics,
+        )
+        if p.name == "adaptive":
+            kwargs.update(
+                target_quantile=p.target_quantile,
+                clip_norm_lr=p.clip_norm_lr,
+                clipped_count_stddev=p.clipped_count_stddev,
+            )
+        return CLIENT_LEVEL_DP[p.name](base, **kwargs)
+    if p.name == "local":
+        return ClientReportedPrivacy(
+            base,
+            target_delta=p.target_delta,
+            client_config={CLIP_NORM_KEY: p.clipping_norm, LOCAL_NOISE_KEY: p.noise_multiplier},
+        )
+    if p.name == "dpsgd":
+        return ClientReportedPrivacy(base, target_delta=p.target_delta)
+    return base

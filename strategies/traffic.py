@@ -35,6 +35,12 @@ class TrafficMeter(StrategyWrapper):
     def traffic(self, server_round: int) -> Traffic:
         return self._rounds.setdefault(server_round, Traffic())
 
+    def round_report(self, server_round: int) -> dict:
+        report = super().round_report(server_round)
+        traffic = self.traffic(server_round)
+        report["comm"] = {"bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up}
+        return report
+
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.traffic(server_round).bytes_down += sum(

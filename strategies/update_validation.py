@@ -66,3 +66,9 @@ class RejectMalformedUpdates(StrategyWrapper):
             else:
                 accepted.append((proxy, res))
         return super().aggregate_fit(server_round, accepted, failures)
+
+    def round_report(self, server_round: int) -> dict:
+        report = super().round_report(server_round)
+        if self.rejected.get(server_round):
+            report["rejected_updates"] = self.rejected[server_round]
+        return report

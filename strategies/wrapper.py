@@ -7,6 +7,8 @@ pairs with `NumPyClient` (DESIGN.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -22,6 +24,17 @@ class StrategyWrapper(Strategy):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.strategy!r})"
+
+    # Hooks the round loop (app/experiment_server.py) reads; each layer adds its part.
+    def stop_reason(self) -> str | None:
+        """Why no further round may run (e.g. the privacy budget), or None."""
+        inner = self.strategy
+        return inner.stop_reason() if isinstance(inner, StrategyWrapper) else None
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        """What this stack measured in `server_round`, merged into results.json's round entry."""
+        inner = self.strategy
+        return inner.round_report(server_round) if isinstance(inner, StrategyWrapper) else {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)

@@ -1,0 +1,368 @@
+"""Client-level differential privacy as strategy wrappers (DP-FedAvg, McMahan et al. 2018).
+
+Each round the server computes, from the global model w it sent and the clients' models w_i,
+
+    w_next = inner( w + ( sum_i clip_C(w_i - w) + N(0, (z C)^2 I) ) / m )
+
+with m the number of clients sampled for the round, C the clipping norm and z the noise
+multiplier. Why it is written here and not taken from Flower's `DifferentialPrivacy*` wrappers:
+- Sensitivity. Flower's wrappers clip, let the inner strategy take the example-weighted mean,
+  then add noise of std zC/m. A client that claims many examples then moves the mean by more
+  than C/m, and the noise no longer covers it. Here the mean is uniform over the m sampled
+  clients, whatever `num_examples` they claim, so one client moves it by at most C/m.
+- Order. Noise is added to the averaged *update* before the inner strategy sees it, so server
+  optimizers (FedAdam, FedAvgM momentum) only post-process a private quantity; noise added after
+  the inner step would leave their state computed from the un-noised mean.
+- Randomness. Noise comes from an injected generator: seeded for tests, OS-seeded by default,
+  or a CSPRNG (`SecureGaussian`) in secure mode; never the global NumPy RNG.
+- Accounting. Every round composes its releases in `ClientLevelAccountant` (Flower's
+  RdpAccountant), reports (epsilon, delta), and stops before a round that would exceed the budget.
+Flower's `compute_adaptive_noise_params` (the noise split of adaptive clipping) is reused as is.
+
+Variants (`privacy=`): `server_fixed` clips on the server; `client_fixed` has clients clip (the
+server checks the norm and rejects an update that exceeds C); `adaptive` clips on the server with
+a norm that tracks a quantile of update norms (Andrew et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    Code,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+from app.privacy import (
+    CLIP_NORM_KEY,
+    EPSILON_METRIC,
+    LOCAL_NOISE_KEY,
+    NormalSource,
+    clip_update,
+    l2_norm,
+)
+from strategies.privacy_accounting import ClientLevelAccountant, Release
+from strategies.wrapper import StrategyWrapper
+
+# Slack for float error when checking a client-clipped update's norm.
+NORM_TOLERANCE = 1e-4
+
+
+class ClientLevelDP(StrategyWrapper):
+    """Common part of the client-level DP wrappers; subclasses decide how updates are bounded."""
+
+    def __init__(
+        self,
+        strategy,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        target_delta: float,
+        epsilon_budget: float | None = None,
+        sampling: str = "poisson",
+        noise: NormalSource | None = None,
+        metrics_fn=None,
+    ) -> None:
+        super().__init__(strategy)
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
+        if clipping_norm <= 0:
+            raise ValueError(f"clipping_norm={clipping_norm} must be > 0")
+        if not 0 < target_delta < 1:
+            raise ValueError(f"target_delta={target_delta} must be in (0, 1)")
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.target_delta = target_delta
+        self.epsilon_budget = epsilon_budget
+        self.sampling = sampling
+        self.noise = noise if noise is not None else np.random.default_rng()
+        self.metrics_fn = metrics_fn
+        self.accountant: ClientLevelAccountant | None = None
+        self._global: dict[int, NDArrays] = {}
+        self._sampled: dict[int, int] = {}
+        self._reports: dict[int, dict[str, Any]] = {}
+        self._stop: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(z={self.noise_multiplier}, C={self.clipping_norm}, "
+            f"delta={self.target_delta}, budget={self.epsilon_budget}, {self.strategy!r})"
+        )
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def releases(self) -> list[Release]:
+        """What one round releases, for the accountant."""
+        return [Release(self.noise_multiplier)]
+
+    def bound_update(self, cid: str, update: NDArrays) -> tuple[NDArrays, bool] | None:
+        """Return (update with norm <= C, was clipped), or None to reject it."""
+        return clip_update(update, self.clipping_norm)
+
+    def client_config(self) -> dict[str, float]:
+        return {}
+
+    def after_round(self, server_round: int, clipped: list[bool]) -> None:
+        """Subclasses adapt state (the adaptive clipping norm) here."""
+
+    # ------------------------------------------------------------------ Flower strategy API
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        population = client_manager.num_available()
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        if not instructions:
+            return instructions
+        sampled = len(instructions)
+        if self.noise_multiplier > 0:
+            if self.accountant is None:
+                self.accountant = ClientLevelAccountant(
+                    population, sampled, self.target_delta, self.sampling, self.epsilon_budget
+                )
+                if self.target_delta >= 1 / population:
+                    log(
+                        WARNING,
+                        "privacy.target_delta=%s is not below 1/N = 1/%d: with delta that "
+                        "large one client's data may be released outright; use delta << 1/N",
+                        self.target_delta,
+                        population,
+                    )
+            elif (population, sampled) != (
+                self.accountant.config.population_size,
+                self.accountant.sample_size,
+            ):
+                log(
+                    WARNING,
+                    "Round %s samples %d of %d clients, but the accountant assumes %d of %d "
+                    "every round: the reported epsilon does not describe this round",
+                    server_round,
+                    sampled,
+                    population,
+                    self.accountant.sample_size,
+                    self.accountant.config.population_size,
+                )
+            exceeds, projected = self.accountant.would_exceed_budget(self.releases())
+            if exceeds:
+                self._stop = (
+                    f"privacy budget: round {server_round} would bring epsilon to "
+                    f"{projected:.3f} > epsilon_budget {self.epsilon_budget} "
+                    f"(delta {self.target_delta}); spent {self.accountant.epsilon:.3f}"
+                )
+                log(INFO, "Stopping before round %s: %s", server_round, self._stop)
+                return []
+        self._global = {server_round: parameters_to_ndarrays(parameters)}
+        self._sampled[server_round] = sampled
+        extra = self.client_config()
+        for _, ins in instructions:
+            ins.config.update(extra)
+        return instructions
+
+    def stop_reason(self) -> str | None:
+        return self._stop or super().stop_reason()
+
+    def aggregate_fit(self, server_round, results, failures):
+        global_weights = self._global.get(server_round)
+        if global_weights is None or not results:
+            return None, {}
+        bounded: list[NDArrays] = []
+        clipped: list[bool] = []
+        failures = list(failures)
+        for proxy, res in results:
+            update = [
+                w - g for w, g in zip(parameters_to_ndarrays(res.parameters), global_weights)
+            ]
+            outcome = self.bound_update(proxy.cid, update)
+            if outcome is None:
+                failures.append(ValueError(f"node {proxy.cid}: update norm exceeds C"))
+                continue
+            bounded.append(outcome[0])
+            clipped.append(outcome[1])
+        if not bounded:
+            return None, {}
+        m = self._sampled[server_round]
+        std = self.noise_std()
+        mean_update = []
+        for i, g in enumerate(global_weights):
+            total = np.sum([u[i] for u in bounded], axis=0, dtype=np.float64)
+            if std > 0:
+                total = total + self.noise.normal(0.0, std, g.shape)
+            mean_update.append((total / m).astype(g.dtype))
+        private = [g + u for g, u in zip(global_weights, mean_update)]
+        # The inner strategy sees one (already private) result: FedAvg returns it as is,
+        # server optimizers treat it as their pseudo-gradient target.
+        proxy0 = results[0][0]
+        single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(private), 1, {})
+        parameters, _ = self.strategy.aggregate_fit(server_round, [(proxy0, single)], failures)
+        if self.accountant is not None:
+            self.accountant.spend(self.releases())
+        self._reports[server_round] = self._privacy_report(clipped, len(bounded), m)
+        self.after_round(server_round, clipped)
+        metrics = {}
+        if self.metrics_fn is not None:
+            metrics = self.metrics_fn([(res.num_examples, res.metrics) for _, res in results])
+        return parameters, metrics
+
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clipping_norm
+
+    def _privacy_report(self, clipped: list[bool], received: int, sampled: int) -> dict:
+        report: dict[str, Any] = {
+            "mechanism": type(self).__name__,
+            "noise_multiplier": self.noise_multiplier,
+            "clipping_norm": self.clipping_norm,
+            "clients_sampled": sampled,
+            "clients_aggregated": received,
+            "clients_clipped": int(sum(clipped)),
+        }
+        if self.accountant is not None:
+            report.update(self.accountant.report())
+        else:  # z = 0: no privacy
+            report.update({"epsilon": float("inf"), "delta": self.target_delta})
+        return report
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        report = super().round_report(server_round)
+        if server_round in self._reports:
+            report["privacy"] = self._reports[server_round]
+        return report
+
+
+class ServerSideFixedClipping(ClientLevelDP):
+    """`privacy=server_fixed`: the server clips every update to C."""
+
+
+class ClientSideFixedClipping(ClientLevelDP):
+    """`privacy=client_fixed`: clients clip to C (norm sent in the fit config); the server only
+    checks. Needed where the server cannot see updates (secure aggregation)."""
+
+    def client_config(self) -> dict[str, float]:
+        return {CLIP_NORM_KEY: self.clipping_norm}
+
+    def bound_update(self, cid: str, update: NDArrays):
+        norm = l2_norm(update)
+        if norm > self.clipping_norm * (1 + NORM_TOLERANCE):
+            log(
+                WARNING,
+                "Rejected update of node %s: norm %.4f exceeds clipping_norm %.4f (the client "
+                "did not clip)",
+                cid,
+                norm,
+                self.clipping_norm,
+            )
+            return None
+        return update, False
+
+
+class AdaptiveClipping(ClientLevelDP):
+    """`privacy=adaptive`: server-side clipping with a norm that follows the target quantile of
+    update norms (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping").
+
+    Each round also releases the noised count of unclipped clients: sum_i (b_i - 1/2) +
+    N(0, sigma_b^2) with b_i = [||update_i|| <= C], sensitivity 1/2 (noise multiplier
+    2 sigma_b). The update noise z_delta is raised so that the two releases together cost what
+    one release at the configured z would: (z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z. The
+    accountant composes both releases every round.
+    """
+
+    def __init__(
+        self,
+        strategy,
+        *,
+        target_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(strategy, **kwargs)
+        if not 0 <= target_quantile <= 1:
+            raise ValueError(f"target_quantile={target_quantile} must be in [0, 1]")
+        if clip_norm_lr <= 0:
+            raise ValueError(f"clip_norm_lr={clip_norm_lr} must be > 0")
+        self.target_quantile = target_quantile
+        self.clip_norm_lr = clip_norm_lr
+        self.clipped_count_stddev_config = clipped_count_stddev
+        self.clipped_count_stddev = 0.0
+        self.update_noise_multiplier = self.noise_multiplier
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        available = client_manager.num_available()
+        num_fit_clients = getattr(self.strategy, "num_fit_clients", None)
+        expected = num_fit_clients(available)[0] if num_fit_clients else available
+        self.clipped_count_stddev, self.update_noise_multiplier = compute_adaptive_noise_params(
+            self.noise_multiplier, expected, self.clipped_count_stddev_config
+        )
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def releases(self) -> list[Release]:
+        return [
+            Release(self.update_noise_multiplier, "update"),
+            Release(2 * self.clipped_count_stddev, "clipped_count"),
+        ]
+
+    def noise_std(self) -> float:
+        return self.update_noise_multiplier * self.clipping_norm
+
+    def after_round(self, server_round: int, clipped: list[bool]) -> None:
+        m = self._sampled[server_round]
+        centered = sum(0.5 if not c else -0.5 for c in clipped)
+        if self.clipped_count_stddev > 0:
+            centered += float(self.noise.normal(0.0, self.clipped_count_stddev, ()))
+        unclipped_fraction = centered / m + 0.5
+        self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped_fraction - self.target_quantile))
+        self._reports[server_round].update(
+            update_noise_multiplier=self.update_noise_multiplier,
+            clipped_count_stddev=self.clipped_count_stddev,
+            next_clipping_norm=self.clipping_norm,
+        )
+
+
+class ClientReportedPrivacy(StrategyWrapper):
+    """`privacy=local` and `privacy=dpsgd`: the noise is added on the clients, and each client
+    accounts its own epsilon (local DP: per release; DP-SGD: Opacus' accountant over every
+    step it took). The server sends the local-DP parameters, keeps the inner aggregation and
+    reports the largest and the mean client epsilon of the round."""
+
+    def __init__(self, strategy, *, target_delta: float, client_config: dict | None = None):
+        super().__init__(strategy)
+        self.target_delta = target_delta
+        self.client_config = dict(client_config or {})
+        self._reports: dict[int, dict[str, Any]] = {}
+        self._max_epsilon = 0.0
+
+    def __repr__(self) -> str:
+        return f"ClientReportedPrivacy({self.client_config}, {self.strategy!r})"
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        for _, ins in instructions:
+            ins.config.update(self.client_config)
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        epsilons = [
+            float(res.metrics[EPSILON_METRIC]) for _, res in results if EPSILON_METRIC in res.metrics
+        ]
+        if epsilons:
+            self._max_epsilon = max(self._max_epsilon, *epsilons)
+            self._reports[server_round] = {
+                "mechanism": "local" if LOCAL_NOISE_KEY in self.client_config else "dpsgd",
+                "epsilon": self._max_epsilon,  # worst client so far: the run's guarantee
+                "epsilon_round_max": max(epsilons),
+                "epsilon_round_mean": float(np.mean(epsilons)),
+                "delta": self.target_delta,
+                "accounting": "per client",
+            }
+        return super().aggregate_fit(server_round, results, failures)
+
+    def round_report(self, server_round: int) -> dict[str, Any]:
+        report = super().round_report(server_round)
+        if server_round in self._reports:
+            report["privacy"] = self._reports[server_round]
+        return report
