@@ -65,7 +65,7 @@ def train_dpsgd(
         batch_size=training.batch_size,
         shuffle=True,
     )
-    sample_rate = training.batch_size / len(data)
+    sample_rate = 1 / len(loader)  # what Opacus' Poisson DPDataLoader uses: 1 / batches per epoch
     z = noise_multiplier_for(privacy, sample_rate, training.local_epochs, expected_rounds)
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in json.loads(history_json or "[]")]

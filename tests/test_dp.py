@@ -1,0 +1,306 @@
+"""Client-level and sample-level DP: noise scale, clipping, sensitivity, adaptive clipping,
+accounting against an independent dp-accounting computation, and the budget stop."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from flwr.common import Code, Context, FitRes, RecordDict, Status
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy import FedAvg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from app.config import load_config
+from app.data import data_spec, load_client_data
+from app.models import build_model, get_weights
+from app.privacy import SecureGaussian, clip_update, l2_norm, local_dp_epsilon
+from clients.torch_client import TorchClient
+from strategies.dp_client_level import (
+    AdaptiveClipping,
+    ClientSideFixedClipping,
+    ServerSideFixedClipping,
+)
+from strategies.privacy_accounting import ClientLevelAccountant, Release
+from tests.test_strategies import LoopbackProxy
+
+SHAPES = [(50, 40), (40,)]
+DIM = 50 * 40 + 40
+
+
+def zeros():
+    return [np.zeros(s, dtype=np.float32) for s in SHAPES]
+
+
+def manager(n):
+    cm = SimpleClientManager()
+    for i in range(n):
+        cm.register(LoopbackProxy(str(i)))
+    return cm
+
+
+def run_round(wrapper, cm, global_weights, client_updates, server_round=1, examples=None):
+    """configure_fit + aggregate_fit with the given client updates; returns the new weights."""
+    sent = wrapper.configure_fit(server_round, ndarrays_to_parameters(global_weights), cm)
+    assert len(sent) == len(client_updates)
+    results = []
+    for i, ((proxy, _), update) in enumerate(zip(sent, client_updates)):
+        weights = [g + u for g, u in zip(global_weights, update)]
+        n = examples[i] if examples else 10
+        results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), n, {})))
+    params, _ = wrapper.aggregate_fit(server_round, results, [])
+    return parameters_to_ndarrays(params)
+
+
+def fedavg(m):
+    return FedAvg(fraction_fit=1.0, min_fit_clients=m, min_available_clients=m)
+
+
+def dp(cls, m=5, z=1.0, c=1.0, seed=0, **kw):
+    return cls(
+        fedavg(m), noise_multiplier=z, clipping_norm=c, target_delta=1e-5,
+        noise=np.random.default_rng(seed), **kw,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ noise
+@pytest.mark.parametrize("z,c,m", [(1.0, 1.0, 5), (0.5, 2.0, 10), (2.0, 0.1, 4)])
+def test_noise_std_of_the_aggregate_is_z_c_over_m(z, c, m):
+    wrapper = dp(ServerSideFixedClipping, m=m, z=z, c=c, seed=1)
+    cm = manager(m)
+    draws = np.concatenate(
+        [np.concatenate([a.ravel() for a in run_round(wrapper, cm, zeros(), [zeros()] * m, r)])
+         for r in range(1, 6)]
+    )  # fmt: skip
+    assert np.std(draws) == pytest.approx(z * c / m, rel=0.05)
+    assert abs(np.mean(draws)) < 3 * z * c / m / math.sqrt(draws.size)
+
+
+def test_secure_gaussian_has_the_requested_moments():
+    draws = SecureGaussian().normal(0.0, 2.5, (100_000,))
+    assert draws.shape == (100_000,)
+    assert np.std(draws) == pytest.approx(2.5, rel=0.02) and abs(np.mean(draws)) < 0.03
+
+
+@pytest.mark.parametrize("cls", [ServerSideFixedClipping, ClientSideFixedClipping])
+def test_zero_noise_reproduces_the_inner_strategy(cls):
+    m = 4
+    rng = np.random.default_rng(5)
+    updates = [[rng.normal(0, 0.01, s).astype(np.float32) for s in SHAPES] for _ in range(m)]
+    global_weights = [rng.normal(0, 1, s).astype(np.float32) for s in SHAPES]
+    private = run_round(dp(cls, m=m, z=0.0, c=100.0), manager(m), global_weights, updates)
+    plain = run_round(fedavg(m), manager(m), global_weights, updates)  # equal example counts
+    for a, b in zip(private, plain):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ clipping
+def test_server_clips_an_update_of_norm_10c_to_c():
+    big = [np.full(s, 1.0, np.float32) for s in SHAPES]
+    big = [a * (10.0 / l2_norm(big)) for a in big]  # norm 10 = 10 C
+    out = run_round(dp(ServerSideFixedClipping, m=1, z=0.0, c=1.0), manager(1), zeros(), [big])
+    assert l2_norm(out) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_client_clips_its_update_and_the_server_rejects_an_unclipped_one():
+    cfg = load_config("privacy=client_fixed privacy.clipping_norm=0.5 privacy.noise_multiplier=0")
+    spec = data_spec(cfg.dataset)
+    train_data, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 10, 0)
+    model = build_model(cfg.model, spec, seed=0)
+    start = get_weights(model)
+    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0, cfg.privacy)
+    weights, _, metrics = client.fit(start, {"server_round": 1, "dp_clipping_norm": 0.5})
+    update = [w - s for w, s in zip(weights, start)]
+    assert metrics["update_norm"] > 0.5  # training moved it further than C ...
+    assert l2_norm(update) == pytest.approx(0.5, rel=1e-4)  # ... and the client clipped
+
+    wrapper = dp(ClientSideFixedClipping, m=2, z=0.0, c=0.5)
+    too_big = [u * 3 for u in update]
+    out = run_round(wrapper, manager(2), start, [update, too_big])
+    # only the clipped update counts, divided by the 2 sampled clients
+    for o, s, u in zip(out, start, update):
+        np.testing.assert_allclose(o, s + u / 2, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    array=arrays(np.float64, array_shapes(max_dims=3, max_side=8),
+                 elements=st.floats(-1e3, 1e3, allow_nan=False)),
+    c=st.floats(1e-3, 1e3),
+)  # fmt: skip
+def test_clip_bounds_the_norm_and_keeps_direction(array, c):
+    (clipped,), was_clipped = clip_update([array], c)
+    norm = l2_norm([array])
+    assert l2_norm([clipped]) <= c * (1 + 1e-9)
+    if norm <= c:
+        np.testing.assert_array_equal(clipped, array)  # under C, zero included: untouched
+        assert not was_clipped
+    else:
+        assert was_clipped
+        np.testing.assert_allclose(clipped * norm / c, array, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_update_is_clipped_without_dividing_by_zero():
+    with np.errstate(all="raise"):
+        out, was_clipped = clip_update(zeros(), 1.0)
+    assert not was_clipped and l2_norm(out) == 0.0
+
+
+# ------------------------------------------------------------------ sensitivity
+@settings(max_examples=20, deadline=None)
+@given(claimed=st.integers(1, 10**9), scale=st.floats(1e-3, 1e6))
+def test_one_client_moves_the_aggregate_by_at_most_c_over_m(claimed, scale):
+    m, c = 5, 1.0
+    rng = np.random.default_rng(0)
+    others = [[rng.normal(0, 0.1, s).astype(np.float32) for s in SHAPES] for _ in range(m - 1)]
+    with_zero = run_round(dp(ServerSideFixedClipping, m=m, z=0.0, c=c), manager(m), zeros(),
+                          others + [zeros()])  # fmt: skip
+    outlier = [np.full(s, scale, np.float32) for s in SHAPES]
+    with_outlier = run_round(dp(ServerSideFixedClipping, m=m, z=0.0, c=c), manager(m), zeros(),
+                             others + [outlier], examples=[10] * (m - 1) + [claimed])  # fmt: skip
+    moved = l2_norm([a - b for a, b in zip(with_outlier, with_zero)])
+    assert moved <= c / m * (1 + 1e-5)
+
+
+# ------------------------------------------------------------------ adaptive clipping
+def test_adaptive_clipping_norm_converges_to_the_target_quantile():
+    m = 20
+    wrapper = dp(AdaptiveClipping, m=m, z=0.0, c=0.1, target_quantile=0.5, clip_norm_lr=0.2)
+    cm = manager(m)
+    rng = np.random.default_rng(3)
+    direction = [np.ones(s, np.float32) for s in SHAPES]
+    direction = [d / l2_norm(direction) for d in direction]
+    for r in range(1, 61):
+        norms = rng.uniform(0.0, 10.0, m)  # median 5
+        run_round(wrapper, cm, zeros(), [[d * n for d in direction] for n in norms], r)
+    assert wrapper.clipping_norm == pytest.approx(5.0, rel=0.2)
+
+
+def test_adaptive_noise_split_keeps_the_configured_total():
+    wrapper = dp(AdaptiveClipping, m=20, z=0.5, c=1.0, clipped_count_stddev=1.0)
+    run_round(wrapper, manager(20), zeros(), [zeros()] * 20)
+    z_update, count_std = wrapper.update_noise_multiplier, wrapper.clipped_count_stddev
+    assert (z_update**-2 + (2 * count_std) ** -2) ** -0.5 == pytest.approx(0.5)
+    assert [r.noise_multiplier for r in wrapper.releases()] == [z_update, 2 * count_std]
+
+
+# ------------------------------------------------------------------ accounting
+def independent_epsilon(q, z, rounds, delta, extra_z=None):
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    accountant.compose(event, rounds)
+    if extra_z is not None:
+        count = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(extra_z))
+        accountant.compose(count, rounds)
+    return accountant.get_epsilon(delta)
+
+
+def test_reported_epsilon_matches_dp_accounting_every_round():
+    n, m, z = 10, 5, 1.0
+    wrapper = dp(ServerSideFixedClipping, m=m, z=z)
+    cm = manager(n)
+    wrapper.strategy = FedAvg(fraction_fit=0.5, min_fit_clients=2, min_available_clients=2)
+    for r in range(1, 6):
+        run_round(wrapper, cm, zeros(), [zeros()] * m, r)
+        report = wrapper.round_report(r)["privacy"]
+        assert report["epsilon"] == pytest.approx(independent_epsilon(m / n, z, r, 1e-5), rel=1e-6)
+        assert report["delta"] == 1e-5 and report["sampling_rate"] == 0.5
+
+
+def test_adaptive_accounts_both_releases():
+    n = m = 20
+    wrapper = dp(AdaptiveClipping, m=m, z=0.5, clipped_count_stddev=1.0)
+    for r in range(1, 4):
+        run_round(wrapper, manager(n), zeros(), [zeros()] * m, r)
+    expected = independent_epsilon(1.0, wrapper.update_noise_multiplier, 3, 1e-5, extra_z=2.0)
+    assert wrapper.round_report(3)["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it():
+    n, m, z, budget = 10, 5, 1.0, 3.0
+    first_over = next(r for r in range(1, 500) if independent_epsilon(m / n, z, r, 1e-5) > budget)
+    wrapper = dp(ServerSideFixedClipping, m=m, z=z, epsilon_budget=budget)
+    wrapper.strategy = FedAvg(fraction_fit=0.5, min_fit_clients=2, min_available_clients=2)
+    cm = manager(n)
+    r = 1
+    while wrapper.configure_fit(r, ndarrays_to_parameters(zeros()), cm):
+        run_round(wrapper, cm, zeros(), [zeros()] * m, r)
+        r += 1
+    assert r == first_over  # rounds 1..first_over-1 ran, first_over was refused
+    assert wrapper.accountant.epsilon <= budget
+    assert "privacy budget" in wrapper.stop_reason() and f"round {first_over}" in wrapper.stop_reason()
+
+
+def test_without_replacement_accounting_is_available_and_more_conservative():
+    poisson = ClientLevelAccountant(100, 10, 1e-5, "poisson")
+    fixed = ClientLevelAccountant(100, 10, 1e-5, "without_replacement")
+    for acc in (poisson, fixed):
+        acc.spend([Release(1.0)] * 10)
+    assert fixed.epsilon > poisson.epsilon > 0
+
+
+# ------------------------------------------------------------------ local and sample-level DP
+def make_client(overrides, context):
+    cfg = load_config(overrides)
+    spec = data_spec(cfg.dataset)
+    train_data, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 10, 0)
+    model = build_model(cfg.model, spec, seed=0)
+    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0,
+                         cfg.privacy, context, expected_rounds=3)  # fmt: skip
+    return client, get_weights(model), cfg, len(train_data)
+
+
+def new_context():
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_local_dp_epsilon_accumulates_per_release():
+    context = new_context()
+    client, start, cfg, _ = make_client("privacy=local privacy.noise_seed=1", context)
+    config = {"server_round": 1, "dp_clipping_norm": 1.0, "dp_local_noise_multiplier": 1.0}
+    epsilons = []
+    for r in (1, 2, 3):
+        config["server_round"] = r
+        _, _, metrics = client.fit(start, config)
+        epsilons.append(metrics["epsilon"])
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert epsilons[2] == pytest.approx(local_dp_epsilon(1.0, 3, 1e-5))
+    expected = dp_accounting.rdp.RdpAccountant()
+    expected.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+    assert epsilons[2] == pytest.approx(expected.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_dpsgd_epsilon_grows_across_rounds_and_matches_opacus():
+    from opacus.accountants import RDPAccountant
+
+    context = new_context()
+    overrides = "privacy=dpsgd privacy.noise_multiplier=1.1 training.local_epochs=1"
+    client, start, cfg, n = make_client(overrides, context)
+    steps_total, epsilons = 0, []
+    weights = start
+    for r in (1, 2, 3):
+        # the ClientApp rebuilds the client each round; the Context carries the accountant
+        client, _, _, _ = make_client(overrides, context)
+        weights, _, metrics = client.fit(weights, {"server_round": r})
+        steps_total += metrics["steps"]
+        epsilons.append(metrics["epsilon"])
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    reference = RDPAccountant()
+    q = 1 / math.ceil(n / cfg.training.batch_size)  # Opacus: 1 / batches per epoch
+    reference.history = [(1.1, q, steps_total)]
+    assert epsilons[2] == pytest.approx(reference.get_epsilon(1e-5), rel=0.02)
+
+
+def test_dpsgd_target_epsilon_sets_the_noise():
+    from clients.dpsgd import noise_multiplier_for
+
+    cfg = load_config("privacy=dpsgd privacy.target_epsilon=3.0")
+    z = noise_multiplier_for(cfg.privacy, sample_rate=0.1, local_epochs=2, expected_rounds=5)
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(z, 0.1, 20 * 5)]
+    assert acc.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.05)
