@@ -77,12 +77,13 @@ def main(grid: Grid, context: Context) -> None:
     log(
         INFO,
         "Experiment: dataset=%s partitioner=%s model=%s (%d parameters) strategy=%s, "
-        "%d rounds, %d SuperNodes connected, results -> %s",
+        "privacy=%s, %d rounds, %d SuperNodes connected, results -> %s",
         cfg.dataset.name,
         cfg.partitioner.name,
         cfg.model.name,
         num_parameters(model),
         cfg.strategy.name,
+        cfg.privacy.name,
         cfg.num_rounds,
         nodes,
         output_dir,
@@ -115,7 +116,7 @@ def main(grid: Grid, context: Context) -> None:
             "bytes_up": sum(r["comm"]["bytes_up"] for r in rounds),
         },
     }
-    for scope in ("centralized", "federated"):
+    for scope in ("centralized", "federated", "privacy"):
         last = next((r[scope] for r in reversed(rounds) if scope in r), None)
         if last is not None:
             final[scope] = last
@@ -123,6 +124,11 @@ def main(grid: Grid, context: Context) -> None:
     summary = " | ".join(
         [f"{server.rounds_completed} rounds ({server.stop_reason})"]
         + [f"{k} {v:.4f}" for k, v in final.get("centralized", {}).items()]
+        + (
+            [f"epsilon {final['privacy']['epsilon']:.3f} (delta {final['privacy']['delta']:g})"]
+            if "privacy" in final
+            else []
+        )
         + [f"{final['seconds_total']:.1f} s"]
     )
     log(INFO, "Finished: %s", summary)

@@ -81,3 +81,38 @@ def test_sweep_cli_runs_each_job_as_a_simulation_with_a_summary(flower, tmp_path
         assert (summary.parent / job / "flwr.log").exists()
     # different seeds, different runs
     assert rows[0]["centralized_loss"] != rows[1]["centralized_loss"]
+
+
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        "privacy=server_fixed privacy.noise_multiplier=0.5",
+        "privacy=client_fixed privacy.noise_multiplier=0.5",
+        "privacy=adaptive privacy.noise_multiplier=0.3 privacy.clipped_count_stddev=1.0",
+        "privacy=local privacy.noise_multiplier=2.0",
+        "privacy=dpsgd privacy.noise_multiplier=1.0",
+    ],
+)
+def test_every_privacy_option_completes_with_epsilon_per_round(flower, tmp_path, privacy):
+    out = tmp_path / "dp"
+    proc = flower.run(f"{privacy} num_rounds=3 output_dir={out}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["rounds_completed"] == 3
+    epsilons = [r["privacy"]["epsilon"] for r in results["rounds"]]
+    assert all(r["privacy"]["delta"] == 1e-5 for r in results["rounds"])
+    assert 0 < epsilons[0] and epsilons == sorted(epsilons)  # never decreases
+    assert results["final"]["privacy"]["epsilon"] == epsilons[-1]
+    assert "epsilon" in proc.stdout  # the round log line shows it
+
+
+def test_privacy_budget_ends_the_run_and_says_why(flower, tmp_path):
+    out = tmp_path / "budget"
+    overrides = "privacy=server_fixed privacy.noise_multiplier=2.0 privacy.epsilon_budget=3.0"
+    proc = flower.run(f"{overrides} num_rounds=10 output_dir={out}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = json.loads((out / "results.json").read_text())["final"]
+    # q = 2/4, z = 2: epsilon 2.81 after round 4, 3.12 after round 5 (dp-accounting)
+    assert final["rounds_completed"] == 4
+    assert final["stop_reason"].startswith("privacy budget: round 5")
+    assert final["privacy"]["epsilon"] <= 3.0
