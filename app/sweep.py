@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,19 @@ def flwr_run_command(cfg: ExperimentConfig, overrides: list[str]) -> list[str]:
         f"client-resources-num-cpus={cfg.simulation.client_cpus} "
         f"client-resources-num-gpus={cfg.simulation.client_gpus}"
     )
-    # json.dumps gives a valid TOML basic string (quotes and backslashes escaped).
-    run_config = f"overrides={json.dumps(' '.join(overrides))}"
+    # Two layers of quoting: shlex for our splitter (app.config.parse_overrides), then
+    # json.dumps for a valid TOML basic string (quotes and backslashes escaped).
+    run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))}"
     return [
         "flwr", "run", str(PROJECT_DIR), "--stream",
         "--federation-config", federation,
         "--run-config", run_config,
     ]  # fmt: skip
+
+
+def hydra_quote(value: str) -> str:
+    """Quote a value for Hydra's override grammar (paths may hold spaces, '=' or brackets)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
@@ -119,7 +126,7 @@ def main(raw: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("output_dir=")]
-    overrides.append(f"output_dir={job_dir}")
+    overrides.append(f"output_dir={hydra_quote(str(job_dir))}")
     try:
         cfg = to_experiment_config(raw)
     except ConfigError as err:

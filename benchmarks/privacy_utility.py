@@ -34,7 +34,7 @@ SAMPLE_LEVEL = ["simulation.num_supernodes=10", "strategy.fraction_evaluate=0"]
 
 
 def sweep(name: str, overrides: list[str], out: Path) -> list[dict]:
-    sweep_dir = out / name
+    sweep_dir = out / name.replace(" ", "_")
     command = [sys.executable, "-m", "app.sweep", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)

@@ -127,12 +127,10 @@ class ClientLevelDP(StrategyWrapper):
                     population, sampled, self.target_delta, self.sampling, self.epsilon_budget
                 )
                 if self.target_delta >= 1 / population:
-                    log(
-                        WARNING,
-                        "privacy.target_delta=%s is not below 1/N = 1/%d: with delta that "
-                        "large one client's data may be released outright; use delta << 1/N",
-                        self.target_delta,
-                        population,
+                    raise ValueError(
+                        f"privacy.target_delta={self.target_delta} is not below 1/N = "
+                        f"1/{population} connected clients: with delta that large one "
+                        "client's data may be released outright; use delta << 1/N"
                     )
             elif (population, sampled) != (
                 self.accountant.config.population_size,

@@ -60,6 +60,18 @@ def test_resolved_yaml_round_trips():
         ("output_dir=relative/dir", ["output_dir", "absolute"]),
         ("simulation.client_cpus=0", ["simulation.client_cpus"]),
         ("'unbalanced", ["Cannot parse overrides"]),
+        ("privacy=dp", ["privacy/dp", "server_fixed", "dpsgd"]),
+        ("privacy=server_fixed privacy.noise_multiplier=-1", ["privacy.noise_multiplier", ">= 0"]),
+        ("privacy=client_fixed privacy.clipping_norm=0", ["privacy.clipping_norm", "> 0"]),
+        ("privacy=server_fixed privacy.target_delta=0.2", ["privacy.target_delta", "1/N = 1/10"]),
+        ("privacy=server_fixed privacy.accounting=exact", ["privacy.accounting", "poisson"]),
+        ("privacy=adaptive privacy.noise_multiplier=1", ["clipped_count_stddev", "0.5"]),
+        ("privacy=adaptive privacy.target_quantile=1.5", ["privacy.target_quantile"]),
+        ("privacy=local privacy.epsilon_budget=3", ["privacy.epsilon_budget", "each client"]),
+        ("privacy=dpsgd privacy.epsilon_budget=3", ["privacy.target_epsilon"]),
+        ("privacy=dpsgd strategy=fedprox", ["strategy.name", "per-sample gradient"]),
+        ("privacy=dpsgd privacy.secure_noise=true", ["torchcsprng"]),
+        ("privacy=dpsgd privacy.max_grad_norm=0", ["privacy.max_grad_norm"]),
     ],
 )
 def test_bad_overrides_fail_with_the_key_and_the_fix(override, expected):

@@ -304,3 +304,12 @@ def test_dpsgd_target_epsilon_sets_the_noise():
     acc = RDPAccountant()
     acc.history = [(z, 0.1, 20 * 5)]
     assert acc.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.05)
+
+
+def test_delta_not_below_one_over_n_fails_before_the_first_round():
+    wrapper = ClientSideFixedClipping(
+        fedavg(2), noise_multiplier=1.0, clipping_norm=1.0, target_delta=0.6,
+        noise=np.random.default_rng(0),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="1/N = 1/2"):
+        wrapper.configure_fit(1, ndarrays_to_parameters(zeros()), manager(2))

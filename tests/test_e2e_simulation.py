@@ -65,6 +65,8 @@ def test_bad_override_fails_before_any_training(flower, tmp_path):
 
 
 def test_sweep_cli_runs_each_job_as_a_simulation_with_a_summary(flower, tmp_path):
+    tmp_path = tmp_path / "sweep dir with spaces"  # job paths travel through two parsers
+    tmp_path.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "app.sweep", "-m", "seed=0,1", "num_rounds=1",
          "simulation.num_supernodes=2", "strategy.fraction_evaluate=0"],
