@@ -16,7 +16,6 @@ Validation happens in three layers, all before any training:
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -179,15 +178,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # --------------------------------------------------------------------------- loading
 def parse_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Split the `overrides` run-config string like a shell would (quotes group values)."""
+    """Split the `overrides` run-config string into Hydra overrides.
+
+    Whitespace separates overrides except inside quotes or brackets, and quotes are kept for
+    Hydra's own grammar: `output_dir='/runs/my run' model.hidden_sizes=[64, 32]` gives two
+    overrides. (shlex would strip the quotes Hydra needs; Flower's run-config parser accepts
+    no escaped quotes, so the string cannot carry two layers of quoting.)
+    """
     if overrides is None:
         return ()
-    if isinstance(overrides, str):
-        try:
-            return tuple(shlex.split(overrides))
-        except ValueError as err:
-            raise ConfigError(f"Cannot parse overrides {overrides!r}: {err}") from err
-    return tuple(overrides)
+    if not isinstance(overrides, str):
+        return tuple(overrides)
+    tokens, current, quote, depth, escaped = [], [], "", 0, False
+    for char in overrides:
+        if escaped:  # the character after a backslash inside quotes (Hydra's \' and \\)
+            escaped = False
+        elif quote and char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char.isspace() and depth == 0:
+            if current:
+                tokens.append("".join(current))
+                current = []
+            continue
+        current.append(char)
+    if quote or depth:
+        raise ConfigError(
+            f"Cannot parse overrides {overrides!r}: unbalanced "
+            f"{'quote ' + quote if quote else 'brackets'}"
+        )
+    if current:
+        tokens.append("".join(current))
+    return tuple(tokens)
 
 
 def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictConfig:

@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +41,8 @@ def flwr_run_command(cfg: ExperimentConfig, overrides: list[str]) -> list[str]:
         f"client-resources-num-cpus={cfg.simulation.client_cpus} "
         f"client-resources-num-gpus={cfg.simulation.client_gpus}"
     )
-    # Two layers of quoting: shlex for our splitter (app.config.parse_overrides), then
-    # json.dumps for a valid TOML basic string (quotes and backslashes escaped).
-    run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))}"
+    # One TOML basic string; app.config.parse_overrides splits it back, keeping Hydra's quotes.
+    run_config = f"overrides={json.dumps(' '.join(overrides))}"
     return [
         "flwr", "run", str(PROJECT_DIR), "--stream",
         "--federation-config", federation,

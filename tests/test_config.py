@@ -31,9 +31,20 @@ def test_defaults_are_the_documented_experiment():
 
 
 def test_overrides_reach_nested_keys_and_lists():
-    cfg = load_config("model=mlp 'model.hidden_sizes=[32,16]' training.lr=0.01 seed=7")
+    cfg = load_config("model=mlp model.hidden_sizes=[32, 16] training.lr=0.01 seed=7")
     assert cfg.model.hidden_sizes == [32, 16]
     assert cfg.training.lr == 0.01 and cfg.seed == 7
+
+
+def test_quoted_values_keep_their_spaces():
+    from app.config import parse_overrides
+    from app.sweep import hydra_quote
+
+    path = "/tmp/my runs/it's [x]=y"
+    overrides = ["num_rounds=2", f"output_dir={hydra_quote(path)}", "model.hidden_sizes=[8, 4]"]
+    assert parse_overrides(" ".join(overrides)) == tuple(overrides)
+    cfg = load_config(" ".join(overrides))
+    assert cfg.output_dir == path and cfg.model.hidden_sizes == [8, 4]
 
 
 def test_resolved_yaml_round_trips():
@@ -59,7 +70,8 @@ def test_resolved_yaml_round_trips():
         ("strategy=fedprox strategy.proximal_mu=0", ["proximal_mu", "strategy=fedavg"]),
         ("output_dir=relative/dir", ["output_dir", "absolute"]),
         ("simulation.client_cpus=0", ["simulation.client_cpus"]),
-        ("'unbalanced", ["Cannot parse overrides"]),
+        ("'unbalanced", ["Cannot parse overrides", "quote"]),
+        ("model.hidden_sizes=[1,", ["Cannot parse overrides", "brackets"]),
         ("privacy=dp", ["privacy/dp", "server_fixed", "dpsgd"]),
         ("privacy=server_fixed privacy.noise_multiplier=-1", ["privacy.noise_multiplier", ">= 0"]),
         ("privacy=client_fixed privacy.clipping_norm=0", ["privacy.clipping_norm", "> 0"]),
