@@ -40,7 +40,7 @@ def client_fn(context: Context) -> Client:
         seed=cfg.seed * 100_003 + partition_id,
         privacy=cfg.privacy,
         state=context,
-        expected_rounds=max(1, round(cfg.num_rounds * cfg.strategy.fraction_train)),
+        max_rounds=cfg.num_rounds,
     ).to_client()
 
 

@@ -26,13 +26,14 @@ HISTORY_KEY = "history"
 
 
 def noise_multiplier_for(
-    privacy: PrivacyConfig, sample_rate: float, local_epochs: int, expected_rounds: int
+    privacy: PrivacyConfig, sample_rate: float, local_epochs: int, max_rounds: int
 ) -> float:
-    """The configured z, or the z that spends `target_epsilon` over the client's expected
-    participation (local_epochs / sample_rate steps per round, `expected_rounds` rounds)."""
+    """The configured z, or the z with which a client that takes part in all `max_rounds`
+    rounds (local_epochs / sample_rate steps each) spends exactly `target_epsilon`: the worst
+    case, so no client can exceed its target however often it is sampled."""
     if privacy.target_epsilon is None:
         return privacy.noise_multiplier
-    steps = int(math.ceil(local_epochs / sample_rate)) * max(1, expected_rounds)
+    steps = int(math.ceil(local_epochs / sample_rate)) * max(1, max_rounds)
     return get_noise_multiplier(
         target_epsilon=privacy.target_epsilon,
         target_delta=privacy.target_delta,
@@ -51,7 +52,7 @@ def train_dpsgd(
     device: torch.device,
     seed: int,
     history_json: str,
-    expected_rounds: int,
+    max_rounds: int,
 ) -> tuple[TrainResult, float, str]:
     """Train with DP-SGD; returns (result, epsilon so far, accountant history as JSON)."""
     if privacy.target_delta >= 1 / len(data):
@@ -66,7 +67,7 @@ def train_dpsgd(
         shuffle=True,
     )
     sample_rate = 1 / len(loader)  # what Opacus' Poisson DPDataLoader uses: 1 / batches per epoch
-    z = noise_multiplier_for(privacy, sample_rate, training.local_epochs, expected_rounds)
+    z = noise_multiplier_for(privacy, sample_rate, training.local_epochs, max_rounds)
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in json.loads(history_json or "[]")]
     model.to(device).train()

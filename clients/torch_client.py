@@ -70,12 +70,12 @@ class TorchClient(NumPyClient):
         seed: int,
         privacy: PrivacyConfig | None = None,
         state: Context | None = None,
-        expected_rounds: int = 1,
+        max_rounds: int = 1,
     ) -> None:
         self.model = model.to(device)
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.state_context = state
-        self.expected_rounds = expected_rounds
+        self.max_rounds = max_rounds
         self.train_data = train_data
         self.val_data = val_data
         self.task = task
@@ -159,7 +159,7 @@ class TorchClient(NumPyClient):
             self.device,
             seed,
             history,
-            self.expected_rounds,
+            self.max_rounds,
         )
         state[DPSGD_STATE] = ConfigRecord({HISTORY_KEY: history})
         return result, epsilon

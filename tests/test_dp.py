@@ -249,7 +249,7 @@ def make_client(overrides, context):
     train_data, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 10, 0)
     model = build_model(cfg.model, spec, seed=0)
     client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0,
-                         cfg.privacy, context, expected_rounds=3)  # fmt: skip
+                         cfg.privacy, context, max_rounds=3)  # fmt: skip
     return client, get_weights(model), cfg, len(train_data)
 
 
@@ -298,7 +298,7 @@ def test_dpsgd_target_epsilon_sets_the_noise():
     from clients.dpsgd import noise_multiplier_for
 
     cfg = load_config("privacy=dpsgd privacy.target_epsilon=3.0")
-    z = noise_multiplier_for(cfg.privacy, sample_rate=0.1, local_epochs=2, expected_rounds=5)
+    z = noise_multiplier_for(cfg.privacy, sample_rate=0.1, local_epochs=2, max_rounds=5)
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
@@ -313,3 +313,14 @@ def test_delta_not_below_one_over_n_fails_before_the_first_round():
     )  # fmt: skip
     with pytest.raises(ValueError, match="1/N = 1/2"):
         wrapper.configure_fit(1, ndarrays_to_parameters(zeros()), manager(2))
+
+
+def test_dpsgd_target_epsilon_holds_for_a_client_sampled_every_round():
+    context = new_context()
+    overrides = "privacy=dpsgd privacy.target_epsilon=2.0 training.local_epochs=1"
+    weights = None
+    for r in (1, 2, 3):
+        client, start, _, _ = make_client(overrides, context)  # max_rounds=3
+        weights, _, metrics = client.fit(weights or start, {"server_round": r})
+    assert metrics["epsilon"] <= 2.0 * 1.01
+    assert metrics["epsilon"] == pytest.approx(2.0, rel=0.05)  # and not far below it
