@@ -31,6 +31,8 @@ PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
 FLWR_LOG = "flwr.log"
 # Lines of the run's log echoed to the terminal (the whole log goes to the job's flwr.log).
+# `flwr run --stream` shows some lines twice, once with a timestamp prefix: echo one of them.
+TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
 PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|ERROR|Invalid experiment")
 
 
@@ -68,7 +70,7 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
         assert proc.stdout is not None
         for line in proc.stdout:
             log_file.write(line)
-            if PROGRESS.search(line):
+            if PROGRESS.search(line) and not TIMESTAMPED.match(line):
                 sys.stdout.write(line)
         returncode = proc.wait()
     results_path = job_dir / RESULTS_FILE
