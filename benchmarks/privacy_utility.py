@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     out = RESULTS / ("quick" if args.quick else "full")
     rounds_cl, rounds_dp = (3, 2) if args.quick else (60, 20)
-    noise = "1.0,2.0" if args.quick else "0.5,0.7,1.0,1.5,2.5"
+    noise = "1.0,2.0" if args.quick else "0.5,0.7,1.0,1.5,2.5,6.6"
     targets = "3,8" if args.quick else "1,3,8"
     started = time.perf_counter()
     rows = []
