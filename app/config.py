@@ -245,12 +245,12 @@ def load_config(overrides: str | list[str] | tuple[str, ...] | None = None) -> E
 
 
 def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
-    """Validate a composed config (e.g. from `@hydra.main`) against the schemas."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
+    """The typed config of a composition (ours or `@hydra.main`'s), with its values checked.
+
+    conf/config.yaml extends the `ExperimentConfig` schema, so Hydra has already checked keys
+    and types; what is left is building the dataclasses and the value checks."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), plain)
-        typed = OmegaConf.to_object(merged)
+        typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, ())) from err
     _check_values(typed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from app.config import CONF_DIR, ConfigError, ExperimentConfig, to_experiment_config
 from app.results import RESULTS_FILE
@@ -88,11 +88,9 @@ def write_summary(sweep_dir: Path) -> Path:
         job_dir = results_path.parent
         results = json.loads(results_path.read_text())
         final = results.get("final", {})
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = overrides_file.read_text().replace("\n- ", " ").lstrip("- ").strip()
         row = {
             "job": job_dir.name,
-            "overrides": overrides if overrides != "[]" else "",
+            "overrides": " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")),
             "status": "ok" if final else "failed",
             "rounds_completed": final.get("rounds_completed", len(results.get("rounds", []))),
             "stop_reason": final.get("stop_reason", ""),
@@ -100,6 +98,9 @@ def write_summary(sweep_dir: Path) -> Path:
         for scope in ("centralized", "federated"):
             for metric, value in final.get(scope, {}).items():
                 row[f"{scope}_{metric}"] = value
+        if "privacy" in final:
+            row["privacy_epsilon"] = final["privacy"]["epsilon"]
+            row["privacy_delta"] = final["privacy"]["delta"]
         row["seconds_total"] = final.get("seconds_total", "")
         comm = final.get("comm_total", {})
         row["bytes_down_total"] = comm.get("bytes_down", "")

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from app.sweep import SUMMARY_FILE  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 CLIENT_LEVEL = [
@@ -34,26 +36,28 @@ SAMPLE_LEVEL = ["simulation.num_supernodes=10", "strategy.fraction_evaluate=0"]
 
 
 def sweep(name: str, overrides: list[str], out: Path) -> list[dict]:
+    """Run one Hydra sweep; its rows from the sweep's summary.csv."""
     sweep_dir = out / name.replace(" ", "_")
     command = [sys.executable, "-m", "app.sweep", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-    rows = []
-    for results_path in sorted(sweep_dir.glob("*/results.json")):
-        results = json.loads(results_path.read_text())
-        final = results["final"]
-        overrides_text = (results_path.parent / ".hydra" / "overrides.yaml").read_text()
-        rows.append(
+    return read_summary(name, sweep_dir)
+
+
+def read_summary(name: str, sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / SUMMARY_FILE, newline="") as f:
+        return [
             {
                 "setting": name,
-                "overrides": " ".join(line[2:] for line in overrides_text.splitlines()),
-                "epsilon": final.get("privacy", {}).get("epsilon", float("inf")),
-                "accuracy": final["centralized"]["accuracy"],
-                "rounds": final["rounds_completed"],
-                "seconds": final["seconds_total"],
+                "overrides": job["overrides"],
+                "epsilon": float(job.get("privacy_epsilon") or "inf"),
+                "accuracy": float(job["centralized_accuracy"]),
+                "rounds": int(job["rounds_completed"]),
+                "seconds": float(job["seconds_total"]),
             }
-        )
-    return rows
+            for job in csv.DictReader(f)
+            if job["status"] == "ok"
+        ]
 
 
 def main() -> None:
