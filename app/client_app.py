@@ -9,6 +9,7 @@ from flwr.common import Context
 from app.config import load_config
 from app.data import data_spec, load_client_data
 from app.evaluation import resolve_device
+from app.he_context import NODE_SECRET_CONTEXT
 from app.models import build_model
 from clients.torch_client import TorchClient
 
@@ -41,6 +42,7 @@ def client_fn(context: Context) -> Client:
         privacy=cfg.privacy,
         state=context,
         max_rounds=cfg.num_rounds,
+        he_secret_context=context.node_config.get(NODE_SECRET_CONTEXT),
     ).to_client()
 
 

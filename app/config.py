@@ -16,6 +16,7 @@ Validation happens in three layers, all before any training:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -110,7 +111,17 @@ class PrivacyConfig:
 
 @dataclass
 class SecAggConfig:
-    name: str = "none"
+    """Secure aggregation. `he`: BFV homomorphic encryption (TenSEAL's SEAL API); the server
+    adds ciphertexts it cannot decrypt. See app/he_context.py for the parameters and why."""
+
+    name: str = "none"  # none | he
+    poly_modulus_degree: int = 4096  # N: values per ciphertext
+    coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [56])  # one prime suffices
+    plain_modulus_bits: int = 40  # t: must hold the sum of pre-weighted quantized values
+    scale_bits: int = 16  # fixed-point scale 2^16: weighted-mean error <= 0.5 / 2^16
+    max_abs_value: float = 8.0  # clients refuse to encrypt a model value beyond this
+    # Deployment: key files (simulation provisions fresh keys into <output_dir>/keys).
+    public_context: str | None = None  # the server's context (no secret key)
 
 
 @dataclass
@@ -170,7 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.name": ("fedavg", "fedavgm", "fedprox", "fedadam"),
     "privacy.name": ("none", "server_fixed", "client_fixed", "adaptive", "local", "dpsgd"),
     "privacy.accounting": ("poisson", "without_replacement"),
-    "secagg.name": ("none",),
+    "secagg.name": ("none", "he"),
     "training.optimizer": ("sgd", "adam"),
     "training.device": ("auto", "cpu", "cuda"),
 }
@@ -357,6 +368,62 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
         )
 
 
+def he_params(cfg: ExperimentConfig):
+    """The `secagg` group as the HE parameters every party shares."""
+    from app.he_context import HEParams
+
+    s = cfg.secagg
+    return HEParams(
+        poly_modulus_degree=s.poly_modulus_degree,
+        coeff_mod_bit_sizes=tuple(s.coeff_mod_bit_sizes),
+        plain_modulus_bits=s.plain_modulus_bits,
+        scale_bits=s.scale_bits,
+        max_abs_value=s.max_abs_value,
+    )
+
+
+def _check_secagg(cfg: ExperimentConfig, require) -> None:
+    if cfg.secagg.name != "he":
+        return
+    require(
+        cfg.strategy.name in ("fedavg", "fedprox"),
+        "strategy.name",
+        "under secagg=he the server only adds ciphertexts, so server optimizers "
+        "(fedavgm, fedadam) that need the plaintext aggregate cannot run: use "
+        "strategy=fedavg or strategy=fedprox",
+    )
+    require(
+        cfg.privacy.name in ("none", "client_fixed", "local", "dpsgd"),
+        "privacy.name",
+        "under secagg=he the server cannot see updates, so it cannot clip them: use "
+        "privacy=client_fixed (clients clip, the server adds noise to the encrypted sum), "
+        "privacy=local or privacy=dpsgd",
+    )
+    require(cfg.secagg.scale_bits >= 1, "secagg.scale_bits", "must be >= 1")
+    require(cfg.secagg.max_abs_value > 0, "secagg.max_abs_value", "must be > 0")
+    from app.he_context import HEError
+
+    params = he_params(cfg)
+    try:
+        params.seal_parameters()
+        params.check_range()
+    except HEError as err:
+        raise ConfigError(f"Invalid experiment configuration: {err}") from err
+    if cfg.privacy.name == "client_fixed" and cfg.dataset.source != "hub":
+        from app.data import data_spec
+        from app.models import build_model, num_parameters
+
+        d = num_parameters(build_model(cfg.model, data_spec(cfg.dataset)))
+        slack = 0.5 * math.sqrt(d) / params.scale
+        require(
+            slack < 0.5 * cfg.privacy.clipping_norm,
+            "secagg.scale_bits",
+            f"the fixed-point rounding of {d} encrypted values can add up to {slack:.4g} "
+            f"to an update's norm, too much for privacy.clipping_norm="
+            f"{cfg.privacy.clipping_norm}: raise secagg.scale_bits",
+        )
+
+
 def _check_values(cfg: ExperimentConfig) -> None:
     def value(key: str):
         obj = cfg
@@ -420,6 +487,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     )
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
     _check_privacy(cfg, require)
+    _check_secagg(cfg, require)
     require(cfg.simulation.client_cpus >= 1, "simulation.client_cpus", "Flower needs whole CPUs")
     if cfg.output_dir is not None:
         require(

@@ -4,7 +4,8 @@
 - `results.json`: `{"rounds": [...], "final": {...}}`, rewritten after every round so a run
   that dies still leaves what it measured (parts that were not measured are omitted);
 - `metrics.png`: accuracy and loss per round;
-- `model.pt`: the final global model's state_dict.
+- `model.pt`: the final global model's state_dict; under secagg=he the server cannot decrypt
+  it and writes `model_encrypted.npz` (the payload) instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
+ENCRYPTED_MODEL_FILE = "model_encrypted.npz"  # secagg=he: `python -m app.he_keys decrypt-model`
 
 
 class RunRecorder:
@@ -45,10 +48,19 @@ class RunRecorder:
         self.rounds.append(record)
         self._write()
 
-    def finish(self, final: dict[str, Any], model: nn.Module | None) -> None:
+    def finish(
+        self,
+        final: dict[str, Any],
+        model: nn.Module | None,
+        encrypted_model: list[np.ndarray] | None = None,
+    ) -> None:
         if model is not None:
             torch.save(model.state_dict(), self.output_dir / MODEL_FILE)
             final["model_file"] = MODEL_FILE
+        if encrypted_model is not None:
+            header, ciphertexts = encrypted_model
+            np.savez(self.output_dir / ENCRYPTED_MODEL_FILE, header=header, ciphertexts=ciphertexts)
+            final["model_file"] = ENCRYPTED_MODEL_FILE
         self.results["final"] = final
         self._write()
         if self.rounds:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime
 from logging import INFO, WARNING
@@ -14,7 +16,8 @@ from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig, SimpleClientManager
 from flwr.server.compat import start_grid
 
-from app.config import ExperimentConfig, load_config
+from app.config import ExperimentConfig, load_config, parse_overrides
+from app.he_context import HE_SECRET_PATH_KEY, PUBLIC_FILE, SECRET_FILE, HEContext, HEError, is_payload, load_context
 from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.experiment_server import ExperimentServer
@@ -46,13 +49,41 @@ def warn_if_runtime_environment() -> None:
         )
 
 
+def he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> tuple[HEContext, dict]:
+    """The server's public HE context, and what clients must be told about keys.
+
+    Deployment (`secagg.public_context` set): load that file; SuperNodes name their secret
+    context in their node config. Simulation: provision fresh keys into <output_dir>/keys in a
+    child process (so no secret key is ever in this process) and tell the simulated clients
+    where the secret context lies."""
+    if cfg.secagg.public_context:
+        context = load_context(cfg.secagg.public_context)
+        if context.is_secret:
+            raise HEError(
+                f"secagg.public_context={cfg.secagg.public_context} holds a secret key: give "
+                f"the server {PUBLIC_FILE}, never {SECRET_FILE}"
+            )
+        return context, {}
+    keys = output_dir / "keys"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.he_keys", "provision", "--out", str(keys),
+         *parse_overrides(overrides)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise HEError(f"HE key provisioning failed: {proc.stderr.strip()[-2000:]}")
+    log(INFO, "HE keys provisioned for this simulation in %s", keys)
+    return load_context(keys / PUBLIC_FILE), {HE_SECRET_PATH_KEY: str(keys / SECRET_FILE)}
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
-    cfg = load_config(str(context.run_config.get("overrides", "")))
+    overrides = str(context.run_config.get("overrides", ""))
+    cfg = load_config(overrides)
     warn_if_runtime_environment()
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
@@ -70,20 +101,28 @@ def main(grid: Grid, context: Context) -> None:
         metrics = evaluate(eval_model, test_data, spec.task, device)
         return metrics.pop("loss"), metrics
 
+    he_context, he_client_config = (
+        he_keys(cfg, overrides, output_dir) if cfg.secagg.name == "he" else (None, None)
+    )
     strategy = build_strategy(
-        cfg, ndarrays_to_parameters(get_weights(model)), evaluate_fn=evaluate_centrally
+        cfg,
+        ndarrays_to_parameters(get_weights(model)),
+        evaluate_fn=evaluate_centrally,
+        he_context=he_context,
+        he_client_config=he_client_config,
     )
     nodes = len(list(grid.get_node_ids()))
     log(
         INFO,
         "Experiment: dataset=%s partitioner=%s model=%s (%d parameters) strategy=%s, "
-        "privacy=%s, %d rounds, %d SuperNodes connected, results -> %s",
+        "privacy=%s secagg=%s, %d rounds, %d SuperNodes connected, results -> %s",
         cfg.dataset.name,
         cfg.partitioner.name,
         cfg.model.name,
         num_parameters(model),
         cfg.strategy.name,
         cfg.privacy.name,
+        cfg.secagg.name,
         cfg.num_rounds,
         nodes,
         output_dir,
@@ -103,7 +142,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
 
-    set_weights(model, parameters_to_ndarrays(server.parameters))
+    final_arrays = parameters_to_ndarrays(server.parameters)
+    encrypted = final_arrays if is_payload(final_arrays) else None
+    if encrypted is None:
+        set_weights(model, final_arrays)
     rounds = recorder.rounds
     final: dict = {
         "rounds_completed": server.rounds_completed,
@@ -120,10 +162,18 @@ def main(grid: Grid, context: Context) -> None:
         last = next((r[scope] for r in reversed(rounds) if scope in r), None)
         if last is not None:
             final[scope] = last
-    recorder.finish(final, model)
+    he_rounds = [r["secagg"] for r in rounds if "bytes_per_parameter_up" in r.get("secagg", {})]
+    if he_rounds:
+        final["secagg"] = he_rounds[-1]
+    recorder.finish(final, None if encrypted else model, encrypted_model=encrypted)
+    # Under HE the server cannot evaluate the final model: report the federated evaluation.
+    evaluated = "" if "centralized" in final else "federated "
     summary = " | ".join(
         [f"{server.rounds_completed} rounds ({server.stop_reason})"]
-        + [f"{k} {v:.4f}" for k, v in final.get("centralized", {}).items()]
+        + [
+            f"{evaluated}{k} {v:.4f}"
+            for k, v in final.get("centralized", final.get("federated", {})).items()
+        ]
         + (
             [f"epsilon {final['privacy']['epsilon']:.3f} (delta {final['privacy']['delta']:g})"]
             if "privacy" in final

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.client import NumPyClient
@@ -12,6 +12,16 @@ from torch import nn
 from app.config import PrivacyConfig, TrainingConfig
 from app.data import ArraySplit
 from app.evaluation import evaluate
+from app.he_context import (
+    HE_ROUND_KEY,
+    HE_SECRET_PATH_KEY,
+    HE_WEIGHTING_KEY,
+    NODE_SECRET_CONTEXT,
+    HEContext,
+    HEError,
+    is_payload,
+    load_context,
+)
 from app.models import get_weights, set_weights
 from app.privacy import (
     CLIP_NORM_KEY,
@@ -24,6 +34,7 @@ from app.privacy import (
     make_noise_source,
 )
 from clients.dpsgd import HISTORY_KEY, train_dpsgd
+from clients.he_encryption import decrypt_model, encrypt_update, rounding_slack
 from clients.training import train
 
 # Context.state keys: a client's privacy history survives between rounds there.
@@ -41,6 +52,8 @@ class FitInstructions:
     proximal_mu: float
     clipping_norm: float | None  # client-side clipping (privacy=client_fixed | local)
     local_noise_multiplier: float | None  # local DP noise (privacy=local)
+    he_round: int | None  # secagg=he: encrypt the result, tagged with this round
+    he_uniform_weight: bool  # secagg=he: weight 1 (client-level DP) instead of num_examples
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], defaults: TrainingConfig) -> FitInstructions:
@@ -51,6 +64,8 @@ class FitInstructions:
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by Flower's FedProx
             clipping_norm=_optional_float(config.get(CLIP_NORM_KEY)),
             local_noise_multiplier=_optional_float(config.get(LOCAL_NOISE_KEY)),
+            he_round=None if HE_ROUND_KEY not in config else int(config[HE_ROUND_KEY]),
+            he_uniform_weight=config.get(HE_WEIGHTING_KEY) == "uniform",
         )
 
 
@@ -71,7 +86,9 @@ class TorchClient(NumPyClient):
         privacy: PrivacyConfig | None = None,
         state: Context | None = None,
         max_rounds: int = 1,
+        he_secret_context: str | None = None,
     ) -> None:
+        self.he_secret_context = he_secret_context  # node config path (deployment)
         self.model = model.to(device)
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.state_context = state
@@ -90,6 +107,8 @@ class TorchClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         ins = FitInstructions.from_config(config, self.training)
+        he = self._he_context(config) if ins.he_round is not None else None
+        parameters = self._plaintext(parameters, he)
         set_weights(self.model, parameters)
         training = TrainingConfig(
             **{**vars(self.training), "local_epochs": ins.local_epochs, "lr": ins.lr}
@@ -111,12 +130,54 @@ class TorchClient(NumPyClient):
             )
         weights = get_weights(self.model)
         if ins.clipping_norm is not None:
+            if he is not None:
+                ins = replace(ins, clipping_norm=self._he_clip_norm(ins.clipping_norm, he))
             weights, update_metrics = self._bound_update(parameters, weights, ins, seed)
             metrics.update(update_metrics)
         metrics.update({"train_loss": result.train_loss, "steps": result.steps})
         if result.train_accuracy is not None:
             metrics["train_accuracy"] = result.train_accuracy
+        if he is not None:
+            weight = 1 if ins.he_uniform_weight else result.num_examples
+            weights = encrypt_update(he, weights, weight, ins.he_round)
         return weights, result.num_examples, metrics
+
+    # ------------------------------------------------------------------ secagg=he
+    def _he_context(self, config: dict[str, Scalar]) -> HEContext:
+        """This node's secret context: its node config path (deployment), else the path the
+        simulation run provisioned its keys at."""
+        path = self.he_secret_context or config.get(HE_SECRET_PATH_KEY)
+        if not path:
+            raise HEError(
+                "secagg=he needs this node's secret context: start the SuperNode with "
+                f"--node-config '{NODE_SECRET_CONTEXT}=/path/to/secret.ctx ...'"
+            )
+        ctx = load_context(str(path))
+        if not ctx.is_secret:
+            raise HEError(f"{path} is a public context: SuperNodes need the secret one")
+        return ctx
+
+    def _plaintext(self, parameters: NDArrays, he: HEContext | None) -> NDArrays:
+        """The global model in the clear: decrypted (float64, so the update this client
+        encrypts is measured from the exact global model) or as received."""
+        if not is_payload(parameters):
+            return parameters
+        if he is None:
+            raise HEError("received an encrypted model without secagg=he instructions")
+        shapes = [tuple(t.shape) for t in self.model.state_dict().values()]
+        return decrypt_model(he, parameters, shapes)
+
+    def _he_clip_norm(self, clipping_norm: float, he: HEContext) -> float:
+        """Clip to C minus what fixed-point rounding can add, so the encrypted update's
+        norm stays <= C (the server cannot check it under HE)."""
+        num_values = sum(t.numel() for t in self.model.state_dict().values())
+        clip = clipping_norm - rounding_slack(num_values, he.params.scale)
+        if clip <= 0:
+            raise HEError(
+                f"privacy.clipping_norm={clipping_norm} is below the fixed-point rounding "
+                f"slack of {num_values} encrypted values: raise secagg.scale_bits"
+            )
+        return clip
 
     def _bound_update(self, sent: NDArrays, trained: NDArrays, ins: FitInstructions, seed: int):
         """Client-side clipping (and, for local DP, this client's own noise) of its update."""
@@ -167,6 +228,8 @@ class TorchClient(NumPyClient):
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
+        if is_payload(parameters):
+            parameters = self._plaintext(parameters, self._he_context(config))
         set_weights(self.model, parameters)
         metrics = evaluate(self.model, self.val_data, self.task, self.device)
         loss = metrics.pop("loss")

@@ -258,6 +258,45 @@ class ClientSideFixedClipping(ClientLevelDP):
         return update, False
 
 
+class EncryptedClientSideClipping(ClientSideFixedClipping):
+    """`privacy=client_fixed` under `secagg=he`: clients clip, the HE layer below sums the
+    encrypted updates, and this wrapper has it add N(0, (zC)^2) to the encrypted sum (as a
+    plaintext, ct + pt) and accounts the round exactly as in the clear.
+
+    What differs from the plaintext path, and why the guarantee is the same:
+    - The server cannot check norms; the guarantee assumes clients clip (as with any secure
+      aggregation). Clients clip to C minus the fixed-point rounding slack, so what they
+      encrypt is within C of the global model.
+    - Clients encrypt their clipped *model* (global + clipped update) with weight 1; key
+      holders know the global model and the count K, so the released (sum + noise, K) is the
+      plaintext mechanism's (sum of clipped updates + noise) up to public post-processing. The
+      mean is over the K clients received (the plaintext path divides by the m sampled; the
+      same when none drops out), since the sum holds K copies of the global model.
+    """
+
+    def __init__(self, strategy, **kwargs) -> None:
+        from strategies.he_aggregation import HomomorphicAggregation
+
+        if not isinstance(strategy, HomomorphicAggregation):
+            raise TypeError("EncryptedClientSideClipping wraps a HomomorphicAggregation")
+        super().__init__(strategy, **kwargs)
+        strategy.uniform_weights = True
+        strategy.noise = self.noise
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.strategy.sum_noise_std = self.noise_std()
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            return None, metrics
+        if self.accountant is not None:
+            self.accountant.spend(self.releases())
+        received = self.strategy.aggregated[server_round]
+        report = self._privacy_report([], received, self._sampled[server_round])
+        del report["clients_clipped"]  # clients clip under HE; the server cannot see norms
+        self._reports[server_round] = report
+        return parameters, metrics
+
+
 class AdaptiveClipping(ClientLevelDP):
     """`privacy=adaptive`: server-side clipping with a norm that follows the target quantile of
     update norms (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping").

@@ -1,7 +1,12 @@
-"""Build the strategy stack from config: Flower base strategy -> validation -> traffic meter.
+"""Build the strategy stack from config; the traffic meter stays outermost so it counts what
+really crosses the wire:
 
-Later layers (DP, HE) slot in between the base and the meter; the meter stays outermost so it
-counts what really crosses the wire.
+    plaintext:   TrafficMeter(RejectMalformedUpdates(DP wrapper?(base)))
+    secagg=he:   TrafficMeter(DP wrapper?(HomomorphicAggregation(base)))
+
+Under HE the aggregation layer sits directly on the base strategy (it replaces the base's
+aggregation and validates encrypted updates itself); DP layers above it only instruct clients,
+ask for noise on the encrypted sum, and account.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from app.config import ExperimentConfig
 from app.privacy import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
+from app.he_context import HEContext
 from strategies.dp_client_level import (
     AdaptiveClipping,
     ClientReportedPrivacy,
     ClientSideFixedClipping,
+    EncryptedClientSideClipping,
     ServerSideFixedClipping,
 )
+from strategies.he_aggregation import HomomorphicAggregation
 from strategies.traffic import TrafficMeter
 from strategies.update_validation import RejectMalformedUpdates
 
@@ -59,7 +67,11 @@ def build_strategy(
     cfg: ExperimentConfig,
     initial_parameters: Parameters,
     evaluate_fn: EvaluateFn | None,
+    he_context: HEContext | None = None,
+    he_client_config: dict[str, Scalar] | None = None,
 ) -> TrafficMeter:
+    """`he_context` (secagg=he): the public context; `he_client_config`: extra instructions
+    for clients (in simulation, where the run's secret context lies)."""
     s = cfg.strategy
     common = dict(
         fraction_fit=s.fraction_train,
@@ -90,6 +102,13 @@ def build_strategy(
         )
     else:
         raise ValueError(f"strategy.name={s.name!r}: use fedavg, fedavgm, fedprox or fedadam")
+    if cfg.secagg.name == "he":
+        if he_context is None:
+            raise ValueError("secagg=he needs the server's public HE context")
+        he = HomomorphicAggregation(
+            base, he_context, metrics_fn=weighted_metrics, client_config=he_client_config
+        )
+        return TrafficMeter(with_privacy(he, cfg))
     return TrafficMeter(RejectMalformedUpdates(with_privacy(base, cfg)))
 
 
@@ -119,6 +138,8 @@ def with_privacy(base: Strategy, cfg: ExperimentConfig) -> Strategy:
                 clip_norm_lr=p.clip_norm_lr,
                 clipped_count_stddev=p.clipped_count_stddev,
             )
+        if isinstance(base, HomomorphicAggregation):
+            return EncryptedClientSideClipping(base, **kwargs)  # config allows only client_fixed
         return CLIENT_LEVEL_DP[p.name](base, **kwargs)
     if p.name == "local":
         return ClientReportedPrivacy(

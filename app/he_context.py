@@ -1,0 +1,391 @@
+"""Homomorphic secure aggregation: the keys, and the payload format both sides share.
+
+Why BFV batching through `tenseal.sealapi` and not TenSEAL's high-level CKKS vectors
+----------------------------------------------------------------------------------
+Secure aggregation only *adds* ciphertexts. That is all the server ever does here:
+
+- Clients pre-weight (NVFlare's approach) and the division by the total weight happens after
+  decryption, on the clients. So no ciphertext is ever multiplied, nothing is rescaled, and the
+  coefficient modulus needs a single prime (56 bits) instead of CKKS' chain of primes.
+- BFV's batch encoder packs N values into one ciphertext (CKKS' encoder packs N/2).
+- Clients quantize their pre-weighted values to integers with a fixed-point scale 2^scale_bits;
+  BFV decryption is then *exact* (it rounds the encryption noise away), so the only error is the
+  clients' rounding, at most 0.5/2^scale_bits on the weighted mean (7.6e-6 at the default 16).
+  CKKS with a single small prime cannot do that: its scale and its noise share the same bits
+  (measured: a 2^20 scale drowns in noise, see shared/FLOWER-1.41-NOTES.md).
+- Clients hold the secret key (the HE setting of NVFlare and of TenSEAL's tutorials), so they
+  encrypt *symmetrically*, and SEAL serializes a symmetric ciphertext with the random half
+  replaced by its PRNG seed: half the bytes. TenSEAL's high-level serialization always writes
+  both halves; `sealapi.Encryptor.encrypt_symmetric(plain)` returns SEAL's seeded form.
+- No public, relinearization or Galois keys are needed (addition uses none), so the server's
+  context is the encryption parameters alone: it holds no key material at all.
+
+Measured (N=4096, q=56 bits, t=40 bits, 1M parameters, one core): 7.6 bytes per parameter
+client -> server (seeded), 15.1 server -> clients (a sum of ciphertexts has no seed), against
+4 for float32 and 83 for TenSEAL's tutorial CKKS; encrypting 1M values takes 0.17 s.
+
+Security: SEAL validates the parameters against the HomomorphicEncryption.org standard for
+128-bit classical security (`sec_level=TC128`); N=4096 allows up to 109 bits of modulus, and 56
+are used. Noise: a fresh ciphertext has ~11 bits of noise budget at these parameters; every
+doubling of the number of summed ciphertexts costs one bit, so ~1000 clients per round fit.
+
+Range: the plaintext modulus t (a prime of `plain_modulus_bits` bits) must hold the sum of the
+clients' pre-weighted quantized values: sum_i w_i * max|value| * 2^scale_bits < t / 2. Clients
+refuse to encrypt a value above `max_abs_value`; the server refuses a round whose total weight
+would overflow (see `max_total_weight`).
+
+File and payload formats are ours (SEAL objects inside are SEAL's own serialization):
+- context file: magic line, one JSON line (kind, key id, parameters, blob lengths), then the
+  SEAL `EncryptionParameters` and, in the secret context only, the `SecretKey`;
+- payload (what travels in Flower's `Parameters`, as two uint8 NumPy arrays so `NumPyClient`
+  carries it unchanged): a JSON header with the tags the server checks (algorithm, context
+  fingerprint, tensor layout, round, weight or divisor, ciphertext lengths), and the
+  concatenated serialized ciphertexts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import json
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+ALGORITHM = "bfv-batch-seeded/v1"
+MAGIC = b"flower-private-finetune HE context v1\n"
+SECRET_FILE = "secret.ctx"
+PUBLIC_FILE = "public.ctx"
+
+# Fit/evaluate config keys the server sends and clients read.
+HE_ROUND_KEY = "he_round"  # the round the client tags its encrypted update with
+HE_WEIGHTING_KEY = "he_weighting"  # "examples" (FedAvg) | "uniform" (client-level DP)
+HE_SECRET_PATH_KEY = "he_secret_context"  # simulation only: where the run's keys were written
+# Node config key (deployment): path of the SuperNode's secret context.
+NODE_SECRET_CONTEXT = "he-secret-context"
+
+
+class HEError(ValueError):
+    """A bad HE configuration, key file or payload; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class HEParams:
+    """The encryption and encoding parameters (`secagg.*`), identical on every party."""
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (56,)
+    plain_modulus_bits: int = 40
+    scale_bits: int = 16
+    max_abs_value: float = 8.0
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.scale_bits)
+
+    def seal_parameters(self) -> seal.EncryptionParameters:
+        n = self.poly_modulus_degree
+        if n < 1024 or n & (n - 1):
+            raise HEError(f"secagg.poly_modulus_degree={n}: use a power of two >= 1024 (4096)")
+        limit = seal.CoeffModulus.MaxBitCount(n, seal.SEC_LEVEL_TYPE.TC128)
+        bits = list(self.coeff_mod_bit_sizes)
+        if not bits or sum(bits) > limit:
+            raise HEError(
+                f"secagg.coeff_mod_bit_sizes={bits}: 128-bit security allows at most {limit} "
+                f"bits in total for poly_modulus_degree={n}"
+            )
+        if not self.plain_modulus_bits + 8 <= min(bits) <= 60:
+            raise HEError(
+                f"secagg.coeff_mod_bit_sizes={bits} with plain_modulus_bits="
+                f"{self.plain_modulus_bits}: each prime must have <= 60 bits and >= "
+                "plain_modulus_bits + 8 (the noise budget that decryption needs)"
+            )
+        params = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+        params.set_poly_modulus_degree(n)
+        try:
+            params.set_coeff_modulus(seal.CoeffModulus.Create(n, bits))
+            params.set_plain_modulus(seal.PlainModulus.Batching(n, self.plain_modulus_bits))
+        except (RuntimeError, ValueError) as err:
+            raise HEError(f"SEAL rejects secagg parameters {asdict(self)}: {err}") from err
+        return params
+
+    def check_range(self) -> None:
+        t_half = 2 ** (self.plain_modulus_bits - 1)
+        if self.max_abs_value * self.scale >= t_half:
+            raise HEError(
+                f"secagg.max_abs_value={self.max_abs_value} at scale_bits={self.scale_bits} "
+                f"does not fit plain_modulus_bits={self.plain_modulus_bits}: lower one of the "
+                "first two or raise the third"
+            )
+
+    def max_total_weight(self, plain_modulus: int) -> int:
+        """The largest sum of client weights whose aggregate cannot overflow t."""
+        return int((plain_modulus // 2) // math.ceil(self.max_abs_value * self.scale))
+
+
+@dataclass
+class HEContext:
+    """A loaded context. `secret_key` is None in the public (server) context."""
+
+    params: HEParams
+    key_id: str
+    seal_context: seal.SEALContext
+    parms_bytes: bytes
+    secret_key: seal.SecretKey | None = None
+    _tools: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_secret(self) -> bool:
+        return self.secret_key is not None
+
+    @property
+    def slots(self) -> int:
+        return self.params.poly_modulus_degree
+
+    @property
+    def plain_modulus(self) -> int:
+        return self.seal_context.first_context_data().parms().plain_modulus().value()
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the key set: parameters and key id (not secret; tags every payload)."""
+        return hashlib.sha256(self.parms_bytes + self.key_id.encode()).hexdigest()[:32]
+
+    def _tool(self, name: str, make):
+        if name not in self._tools:
+            self._tools[name] = make()
+        return self._tools[name]
+
+    @property
+    def encoder(self) -> seal.BatchEncoder:
+        return self._tool("encoder", lambda: seal.BatchEncoder(self.seal_context))
+
+    @property
+    def evaluator(self) -> seal.Evaluator:
+        return self._tool("evaluator", lambda: seal.Evaluator(self.seal_context))
+
+    def _require_secret(self, what: str) -> seal.SecretKey:
+        if self.secret_key is None:
+            raise HEError(
+                f"{what} needs the secret context, and this is the public (server) context: "
+                "it holds no secret key. Only SuperNodes (key holders) can do this."
+            )
+        return self.secret_key
+
+    @property
+    def encryptor(self) -> seal.Encryptor:
+        key = self._require_secret("Encryption")
+        return self._tool("encryptor", lambda: seal.Encryptor(self.seal_context, key))
+
+    @property
+    def decryptor(self) -> seal.Decryptor:
+        key = self._require_secret("Decryption")
+        return self._tool("decryptor", lambda: seal.Decryptor(self.seal_context, key))
+
+    def public(self) -> HEContext:
+        """The same parameters and key id without the secret key."""
+        return HEContext(self.params, self.key_id, self.seal_context, self.parms_bytes)
+
+
+# --------------------------------------------------------------------------- SEAL <-> bytes
+# TenSEAL's sealapi binds SEAL's save/load to file paths only, so objects pass through files in
+# a private scratch directory (in memory under /dev/shm where there is one).
+_scratch_lock = threading.Lock()
+_scratch: list[str] = []
+_counter = itertools.count()
+
+
+def _scratch_path() -> str:
+    with _scratch_lock:
+        if not _scratch:
+            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            _scratch.append(tempfile.mkdtemp(prefix="he-", dir=base))
+            atexit.register(shutil.rmtree, _scratch[0], True)
+        return os.path.join(_scratch[0], f"{os.getpid()}-{threading.get_ident()}-{next(_counter)}")
+
+
+def seal_to_bytes(obj) -> bytes:
+    """Serialize a SEAL object (or a seeded `SerializableCiphertext`) with SEAL's own format."""
+    path = _scratch_path()
+    try:
+        obj.save(path)
+        return Path(path).read_bytes()
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def seal_from_bytes(obj, data: bytes, context: seal.SEALContext | None = None):
+    """Load SEAL's serialization into `obj` (validated against `context` when given)."""
+    path = _scratch_path()
+    try:
+        Path(path).write_bytes(data)
+        if context is None:
+            obj.load(path)
+        else:
+            obj.load(context, path)
+        return obj
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- contexts
+def make_seal_context(params: HEParams) -> tuple[seal.SEALContext, bytes]:
+    parms = params.seal_parameters()
+    params.check_range()
+    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise HEError(f"SEAL rejects {asdict(params)}: {context.parameters_error_message()}")
+    return context, seal_to_bytes(parms)
+
+
+def new_context(params: HEParams) -> HEContext:
+    """Fresh keys: a secret context (parameters + a new secret key + a random key id)."""
+    context, parms_bytes = make_seal_context(params)
+    secret_key = seal.KeyGenerator(context).secret_key()
+    return HEContext(params, secrets.token_hex(16), context, parms_bytes, secret_key)
+
+
+def write_context(ctx: HEContext, path: Path) -> Path:
+    """Write a context file; the secret one is created readable by its owner only."""
+    secret = seal_to_bytes(ctx.secret_key) if ctx.secret_key is not None else b""
+    header = {
+        "kind": "secret" if secret else "public",
+        "key_id": ctx.key_id,
+        "algorithm": ALGORITHM,
+        "params": {**asdict(ctx.params), "coeff_mod_bit_sizes": list(ctx.params.coeff_mod_bit_sizes)},
+        "parms_len": len(ctx.parms_bytes),
+        "secret_len": len(secret),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(MAGIC + json.dumps(header).encode() + b"\n" + ctx.parms_bytes + secret)
+    return path
+
+
+def provision(params: HEParams, out_dir: Path) -> tuple[Path, Path]:
+    """Generate keys; write `secret.ctx` (for SuperNodes) and `public.ctx` (for the server)."""
+    ctx = new_context(params)
+    out_dir = Path(out_dir)
+    return (
+        write_context(ctx, out_dir / SECRET_FILE),
+        write_context(ctx.public(), out_dir / PUBLIC_FILE),
+    )
+
+
+def load_context(path: str | Path) -> HEContext:
+    path = Path(path).expanduser()
+    stat = path.stat() if path.exists() else None
+    if stat is None:
+        raise HEError(
+            f"HE context file {path} does not exist: provision keys with "
+            "`python -m app.he_keys provision --out <dir>`"
+        )
+    return _load_context(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_context(path: str, mtime_ns: int, size: int) -> HEContext:
+    # Cached per file version: a ClientApp is rebuilt for every message, the keys are not.
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        raise HEError(f"{path} is not an HE context file of this project")
+    header_line, _, rest = data[len(MAGIC) :].partition(b"\n")
+    try:
+        header = json.loads(header_line)
+        raw = header["params"]
+        params = HEParams(**{**raw, "coeff_mod_bit_sizes": tuple(raw["coeff_mod_bit_sizes"])})
+        parms_len, secret_len = int(header["parms_len"]), int(header["secret_len"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise HEError(f"{path}: unreadable context header ({err})") from err
+    if header.get("algorithm") != ALGORITHM or len(rest) != parms_len + secret_len:
+        raise HEError(f"{path}: context of another algorithm or a truncated file")
+    context, parms_bytes = make_seal_context(params)
+    if parms_bytes != rest[:parms_len]:
+        raise HEError(f"{path}: stored SEAL parameters do not match its header")
+    ctx = HEContext(params, str(header["key_id"]), context, parms_bytes)
+    if secret_len:
+        ctx.secret_key = seal_from_bytes(seal.SecretKey(), rest[parms_len:], context)
+    return ctx
+
+
+# --------------------------------------------------------------------------- payloads
+def layout_hash(shapes: list[tuple[int, ...]]) -> str:
+    """Identifies the tensor layout (count, order, shapes) the flat vector came from."""
+    return hashlib.sha256(json.dumps([list(s) for s in shapes]).encode()).hexdigest()[:16]
+
+
+def num_ciphertexts(num_values: int, slots: int) -> int:
+    return max(1, math.ceil(num_values / slots))
+
+
+def pack_payload(header: dict, ciphertexts: list[bytes]) -> list[np.ndarray]:
+    """Header and ciphertexts as the two uint8 arrays that travel in Flower's Parameters."""
+    header = {**header, "lengths": [len(c) for c in ciphertexts]}
+    return [
+        np.frombuffer(json.dumps(header).encode(), dtype=np.uint8).copy(),
+        np.frombuffer(b"".join(ciphertexts), dtype=np.uint8).copy(),
+    ]
+
+
+def is_payload(arrays: list[np.ndarray]) -> bool:
+    """Whether `arrays` is an HE payload (else: plaintext model tensors)."""
+    if len(arrays) != 2 or any(a.dtype != np.uint8 or a.ndim != 1 for a in arrays):
+        return False
+    return bytes(arrays[0][:12].tobytes()).startswith(b'{"algorithm"')
+
+
+def unpack_payload(arrays: list[np.ndarray]) -> tuple[dict, list[bytes]]:
+    """Split a payload into its header and ciphertext bytes; HEError names what is wrong."""
+    if len(arrays) != 2:
+        raise HEError(f"payload has {len(arrays)} arrays, expected 2 (header, ciphertexts)")
+    try:
+        header = json.loads(arrays[0].tobytes())
+        lengths = [int(n) for n in header["lengths"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HEError(f"unreadable payload header ({err})") from err
+    blob = arrays[1].tobytes()
+    if any(n <= 0 for n in lengths) or sum(lengths) != len(blob):
+        raise HEError(
+            f"ciphertext bytes do not match the header: {len(blob)} bytes, header says "
+            f"{sum(lengths)} (truncated or padded)"
+        )
+    offsets = np.cumsum([0] + lengths)
+    return header, [blob[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def payload_header(ctx: HEContext, kind: str, layout: str, num_values: int, server_round: int, **extra) -> dict:
+    # "algorithm" first: is_payload() recognises a payload by it.
+    return {
+        "algorithm": ALGORITHM,
+        "context": ctx.fingerprint,
+        "kind": kind,  # "update" (client -> server) | "aggregate" (server -> clients)
+        "layout": layout,
+        "num_values": num_values,
+        "round": server_round,
+        "scale_bits": ctx.params.scale_bits,
+        **extra,
+    }
+
+
+def load_ciphertext(ctx: HEContext, data: bytes) -> seal.Ciphertext:
+    """Deserialize and validate one ciphertext against `ctx` (SEAL checks sizes and
+    parameter ids); a ciphertext under other parameters or a truncated one is an HEError."""
+    try:
+        ct = seal_from_bytes(seal.Ciphertext(), data, ctx.seal_context)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise HEError(f"ciphertext does not load under this context ({err})") from err
+    if ct.size() != 2 or ct.parms_id() != ctx.seal_context.first_parms_id():
+        raise HEError("ciphertext has the wrong size or parameter level for this context")
+    return ct

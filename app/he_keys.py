@@ -1,0 +1,73 @@
+"""Key holders' command line for HE secure aggregation.
+
+    python -m app.he_keys provision --out keys/ [Hydra overrides, e.g. secagg.scale_bits=20]
+        writes keys/secret.ctx (for SuperNodes, mode 600) and keys/public.ctx (for the server)
+        from the `secagg` config group.
+    python -m app.he_keys decrypt-model <run dir> [--secret-context keys/secret.ctx] [--out f]
+        decrypts a run's encrypted final model (model_encrypted.npz) into a PyTorch state_dict
+        (default <run dir>/model.pt); the model is rebuilt from the run's config.yaml.
+
+The server never runs either command in a deployment: it gets public.ctx only. In simulation
+the ServerApp runs `provision` in a child process, so no secret key is ever loaded into the
+server's own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from app.config import ExperimentConfig, he_params, load_config, to_experiment_config
+from app.he_context import SECRET_FILE, load_context, provision
+from app.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
+
+
+def run_config(run_dir: Path) -> ExperimentConfig:
+    schema = OmegaConf.structured(ExperimentConfig)
+    return to_experiment_config(OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG_FILE)))
+
+
+def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:
+    from app.data import data_spec
+    from app.models import build_model, set_weights
+    from clients.he_encryption import decrypt_model
+
+    cfg = run_config(run_dir)
+    model = build_model(cfg.model, data_spec(cfg.dataset))
+    with np.load(run_dir / ENCRYPTED_MODEL_FILE) as stored:
+        payload = [stored["header"], stored["ciphertexts"]]
+    shapes = [tuple(t.shape) for t in model.state_dict().values()]
+    set_weights(model, decrypt_model(load_context(secret_context), payload, shapes))
+    torch.save(model.state_dict(), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.he_keys", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("provision", help="generate a secret and a public context")
+    p.add_argument("--out", type=Path, required=True, help="directory for secret.ctx, public.ctx")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the secagg group")
+    d = commands.add_parser("decrypt-model", help="decrypt a run's encrypted final model")
+    d.add_argument("run_dir", type=Path)
+    d.add_argument("--secret-context", type=Path, help="default: <run dir>/keys/secret.ctx")
+    d.add_argument("--out", type=Path, help=f"default: <run dir>/{MODEL_FILE}")
+    args = parser.parse_args(argv)
+    if args.command == "provision":
+        secret, public = provision(he_params(load_config(args.overrides)), args.out)
+        print(f"secret context (SuperNodes only): {secret}\npublic context (server): {public}")
+        return 0
+    run_dir = args.run_dir
+    secret = args.secret_context or run_dir / "keys" / SECRET_FILE
+    out = decrypt_run_model(run_dir, secret, args.out or run_dir / MODEL_FILE)
+    print(f"decrypted model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
