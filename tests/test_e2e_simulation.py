@@ -125,3 +125,63 @@ def test_privacy_budget_ends_the_run_and_says_why(flower, tmp_path):
     assert final["rounds_completed"] == 4
     assert final["stop_reason"].startswith("privacy budget: round 5")
     assert final["privacy"]["epsilon"] <= 3.0
+
+
+def _centralized_accuracy(model_file):
+    from app.config import load_config
+    from app.data import centralized_test_split, data_spec
+    from app.evaluation import evaluate
+    from app.models import build_model
+
+    cfg = load_config("")
+    model = build_model(cfg.model, data_spec(cfg.dataset))
+    model.load_state_dict(torch.load(model_file))
+    test = centralized_test_split(cfg.dataset, cfg.seed)
+    return evaluate(model, test, "classification", torch.device("cpu"))["accuracy"]
+
+
+def test_he_secure_aggregation_matches_plaintext_fedavg(flower, tmp_path):
+    """Every client trains every round (fraction_train=1), so the plaintext and the HE run see
+    the same training; the HE model, decrypted by the key holders' CLI, scores the same."""
+    common = "num_rounds=4 strategy.fraction_train=1.0 strategy.fraction_evaluate=1.0"
+    plain, he = tmp_path / "plain", tmp_path / "he"
+    proc = flower.run(f"{common} output_dir={plain}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = flower.run(f"secagg=he {common} output_dir={he}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((he / "results.json").read_text())
+    assert results["final"]["rounds_completed"] == 4
+    assert "centralized" in results["initial"]  # the initial model is plaintext
+    for r in results["rounds"]:
+        assert "centralized" not in r  # the server cannot read the model
+        assert r["clients"] == {"trained": 4, "failed": 0}
+        assert r["secagg"]["clients_aggregated"] == 4
+        assert r["comm"]["bytes_up"] > 4 * 4810 * 4  # ciphertexts, not float32
+    assert results["final"]["model_file"] == "model_encrypted.npz"
+    assert not (he / "model.pt").exists()
+    assert (he / "keys" / "public.ctx").exists() and (he / "keys" / "secret.ctx").exists()
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.he_keys", "decrypt-model", str(he)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    he_accuracy = _centralized_accuracy(he / "model.pt")
+    plain_accuracy = json.loads((plain / "results.json").read_text())["final"]["centralized"]["accuracy"]
+    assert plain_accuracy >= 0.85
+    assert abs(he_accuracy - plain_accuracy) <= 0.01
+    assert abs(results["final"]["federated"]["accuracy"] - he_accuracy) < 0.1
+
+
+def test_he_with_client_level_dp_reports_epsilon(flower, tmp_path):
+    out = tmp_path / "he_dp"
+    overrides = "secagg=he privacy=client_fixed privacy.noise_multiplier=0.5 num_rounds=3"
+    proc = flower.run(f"{overrides} output_dir={out}", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["rounds_completed"] == 3
+    epsilons = [r["privacy"]["epsilon"] for r in results["rounds"]]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+    assert all(r["secagg"]["clients_aggregated"] == 2 for r in results["rounds"])
+    assert "epsilon" in proc.stdout
