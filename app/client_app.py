@@ -6,7 +6,7 @@ import torch
 from flwr.client import Client, ClientApp
 from flwr.common import Context
 
-from app.config import load_config
+from app.config import ExperimentConfig, load_config
 from app.data import data_spec, load_client_data
 from app.evaluation import resolve_device
 from app.he_context import NODE_SECRET_CONTEXT
@@ -15,7 +15,12 @@ from clients.torch_client import TorchClient
 
 
 def client_fn(context: Context) -> Client:
-    cfg = load_config(str(context.run_config.get("overrides", "")))
+    return build_client(load_config(str(context.run_config.get("overrides", ""))), context)
+
+
+def build_client(cfg: ExperimentConfig, context: Context) -> Client:
+    """The client of one SuperNode for `cfg` (also used by benchmarks that start their own
+    simulations)."""
     try:
         partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])

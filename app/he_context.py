@@ -339,11 +339,19 @@ def pack_payload(header: dict, ciphertexts: list[bytes]) -> list[np.ndarray]:
     ]
 
 
+def is_payload_header(array: np.ndarray) -> bool:
+    """Whether `array` is the header of an HE payload (a payload's first array)."""
+    return array.dtype == np.uint8 and array.ndim == 1 and array[:12].tobytes() == b'{"algorithm"'
+
+
 def is_payload(arrays: list[np.ndarray]) -> bool:
     """Whether `arrays` is an HE payload (else: plaintext model tensors)."""
-    if len(arrays) != 2 or any(a.dtype != np.uint8 or a.ndim != 1 for a in arrays):
-        return False
-    return bytes(arrays[0][:12].tobytes()).startswith(b'{"algorithm"')
+    return (
+        len(arrays) == 2
+        and arrays[1].dtype == np.uint8
+        and arrays[1].ndim == 1
+        and is_payload_header(arrays[0])
+    )
 
 
 def unpack_payload(arrays: list[np.ndarray]) -> tuple[dict, list[bytes]]:

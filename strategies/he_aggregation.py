@@ -19,6 +19,7 @@ client instructions stay theirs) and replaces only the aggregation:
 
 from __future__ import annotations
 
+import json
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -33,7 +34,7 @@ from app.he_context import (
     HE_WEIGHTING_KEY,
     HEContext,
     HEError,
-    is_payload,
+    is_payload_header,
     layout_hash,
     load_ciphertext,
     num_ciphertexts,
@@ -46,11 +47,13 @@ from app.privacy import NormalSource
 from strategies.wrapper import StrategyWrapper
 
 
-def is_encrypted(parameters: Parameters) -> bool:
-    """Whether `parameters` is an HE payload rather than plaintext model tensors."""
+def encrypted_header(parameters: Parameters) -> dict | None:
+    """The payload header if `parameters` is an HE payload (reads only the small header
+    tensor, not the ciphertexts), else None."""
     if len(parameters.tensors) != 2:
-        return False
-    return is_payload([bytes_to_ndarray(t) for t in parameters.tensors])
+        return None
+    header = bytes_to_ndarray(parameters.tensors[0])
+    return json.loads(header.tobytes()) if is_payload_header(header) else None
 
 
 class HomomorphicAggregation(StrategyWrapper):
@@ -87,11 +90,11 @@ class HomomorphicAggregation(StrategyWrapper):
 
     # ------------------------------------------------------------------ sending
     def _remember_layout(self, parameters: Parameters) -> None:
-        arrays = parameters_to_ndarrays(parameters)
-        if is_payload(arrays):
-            header, _ = unpack_payload(arrays)
+        header = encrypted_header(parameters)
+        if header is not None:
             self._layout = (header["layout"], int(header["num_values"]))
         else:
+            arrays = parameters_to_ndarrays(parameters)
             self._layout = (layout_hash([a.shape for a in arrays]), sum(a.size for a in arrays))
 
     def _instructions(self, server_round: int) -> dict:
@@ -116,7 +119,7 @@ class HomomorphicAggregation(StrategyWrapper):
 
     def evaluate(self, server_round, parameters):
         """Centralized evaluation only of a plaintext model (the initial one)."""
-        if is_encrypted(parameters):
+        if encrypted_header(parameters) is not None:
             return None
         return super().evaluate(server_round, parameters)
 
