@@ -26,8 +26,9 @@ client -> server (seeded), 15.1 server -> clients (a sum of ciphertexts has no s
 
 Security: SEAL validates the parameters against the HomomorphicEncryption.org standard for
 128-bit classical security (`sec_level=TC128`); N=4096 allows up to 109 bits of modulus, and 56
-are used. Noise: a fresh ciphertext has ~11 bits of noise budget at these parameters; every
-doubling of the number of summed ciphertexts costs one bit, so ~1000 clients per round fit.
+are used. Noise: a fresh ciphertext has 11 bits of noise budget at these parameters; the errors
+of independent ciphertexts add up like a random walk (measured: the sum of 2,048 ciphertexts
+decrypts exactly with 5 bits left).
 
 Range: the plaintext modulus t (a prime of `plain_modulus_bits` bits) must hold the sum of the
 clients' pre-weighted quantized values: sum_i w_i * max|value| * 2^scale_bits < t / 2. Clients

@@ -17,7 +17,15 @@ from flwr.server import Grid, ServerApp, ServerConfig, SimpleClientManager
 from flwr.server.compat import start_grid
 
 from app.config import ExperimentConfig, load_config, parse_overrides
-from app.he_context import HE_SECRET_PATH_KEY, PUBLIC_FILE, SECRET_FILE, HEContext, HEError, is_payload, load_context
+from app.he_context import (
+    HE_SECRET_PATH_KEY,
+    PUBLIC_FILE,
+    SECRET_FILE,
+    HEContext,
+    HEError,
+    is_payload,
+    load_context,
+)
 from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.experiment_server import ExperimentServer
@@ -49,7 +57,7 @@ def warn_if_runtime_environment() -> None:
         )
 
 
-def he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> tuple[HEContext, dict]:
+def prepare_he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> tuple[HEContext, dict]:
     """The server's public HE context, and what clients must be told about keys.
 
     Deployment (`secagg.public_context` set): load that file; SuperNodes name their secret
@@ -102,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
         return metrics.pop("loss"), metrics
 
     he_context, he_client_config = (
-        he_keys(cfg, overrides, output_dir) if cfg.secagg.name == "he" else (None, None)
+        prepare_he_keys(cfg, overrides, output_dir) if cfg.secagg.name == "he" else (None, None)
     )
     strategy = build_strategy(
         cfg,

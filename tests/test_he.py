@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +29,7 @@ from clients.he_encryption import decrypt_model, encrypt_update
 from clients.torch_client import TorchClient
 from strategies.dp_client_level import ClientSideFixedClipping, EncryptedClientSideClipping
 from strategies.he_aggregation import HomomorphicAggregation
-from tests.test_strategies import LoopbackProxy, manager
+from tests.test_strategies import manager
 
 PARAMS = HEParams()
 
@@ -359,7 +360,7 @@ def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
     model = build_model(cfg.model, spec, seed=0)
     initial = get_weights(model)
     client = TorchClient(
-        model, train, val, spec.task, cfg.training, __import__("torch").device("cpu"), seed=1,
+        model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
         privacy=cfg.privacy, he_secret_context=str(secret_path),
     )  # fmt: skip
     config = {"server_round": 1, "he_round": 1, "he_weighting": "uniform", "dp_clipping_norm": 0.05}
