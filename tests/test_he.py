@@ -407,3 +407,28 @@ def test_he_config_composes_with_dp_options():
                               ("local", "fedprox"), ("dpsgd", "fedavg")]:  # fmt: skip
         cfg = load_config(f"secagg=he privacy={privacy} strategy={strategy}")
         assert he_params(cfg) == PARAMS
+
+
+def test_dpsgd_client_under_he_returns_an_encrypted_model_and_its_epsilon(keys, tmp_path):
+    from flwr.common import Context, RecordDict
+
+    secret_path, public_path = provision(PARAMS, tmp_path)
+    secret, public = load_context(secret_path), load_context(public_path)
+    cfg = load_config("secagg=he privacy=dpsgd privacy.noise_multiplier=1.0 training.local_epochs=1")
+    spec = data_spec(cfg.dataset)
+    train, val = load_client_data(cfg.dataset, cfg.partitioner, 1, 4, cfg.seed)
+    model = build_model(cfg.model, spec, seed=0)
+    initial = get_weights(model)
+    state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    client = TorchClient(
+        model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
+        privacy=cfg.privacy, state=state, he_secret_context=str(secret_path),
+    )  # fmt: skip
+    payload, n, metrics = client.fit(initial, {"server_round": 1, "he_round": 1})
+    assert metrics["epsilon"] > 0
+    strategy = he_fedavg(public, 1)
+    sent = strategy.configure_fit(1, ndarrays_to_parameters(initial), manager(1))
+    params, _ = strategy.aggregate_fit(1, [(sent[0][0], fit_res(payload, n))], [])
+    trained = decrypt(secret, params, [a.shape for a in initial])
+    np.testing.assert_allclose(trained[0], get_weights(client.model)[0], atol=1e-4)
+    assert not np.allclose(trained[0], initial[0], atol=1e-3)  # it did train
