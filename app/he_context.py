@@ -46,14 +46,12 @@ File and payload formats are ours (SEAL objects inside are SEAL's own serializat
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import itertools
 import json
 import math
 import os
 import secrets
-import shutil
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -199,20 +197,19 @@ class HEContext:
 
 
 # --------------------------------------------------------------------------- SEAL <-> bytes
-# TenSEAL's sealapi binds SEAL's save/load to file paths only, so objects pass through files in
-# a private scratch directory (in memory under /dev/shm where there is one).
-_scratch_lock = threading.Lock()
-_scratch: list[str] = []
+# TenSEAL's sealapi binds SEAL's save/load to file paths only, so objects pass through a file
+# that lives only for the call (in memory under /dev/shm where there is one). No directory is
+# kept: simulation workers are killed without running exit handlers.
+_SCRATCH_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 _counter = itertools.count()
 
 
 def _scratch_path() -> str:
-    with _scratch_lock:
-        if not _scratch:
-            base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            _scratch.append(tempfile.mkdtemp(prefix="he-", dir=base))
-            atexit.register(shutil.rmtree, _scratch[0], True)
-        return os.path.join(_scratch[0], f"{os.getpid()}-{threading.get_ident()}-{next(_counter)}")
+    """A new empty file readable by its owner only (a secret key passes through it too)."""
+    name = f"flower-he-{os.getpid()}-{threading.get_ident()}-{next(_counter)}-{secrets.token_hex(4)}"
+    path = os.path.join(_SCRATCH_DIR, name)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
 
 
 def seal_to_bytes(obj) -> bytes:
