@@ -111,6 +111,10 @@ class ClientLevelDP(StrategyWrapper):
     def client_config(self) -> dict[str, float]:
         return {}
 
+    def remember_global(self, server_round: int, parameters: Parameters) -> None:
+        """Keep the model sent this round: updates are measured from it."""
+        self._global = {server_round: parameters_to_ndarrays(parameters)}
+
     def after_round(self, server_round: int, clipped: list[bool]) -> None:
         """Subclasses adapt state (the adaptive clipping norm) here."""
 
@@ -155,7 +159,7 @@ class ClientLevelDP(StrategyWrapper):
                 )
                 log(INFO, "Stopping before round %s: %s", server_round, self._stop)
                 return []
-        self._global = {server_round: parameters_to_ndarrays(parameters)}
+        self.remember_global(server_round, parameters)
         self._sampled[server_round] = sampled
         extra = self.client_config()
         for _, ins in instructions:
@@ -282,6 +286,10 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
         super().__init__(strategy, **kwargs)
         strategy.uniform_weights = True
         strategy.noise = self.noise
+
+    def remember_global(self, server_round: int, parameters: Parameters) -> None:
+        """Nothing to keep: the server never measures an update under HE (and would only
+        hold ciphertexts)."""
 
     def aggregate_fit(self, server_round, results, failures):
         self.strategy.sum_noise_std = self.noise_std()

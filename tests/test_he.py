@@ -349,23 +349,34 @@ def test_zero_noise_dp_over_he_is_the_uniform_mean(keys):
     np.testing.assert_allclose(decrypt(secret, params, SHAPES)[0], expected, atol=1e-4)
 
 
-def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
-    """A real TorchClient under secagg=he privacy=client_fixed: what it encrypts is within C of
-    the global model (rounding included), and it trains from the decrypted global model."""
+def he_client(tmp_path, overrides):
+    """A real TorchClient (partition 0 of 4) holding freshly provisioned secret keys; returns
+    (client, secret context, public context, initial weights)."""
+    from flwr.common import Context, RecordDict
+
     secret_path, public_path = provision(PARAMS, tmp_path)
-    secret, public = load_context(secret_path), load_context(public_path)
-    cfg = load_config("secagg=he privacy=client_fixed privacy.clipping_norm=0.05")
+    cfg = load_config(overrides)
     spec = data_spec(cfg.dataset)
     train, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 4, cfg.seed)
     model = build_model(cfg.model, spec, seed=0)
     initial = get_weights(model)
+    state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     client = TorchClient(
         model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
-        privacy=cfg.privacy, he_secret_context=str(secret_path),
+        privacy=cfg.privacy, state=state, he_secret_context=str(secret_path),
     )  # fmt: skip
+    return client, load_context(secret_path), load_context(public_path), initial
+
+
+def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
+    """A real TorchClient under secagg=he privacy=client_fixed: what it encrypts is within C of
+    the global model (rounding included), and it trains from the decrypted global model."""
+    client, secret, public, initial = he_client(
+        tmp_path, "secagg=he privacy=client_fixed privacy.clipping_norm=0.05"
+    )
     config = {"server_round": 1, "he_round": 1, "he_weighting": "uniform", "dp_clipping_norm": 0.05}
     payload, n, metrics = client.fit(initial, config)
-    assert n == len(train) and metrics["update_norm"] > 0.05  # it had to clip
+    assert n == len(client.train_data) and metrics["update_norm"] > 0.05  # it had to clip
     wrapper = dp_over_he(public, 1, 0.0, c=0.05)
     sent = wrapper.configure_fit(1, ndarrays_to_parameters(initial), manager(1))
     params, _ = wrapper.aggregate_fit(1, [(sent[0][0], fit_res(payload, n))], [])
@@ -410,20 +421,9 @@ def test_he_config_composes_with_dp_options():
 
 
 def test_dpsgd_client_under_he_returns_an_encrypted_model_and_its_epsilon(keys, tmp_path):
-    from flwr.common import Context, RecordDict
-
-    secret_path, public_path = provision(PARAMS, tmp_path)
-    secret, public = load_context(secret_path), load_context(public_path)
-    cfg = load_config("secagg=he privacy=dpsgd privacy.noise_multiplier=1.0 training.local_epochs=1")
-    spec = data_spec(cfg.dataset)
-    train, val = load_client_data(cfg.dataset, cfg.partitioner, 1, 4, cfg.seed)
-    model = build_model(cfg.model, spec, seed=0)
-    initial = get_weights(model)
-    state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = TorchClient(
-        model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
-        privacy=cfg.privacy, state=state, he_secret_context=str(secret_path),
-    )  # fmt: skip
+    client, secret, public, initial = he_client(
+        tmp_path, "secagg=he privacy=dpsgd privacy.noise_multiplier=1.0 training.local_epochs=1"
+    )
     payload, n, metrics = client.fit(initial, {"server_round": 1, "he_round": 1})
     assert metrics["epsilon"] > 0
     strategy = he_fedavg(public, 1)
