@@ -47,6 +47,11 @@ def test_default_experiment_on_digits_learns_and_writes_every_result(flower, tmp
     assert [re.search(r"round (\d+)/5 \|", line).group(1) for line in round_lines] == list("12345")
     # the app was already installed: Flower must not have built a per-run environment
     assert not (flower.home / "runtime-envs").exists()
+    # the report of a real run: every figure present
+    report = subprocess.run([sys.executable, "-m", "app.report", str(out)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert (out / "report.html").read_text().count('src="data:image/png;base64,') == 2
 
 
 def test_linear_regression_recovers_slope_and_intercept(flower, tmp_path):
