@@ -24,7 +24,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from app.config import CONF_DIR, ConfigError, ExperimentConfig, to_experiment_config
+from app.config import (
+    CONF_DIR,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_overrides,
+    to_experiment_config,
+)
 from app.results import RESULTS_FILE
 
 PROJECT_DIR = CONF_DIR.parent
@@ -79,6 +86,23 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
     ]:
         return {"status": "failed", "log": str(job_dir / FLWR_LOG), "returncode": returncode}
     return {"status": "ok", **json.loads(results_path.read_text())}
+
+
+def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
+    """Run one experiment from Python (notebooks, scripts): validate the overrides, run a
+    `flwr run` simulation with `simulation.*` as its federation, write into `output_dir`,
+    and return its results.json. Progress lines are printed; the whole log is
+    `<output_dir>/flwr.log`. Raises ConfigError before anything starts on a bad override,
+    RuntimeError naming the log if the run fails."""
+    output_dir = Path(output_dir).resolve()
+    tokens = [o for o in parse_overrides(overrides) if not o.startswith("output_dir=")]
+    tokens.append(f"output_dir={hydra_quote(str(output_dir))}")
+    cfg = load_config(tokens)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outcome = run_job(cfg, tokens, output_dir)
+    if outcome["status"] != "ok":
+        raise RuntimeError(f"run failed (exit {outcome['returncode']}): see {outcome['log']}")
+    return {k: v for k, v in outcome.items() if k != "status"}
 
 
 def write_summary(sweep_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """Secure aggregation side by side: plaintext FedAvg, our HE aggregation, Flower's SecAgg+.
 
     python benchmarks/secure_aggregation.py [--rounds 4] [--supernodes 10] [--models digits,1m]
+        [--json measurements.json]
 
 Each configuration is a full Flower simulation (`flwr.simulation.run_simulation`, Ray backend)
 with the same ServerApp and the same clients; only the secure aggregation differs:
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--supernodes", type=int, default=10)
     parser.add_argument("--models", default="digits,1m")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--json", type=Path, help="also write the measurements as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -171,7 +173,7 @@ def main() -> None:
     from app.models import build_model, num_parameters
     from app.data import data_spec
 
-    rows = []
+    rows, records = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for key in args.models.split(","):
@@ -198,6 +200,8 @@ def main() -> None:
                 )
             base_s, base_b = measured.get("plaintext", (float("nan"), float("nan")))
             for mode, (seconds, nbytes) in measured.items():
+                records.append({"model": label, "parameters": params, "aggregation": mode,
+                                "seconds_per_round": seconds, "bytes_per_round": nbytes})  # fmt: skip
                 rows.append(
                     f"| {label} ({params:,} params) | {mode} | {seconds:.2f} | "
                     f"{seconds / base_s:.2f}x | {nbytes / 1e6:.2f} | {nbytes / base_b:.1f}x | "
@@ -214,6 +218,8 @@ def main() -> None:
     print("| model | aggregation | s / round | vs plaintext | MB / round | vs plaintext | B / param / message |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":
