@@ -1,7 +1,7 @@
 """Secure aggregation side by side: plaintext FedAvg, our HE aggregation, Flower's SecAgg+.
 
     python benchmarks/secure_aggregation.py [--rounds 4] [--supernodes 10] [--models digits,1m]
-        [--json measurements.json]
+        [--json measurements.json] [--plot figure.png]
 
 Each configuration is a full Flower simulation (`flwr.simulation.run_simulation`, Ray backend)
 with the same ServerApp and the same clients; only the secure aggregation differs:
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits,1m")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON here")
+    parser.add_argument("--plot", type=Path, help="also draw seconds and MB per round (PNG)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -220,6 +221,40 @@ def main() -> None:
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
+    if args.plot:
+        plot(records, args.plot)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Seconds and MB per round, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in records))
+    modes = list(dict.fromkeys(r["aggregation"] for r in records))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    width = 0.8 / len(modes)
+    for ax, key, scale, title in (
+        (axes[0], "seconds_per_round", 1.0, "seconds per round"),
+        (axes[1], "bytes_per_round", 1e-6, "MB per round"),
+    ):
+        for i, mode in enumerate(modes):
+            values = [
+                next(r[key] * scale for r in records if r["model"] == m and r["aggregation"] == mode)
+                for m in models
+            ]
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=mode)
+        ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(models))])
+        ax.set_xticklabels([m.replace(" on digits", "") for m in models], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title + " (log scale)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
