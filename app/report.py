@@ -216,7 +216,7 @@ def sweep_report(sweep_dir: Path) -> str:
 
 def _maybe_number(value: str) -> Any:
     number = _number(value)
-    return value if number is None or value.strip() == "" else number
+    return value if number is None else number
 
 
 def build_report(directory: Path) -> str:
