@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from logging import WARNING
+
 import torch
 from flwr.client import Client, ClientApp
-from flwr.common import Context
+from flwr.common import Context, log
 
-from app.config import ExperimentConfig, load_config
+from app.config import ExperimentConfig, client_resources, load_config
 from app.data import data_spec, load_client_data
 from app.evaluation import resolve_device
 from app.he_context import NODE_SECRET_CONTEXT
@@ -31,6 +33,7 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         ) from err
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
+    warn_if_undersized(cfg)
     spec = data_spec(cfg.dataset)
     train_data, val_data = load_client_data(
         cfg.dataset, cfg.partitioner, partition_id, num_partitions, cfg.seed
@@ -49,6 +52,30 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         max_rounds=cfg.num_rounds,
         he_secret_context=context.node_config.get(NODE_SECRET_CONTEXT),
     ).to_client()
+
+
+def warn_if_undersized(cfg: ExperimentConfig) -> None:
+    """In simulation, say so when Ray gave this client fewer CPUs than its training
+    processes use (plain `flwr run .` takes client resources from --federation-config, not
+    from the training config): the run works, but clients oversubscribe the cores."""
+    import ray
+
+    if not ray.is_initialized():
+        return  # a SuperNode's ClientApp process: the operator sizes the machine
+    needed_cpus, _ = client_resources(cfg)
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    if assigned < needed_cpus:
+        log(
+            WARNING,
+            "training.world_size=%d x torch_threads=%d needs %d CPUs per client, Ray gave %g: "
+            "pass --federation-config 'client-resources-num-cpus=%d' to flwr run (app.sweep "
+            "and run_experiment do this themselves)",
+            cfg.training.world_size,
+            max(1, cfg.training.torch_threads),
+            needed_cpus,
+            assigned,
+            needed_cpus,
+        )
 
 
 app = ClientApp(client_fn=client_fn)

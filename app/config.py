@@ -133,7 +133,13 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     device: str = "auto"  # auto | cpu | cuda
-    torch_threads: int = 1  # per client process; 0 keeps torch's default
+    torch_threads: int = 1  # per training process; 0 keeps torch's default
+    # Data-parallel local training (clients/ddp.py): world_size processes train one client's
+    # step with DistributedDataParallel; batch_size stays the client's global batch.
+    world_size: int = 1
+    ddp_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    ddp_timeout_s: float = 1800.0  # a client's whole DDP fit; workers are killed past it
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler, CUDA only)
 
 
 @dataclass
@@ -142,8 +148,10 @@ class SimulationConfig:
     values come from `--federation-config`; the ServerApp warns when they differ)."""
 
     num_supernodes: int = 10
-    client_cpus: int = 1
-    client_gpus: float = 0.0
+    # null: follow the training config (see client_resources): world_size processes of
+    # max(1, torch_threads) CPUs each, and one GPU per process with training.device=cuda.
+    client_cpus: int | None = None
+    client_gpus: float | None = None
 
 
 @dataclass
@@ -184,6 +192,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "secagg.name": ("none", "he"),
     "training.optimizer": ("sgd", "adam"),
     "training.device": ("auto", "cpu", "cuda"),
+    "training.ddp_backend": ("auto", "gloo", "nccl"),
+    "training.precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -368,6 +378,57 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
         )
 
 
+def _check_training(cfg: ExperimentConfig, require) -> None:
+    """DDP and AMP combinations that cannot work, caught before anything starts."""
+    t = cfg.training
+    require(t.world_size >= 1, "training.world_size", "must be at least 1 (1: no DDP)")
+    require(t.ddp_timeout_s > 0, "training.ddp_timeout_s", "must be > 0 seconds")
+    require(
+        t.batch_size % t.world_size == 0,
+        "training.batch_size",
+        f"the client's batch is split evenly across training.world_size={t.world_size} "
+        f"processes: use a multiple of {t.world_size}",
+    )
+    require(
+        not (t.ddp_backend == "nccl" and t.device == "cpu"),
+        "training.ddp_backend",
+        "NCCL needs CUDA devices: use ddp_backend=gloo (or auto) with training.device=cpu",
+    )
+    require(
+        not (t.precision == "fp16" and t.device == "cpu"),
+        "training.precision",
+        "float16 autocast needs CUDA (CPU kernels and GradScaler are for GPUs): use "
+        "training.precision=bf16 on CPU",
+    )
+    if cfg.privacy.name == "dpsgd":
+        require(
+            t.precision == "fp32",
+            "training.precision",
+            "Opacus computes per-sample gradients in float32 and does not support autocast: "
+            "use training.precision=fp32 with privacy=dpsgd",
+        )
+        require(
+            t.world_size == 1,
+            "training.world_size",
+            "DP-SGD inside a DDP client is not supported (Opacus' DPDDP would need its "
+            "distributed Poisson sampler and accountant wired per worker): use "
+            "training.world_size=1 with privacy=dpsgd",
+        )
+
+
+def client_resources(cfg: ExperimentConfig) -> tuple[int, float]:
+    """Ray resources per simulated client: (CPUs, GPUs). Explicit `simulation.client_*`
+    values win; null follows the training config, so a DDP client reserves one CPU (and, on
+    CUDA, one GPU) per worker process and Ray does not put more clients on a machine than it
+    can run."""
+    t, s = cfg.training, cfg.simulation
+    cpus = s.client_cpus if s.client_cpus is not None else t.world_size * max(1, t.torch_threads)
+    gpus = s.client_gpus if s.client_gpus is not None else (
+        float(t.world_size) if t.device == "cuda" else 0.0
+    )
+    return cpus, gpus
+
+
 def he_params(cfg: ExperimentConfig):
     """The `secagg` group as the HE parameters every party shares."""
     from app.he_context import HEParams
@@ -463,6 +524,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     require(cfg.training.batch_size >= 1, "training.batch_size", "must be at least 1")
     require(cfg.training.lr > 0.0, "training.lr", "must be > 0")
     require(cfg.training.torch_threads >= 0, "training.torch_threads", "must be >= 0")
+    _check_training(cfg, require)
     require(cfg.partitioner.alpha > 0.0, "partitioner.alpha", "Dirichlet alpha must be > 0")
     require(
         cfg.partitioner.classes_per_partition >= 1,
@@ -488,7 +550,16 @@ def _check_values(cfg: ExperimentConfig) -> None:
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
     _check_privacy(cfg, require)
     _check_secagg(cfg, require)
-    require(cfg.simulation.client_cpus >= 1, "simulation.client_cpus", "Flower needs whole CPUs")
+    require(
+        cfg.simulation.client_cpus is None or cfg.simulation.client_cpus >= 1,
+        "simulation.client_cpus",
+        "Flower needs whole CPUs (null: world_size x torch_threads)",
+    )
+    require(
+        cfg.simulation.client_gpus is None or cfg.simulation.client_gpus >= 0,
+        "simulation.client_gpus",
+        "must be >= 0 (null: one per DDP process with training.device=cuda)",
+    )
     if cfg.output_dir is not None:
         require(
             Path(cfg.output_dir).expanduser().is_absolute(),

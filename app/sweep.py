@@ -28,6 +28,7 @@ from app.config import (
     CONF_DIR,
     ConfigError,
     ExperimentConfig,
+    client_resources,
     load_config,
     parse_overrides,
     to_experiment_config,
@@ -45,10 +46,10 @@ PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|ERROR|Invalid exp
 
 def flwr_run_command(cfg: ExperimentConfig, overrides: list[str]) -> list[str]:
     """The `flwr run` command line for one job (overrides travel as one TOML string)."""
+    cpus, gpus = client_resources(cfg)
     federation = (
         f"num-supernodes={cfg.simulation.num_supernodes} "
-        f"client-resources-num-cpus={cfg.simulation.client_cpus} "
-        f"client-resources-num-gpus={cfg.simulation.client_gpus}"
+        f"client-resources-num-cpus={cpus} client-resources-num-gpus={gpus:g}"
     )
     # One TOML basic string; app.config.parse_overrides splits it back, keeping Hydra's quotes.
     run_config = f"overrides={json.dumps(' '.join(overrides))}"

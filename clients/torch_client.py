@@ -35,6 +35,7 @@ from app.privacy import (
 )
 from clients.dpsgd import HISTORY_KEY, train_dpsgd
 from clients.he_encryption import decrypt_model, encrypt_update, rounding_slack
+from clients.ddp import train_ddp
 from clients.training import train
 
 # Context.state keys: a client's privacy history survives between rounds there.
@@ -119,7 +120,8 @@ class TorchClient(NumPyClient):
             result, epsilon = self._train_dpsgd(training, seed)
             metrics[EPSILON_METRIC] = epsilon
         else:
-            result = train(
+            local_train = train_ddp if self.training.world_size > 1 else train
+            result = local_train(
                 self.model,
                 self.train_data,
                 training,

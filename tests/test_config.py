@@ -84,6 +84,16 @@ def test_resolved_yaml_round_trips():
         ("privacy=dpsgd strategy=fedprox", ["strategy.name", "per-sample gradient"]),
         ("privacy=dpsgd privacy.secure_noise=true", ["torchcsprng"]),
         ("privacy=dpsgd privacy.max_grad_norm=0", ["privacy.max_grad_norm"]),
+        ("training.precision=fp8", ["training.precision", "fp32, bf16, fp16"]),
+        ("training.device=cpu training.precision=fp16", ["training.precision=bf16"]),
+        ("training.world_size=0", ["training.world_size", "at least 1"]),
+        ("training.world_size=3", ["training.batch_size", "multiple of 3"]),
+        ("training.device=cpu training.ddp_backend=nccl", ["ddp_backend=gloo"]),
+        ("training.ddp_backend=mpi", ["training.ddp_backend", "auto, gloo, nccl"]),
+        ("training.ddp_timeout_s=0", ["training.ddp_timeout_s"]),
+        ("privacy=dpsgd training.precision=bf16", ["Opacus", "training.precision=fp32"]),
+        ("privacy=dpsgd training=ddp training.precision=fp32", ["training.world_size=1"]),
+        ("simulation.client_gpus=-1", ["simulation.client_gpus"]),
     ],
 )
 def test_bad_overrides_fail_with_the_key_and_the_fix(override, expected):
