@@ -109,6 +109,7 @@ def train_ddp(
     """Train `model` in place with `cfg.world_size` DDP worker processes; the result and
     the weights are the client's (identical on every rank, taken from rank 0)."""
     world_size = cfg.world_size
+    device = torch.device(device)
     backend = resolve_backend(cfg.ddp_backend, device)
     check_devices(device, world_size)
     if len(data) == 0:

@@ -136,7 +136,9 @@ class TorchClient(NumPyClient):
                 ins = replace(ins, clipping_norm=self._he_clip_norm(ins.clipping_norm, he))
             weights, update_metrics = self._bound_update(parameters, weights, ins, seed)
             metrics.update(update_metrics)
-        metrics.update({"train_loss": result.train_loss, "steps": result.steps})
+        metrics.update(
+            {"train_loss": result.train_loss, "steps": result.steps, "train_seconds": result.seconds}
+        )
         if result.train_accuracy is not None:
             metrics["train_accuracy"] = result.train_accuracy
         if he is not None:

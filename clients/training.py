@@ -14,6 +14,7 @@ is the same on every rank and survives the average unchanged.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ class TrainResult:
     train_accuracy: float | None  # classification only
     num_examples: int  # examples in the local train split (FedAvg weight)
     steps: int
+    seconds: float = 0.0  # the epochs' wall time (without a DDP group's start-up)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def train(
     this rank's DistributedDataParallel wrapper and `data` the client's whole train split
     (see the module docstring); the returned metrics are the client's, on every rank.
     """
+    device = torch.device(device)
     n = len(data)
     if n == 0:
         raise ValueError("this client has no training examples: check the partitioning")
@@ -116,9 +119,13 @@ def train(
     generator = np.random.default_rng(seed)
     x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.y)
+    if device.type == "cuda":  # one copy to the GPU, not one per batch
+        x_all, y_all = x_all.to(device), y_all.to(device)
+        positions, is_real = positions.to(device), is_real.to(device)
     steps = 0
+    started = time.perf_counter()
     for _ in range(cfg.local_epochs):
-        order = torch.from_numpy(generator.permutation(n))
+        order = torch.from_numpy(generator.permutation(n)).to(x_all.device)
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.float64)
         for k, start in enumerate(range(0, n, cfg.batch_size)):
@@ -157,5 +164,8 @@ def train(
         totals = torch.stack([loss_sum, correct]).to(device)
         torch.distributed.all_reduce(totals)
         loss_sum, correct = totals.cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
     accuracy = float(correct) / n if task == "classification" else None
-    return TrainResult(float(loss_sum) / n, accuracy, n, steps)
+    return TrainResult(float(loss_sum) / n, accuracy, n, steps, seconds)
