@@ -87,7 +87,10 @@ class TorchClient(NumPyClient):
         state: Context | None = None,
         max_rounds: int = 1,
         he_secret_context: str | None = None,
+        wire_names: list[str] | None = None,
     ) -> None:
+        # Fine-tuning: only these tensors travel and train (None: all); app/finetune.py.
+        self.wire_names = wire_names
         self.he_secret_context = he_secret_context  # node config path (deployment)
         self.model = model.to(device)
         self.privacy = privacy if privacy is not None else PrivacyConfig()
@@ -101,7 +104,7 @@ class TorchClient(NumPyClient):
         self.seed = seed
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return get_weights(self.model)
+        return get_weights(self.model, self.wire_names)
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -109,7 +112,7 @@ class TorchClient(NumPyClient):
         ins = FitInstructions.from_config(config, self.training)
         he = self._he_context(config) if ins.he_round is not None else None
         parameters = self._plaintext(parameters, he)
-        set_weights(self.model, parameters)
+        set_weights(self.model, parameters, self.wire_names)
         training = TrainingConfig(
             **{**vars(self.training), "local_epochs": ins.local_epochs, "lr": ins.lr}
         )
@@ -128,7 +131,7 @@ class TorchClient(NumPyClient):
                 seed=seed,
                 proximal_mu=ins.proximal_mu,
             )
-        weights = get_weights(self.model)
+        weights = get_weights(self.model, self.wire_names)
         if ins.clipping_norm is not None:
             if he is not None:
                 ins = replace(ins, clipping_norm=self._he_clip_norm(ins.clipping_norm, he))
@@ -164,13 +167,13 @@ class TorchClient(NumPyClient):
             return parameters
         if he is None:
             raise HEError("received an encrypted model without secagg=he instructions")
-        shapes = [tuple(t.shape) for t in self.model.state_dict().values()]
+        shapes = [a.shape for a in get_weights(self.model, self.wire_names)]
         return decrypt_model(he, parameters, shapes)
 
     def _he_clip_norm(self, clipping_norm: float, he: HEContext) -> float:
         """Clip to C minus what fixed-point rounding can add, so the encrypted update's
         norm stays <= C (the server cannot check it under HE)."""
-        num_values = sum(t.numel() for t in self.model.state_dict().values())
+        num_values = sum(a.size for a in get_weights(self.model, self.wire_names))
         clip = clipping_norm - rounding_slack(num_values, he.params.scale)
         if clip <= 0:
             raise HEError(
@@ -230,7 +233,7 @@ class TorchClient(NumPyClient):
     ) -> tuple[float, int, dict[str, Scalar]]:
         if is_payload(parameters):
             parameters = self._plaintext(parameters, self._he_context(config))
-        set_weights(self.model, parameters)
+        set_weights(self.model, parameters, self.wire_names)
         metrics = evaluate(self.model, self.val_data, self.task, self.device)
         loss = metrics.pop("loss")
         return loss, len(self.val_data), metrics
