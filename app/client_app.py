@@ -11,6 +11,7 @@ from app.data import data_spec, load_client_data
 from app.evaluation import resolve_device
 from app.he_context import NODE_SECRET_CONTEXT
 from app.finetune import build_finetune_model
+from app.workload import node_capability
 from clients.torch_client import TorchClient
 
 
@@ -49,6 +50,7 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         max_rounds=cfg.num_rounds,
         he_secret_context=context.node_config.get(NODE_SECRET_CONTEXT),
         wire_names=wire_names,
+        compute=node_capability(dict(context.node_config), cfg.workload.capabilities, partition_id),
     ).to_client()
 
 

@@ -29,6 +29,7 @@ from app.he_context import (
 from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.experiment_server import ExperimentServer
+from app.edge_model import export_int8
 from app.finetune import build_finetune_model
 from app.models import get_weights, num_parameters, set_weights
 from app.results import RunRecorder
@@ -161,6 +162,7 @@ def main(grid: Grid, context: Context) -> None:
         "rounds_completed": server.rounds_completed,
         "stop_reason": server.stop_reason,
         "num_parameters": num_parameters(model),
+        "num_trainable_parameters": sum(a.size for a in get_weights(model, wire)),
         "num_supernodes": nodes,
         "seconds_total": time.perf_counter() - started,
         "comm_total": {
@@ -172,6 +174,14 @@ def main(grid: Grid, context: Context) -> None:
         last = next((r[scope] for r in reversed(rounds) if scope in r), None)
         if last is not None:
             final[scope] = last
+    if encrypted is None:
+        # Edge inference copy (app/edge_model.py); evaluated on CPU, where int8 kernels run.
+        cpu = torch.device("cpu")
+        final["int8_model"] = export_int8(
+            model,
+            output_dir,
+            lambda m: evaluate(m, test_data, spec.task, cpu),
+        )
     he_rounds = [r["secagg"] for r in rounds if "bytes_per_parameter_up" in r.get("secagg", {})]
     if he_rounds:
         final["secagg"] = he_rounds[-1]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 from torch import nn
 
+from app.compression import COMPRESSION_KEY, compress_update
+from app.workload import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
 from app.config import PrivacyConfig, TrainingConfig
 from app.data import ArraySplit
 from app.evaluation import evaluate
@@ -54,6 +57,8 @@ class FitInstructions:
     local_noise_multiplier: float | None  # local DP noise (privacy=local)
     he_round: int | None  # secagg=he: encrypt the result, tagged with this round
     he_uniform_weight: bool  # secagg=he: weight 1 (client-level DP) instead of num_examples
+    compression: str | None = None  # fp16 | int8: return the quantized update (app/compression.py)
+    workload: str = "uniform"  # capability: scale local steps to this node's compute
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], defaults: TrainingConfig) -> FitInstructions:
@@ -66,6 +71,8 @@ class FitInstructions:
             local_noise_multiplier=_optional_float(config.get(LOCAL_NOISE_KEY)),
             he_round=None if HE_ROUND_KEY not in config else int(config[HE_ROUND_KEY]),
             he_uniform_weight=config.get(HE_WEIGHTING_KEY) == "uniform",
+            compression=None if COMPRESSION_KEY not in config else str(config[COMPRESSION_KEY]),
+            workload=str(config.get(WORKLOAD_KEY, "uniform")),
         )
 
 
@@ -88,7 +95,9 @@ class TorchClient(NumPyClient):
         max_rounds: int = 1,
         he_secret_context: str | None = None,
         wire_names: list[str] | None = None,
+        compute: float = 1.0,
     ) -> None:
+        self.compute = compute  # capability in (0, 1] (app/workload.py)
         # Fine-tuning: only these tensors travel and train (None: all); app/finetune.py.
         self.wire_names = wire_names
         self.he_secret_context = he_secret_context  # node config path (deployment)
@@ -122,6 +131,8 @@ class TorchClient(NumPyClient):
             result, epsilon = self._train_dpsgd(training, seed)
             metrics[EPSILON_METRIC] = epsilon
         else:
+            full_steps = full_local_steps(len(self.train_data), training.local_epochs, training.batch_size)
+            scaled = ins.workload == "capability"
             result = train(
                 self.model,
                 self.train_data,
@@ -130,7 +141,9 @@ class TorchClient(NumPyClient):
                 self.device,
                 seed=seed,
                 proximal_mu=ins.proximal_mu,
+                max_steps=scaled_steps(full_steps, self.compute) if scaled else None,
             )
+            metrics.update({COMPUTE_METRIC: self.compute, FULL_STEPS_METRIC: full_steps})
         weights = get_weights(self.model, self.wire_names)
         if ins.clipping_norm is not None:
             if he is not None:
@@ -143,6 +156,8 @@ class TorchClient(NumPyClient):
         if he is not None:
             weight = 1 if ins.he_uniform_weight else result.num_examples
             weights = encrypt_update(he, weights, weight, ins.he_round)
+        elif ins.compression is not None:
+            weights = compress_update(parameters, weights, ins.compression, np.random.default_rng(seed))
         return weights, result.num_examples, metrics
 
     # ------------------------------------------------------------------ secagg=he

@@ -39,11 +39,14 @@ def train(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` in place for `cfg.local_epochs` epochs over `data`.
 
     With `proximal_mu > 0` (FedProx) the loss gets (mu/2) * ||w - w_global||^2, with
-    w_global the weights the model had on entry.
+    w_global the weights the model had on entry. With `max_steps` (capability workload,
+    app/workload.py) training stops after that many steps; loss and accuracy then cover the
+    examples of the last (partial) epoch.
     """
     if len(data) == 0:
         raise ValueError("this client has no training examples: check the partitioning")
@@ -56,9 +59,13 @@ def train(
     y_all = torch.from_numpy(data.y)
     steps = 0
     for _ in range(cfg.local_epochs):
+        if max_steps is not None and steps >= max_steps:
+            break
         order = torch.from_numpy(generator.permutation(len(data)))
-        epoch_loss, epoch_correct = 0.0, 0
+        epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
         for start in range(0, len(data), cfg.batch_size):
+            if max_steps is not None and steps >= max_steps:
+                break
             idx = order[start : start + cfg.batch_size]
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -74,7 +81,8 @@ def train(
             optimizer.step()
             steps += 1
             epoch_loss += float(loss.detach()) * len(idx)
+            epoch_seen += len(idx)
             if task == "classification":
                 epoch_correct += int((out.detach().argmax(dim=1) == y).sum())
-    accuracy = epoch_correct / len(data) if task == "classification" else None
-    return TrainResult(epoch_loss / len(data), accuracy, len(data), steps)
+    accuracy = epoch_correct / epoch_seen if task == "classification" else None
+    return TrainResult(epoch_loss / epoch_seen, accuracy, len(data), steps)
