@@ -121,3 +121,51 @@ def test_under_he_only_the_trainable_tensors_are_encrypted(checkpoint, tmp_path)
     header = encrypted_header(res.parameters)
     assert header["num_values"] == 10 * 64 + 10  # the head only, not the 4810 of the model
     assert len(header["lengths"]) == 1  # one ciphertext of 4096 slots
+
+
+@pytest.mark.slow
+def test_federated_fine_tuning_of_the_head_with_int8_updates_end_to_end(flower, tmp_path):
+    """The README's commands: pretrain on the public split, then `flwr run` fine-tuning the
+    head from it with int8 updates and the capability workload. Exactly the head's bytes travel
+    down and its int8 form up; the final model keeps the checkpoint's frozen tensors."""
+    import json
+    import subprocess
+    import sys
+
+    from flwr.common import ndarray_to_bytes
+
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "ft"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.pretrain", "--out", str(ckpt), "dataset.public_fraction=0.2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = flower.run(
+        f"dataset.public_fraction=0.2 model.pretrained={ckpt} model.trainable=head "
+        f"compression=int8 workload=capability num_rounds=2 output_dir={out}",
+        num_supernodes=4,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    head = [np.zeros((10, 64), np.float32), np.zeros(10, np.float32)]
+    down = sum(len(ndarray_to_bytes(a)) for a in head)
+    up = sum(len(ndarray_to_bytes(a)) for a in [h.astype(np.int8) for h in head] + [np.zeros(2, np.float32)])
+    for r in results["rounds"]:
+        # 2 clients train and 2 evaluate (fraction 0.5 of 4): the head only, each way
+        assert r["comm"] == {"bytes_down": 4 * down, "bytes_up": 2 * up}
+        assert r["compression"]["scheme"] == "int8"
+        w = r["workload"]
+        assert w["name"] == "capability" and w["round_time"] <= w["round_time_uniform"]
+        assert set(w["compute"]) <= {1.0, 0.5, 0.25} and len(w["steps"]) == 2
+    final = results["final"]
+    assert final["num_trainable_parameters"] == 650 and final["num_parameters"] == 4810
+    assert final["centralized"]["accuracy"] > 0.85
+    state = torch.load(out / "model.pt", weights_only=True)
+    pretrained = torch.load(ckpt, weights_only=True)["state_dict"]
+    for name in ("0.weight", "0.bias"):
+        torch.testing.assert_close(state[name], pretrained[name], rtol=0, atol=0)
+    assert not torch.equal(state["2.weight"], pretrained["2.weight"])
+    int8 = final["int8_model"]
+    assert int8["bytes"] == (out / "model_int8.pt").stat().st_size
+    assert final["model_bytes"] == (out / "model.pt").stat().st_size > 2 * int8["bytes"]
+    assert abs(int8["centralized"]["accuracy"] - final["centralized"]["accuracy"]) <= 0.02
