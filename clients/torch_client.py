@@ -11,7 +11,6 @@ from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 from torch import nn
 
 from app.compression import COMPRESSION_KEY, compress_update
-from app.workload import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
 from app.config import PrivacyConfig, TrainingConfig
 from app.data import ArraySplit
 from app.evaluation import evaluate
@@ -26,6 +25,7 @@ from app.he_context import (
     load_context,
 )
 from app.models import get_weights, set_weights
+from app.workload import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
 from app.privacy import (
     CLIP_NORM_KEY,
     EPSILON_METRIC,
