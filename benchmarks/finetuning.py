@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         up = per_round(results[name], "bytes_up")
         ratio = per_round(results["none"], "bytes_up") / up
         lines.append(
-            f"| compression | `compression={name}` (all tensors, from scratch) | {up:,.0f} ({ratio:.2f}x less) "
+            f"| compression | `compression={name}` (all tensors, from scratch) | {up:,.0f} "
+            f"({'baseline' if name == 'none' else f'{ratio:.2f}x fewer'}) "
             f"| {per_round(results[name], 'bytes_down'):,.0f} | {acc(name):.4f} | {rounds_to(results[name], TARGET)} |"
         )
     lines.append(
