@@ -12,7 +12,8 @@ from app.config import ExperimentConfig, client_resources, load_config
 from app.data import data_spec, load_client_data
 from app.evaluation import resolve_device
 from app.he_context import NODE_SECRET_CONTEXT
-from app.models import build_model
+from app.finetune import build_finetune_model
+from app.workload import node_capability
 from clients.torch_client import TorchClient
 
 
@@ -38,7 +39,7 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
     train_data, val_data = load_client_data(
         cfg.dataset, cfg.partitioner, partition_id, num_partitions, cfg.seed
     )
-    model = build_model(cfg.model, spec)
+    model, wire_names = build_finetune_model(cfg.model, spec)
     return TorchClient(
         model,
         train_data,
@@ -51,6 +52,8 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         state=context,
         max_rounds=cfg.num_rounds,
         he_secret_context=context.node_config.get(NODE_SECRET_CONTEXT),
+        wire_names=wire_names,
+        compute=node_capability(dict(context.node_config), cfg.workload.capabilities, partition_id),
     ).to_client()
 
 

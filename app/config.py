@@ -51,6 +51,9 @@ class DatasetConfig:
     feature_key: str = "image"
     label_key: str = "label"
     max_samples: int = 0  # 0: all
+    # Share of the clients' pool held out as a public split that no client holds: what
+    # `python -m app.pretrain` trains the pretrained checkpoint on (local data sets only).
+    public_fraction: float = 0.0
 
 
 @dataclass
@@ -63,10 +66,39 @@ class PartitionerConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # LoRA rank; 0: no adapters (see README: not implemented, peft not installed)
+
+
+@dataclass
 class ModelConfig:
     name: str = "mlp"  # linear | mlp | cnn
     hidden_sizes: list[int] = field(default_factory=lambda: [64])
     channels: list[int] = field(default_factory=lambda: [16, 32])
+    # Fine-tuning (app/finetune.py): a checkpoint of `python -m app.pretrain` to start from,
+    # and which tensors train and travel: all | head (the last Linear layer) | module names,
+    # comma separated (e.g. 'features.2,head.0'); the others stay frozen and are never sent.
+    pretrained: str | None = None
+    trainable: str = "all"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class CompressionConfig:
+    """Compressed client updates on the plaintext path (app/compression.py)."""
+
+    name: str = "none"  # none | fp16 | int8
+
+
+@dataclass
+class WorkloadConfig:
+    """Local work per client (app/workload.py). `uniform`: every client runs the configured
+    epochs; `capability`: a client with compute c in (0, 1] runs round(c * steps) steps.
+    A SuperNode declares `compute` in its node config; in simulation node i gets
+    capabilities[i % len(capabilities)]."""
+
+    name: str = "uniform"  # uniform | capability
+    capabilities: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
 
 
 @dataclass
@@ -164,6 +196,8 @@ class ExperimentConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     num_rounds: int = 10
     seed: int = 0
     output_dir: str | None = None
@@ -194,6 +228,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.device": ("auto", "cpu", "cuda"),
     "training.ddp_backend": ("auto", "gloo", "nccl"),
     "training.precision": ("fp32", "bf16", "fp16"),
+    "compression.name": ("none", "fp16", "int8"),
+    "workload.name": ("uniform", "capability"),
 }
 
 
@@ -485,6 +521,67 @@ def _check_secagg(cfg: ExperimentConfig, require) -> None:
         )
 
 
+def _check_finetune(cfg: ExperimentConfig, require) -> None:
+    """Public split, checkpoint, trainable selection (model loaded here: a mismatch fails
+    before any training), compression and workload combinations."""
+    m, d = cfg.model, cfg.dataset
+    require(0.0 <= d.public_fraction < 1.0, "dataset.public_fraction", "must be in [0, 1)")
+    require(
+        d.public_fraction == 0 or d.source != "hub",
+        "dataset.public_fraction",
+        "a public split is carved from local data sets only (digits, breast_cancer, linear)",
+    )
+    require(
+        m.lora.r == 0,
+        "model.lora.r",
+        "LoRA adapters are not implemented (peft is not a dependency): fine-tune a subset of "
+        "tensors instead, e.g. model.trainable=head",
+    )
+    if m.pretrained is not None:
+        require(
+            Path(m.pretrained).expanduser().is_absolute(),
+            "model.pretrained",
+            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
+            "folder, not from your checkout",
+        )
+    if d.source != "hub":
+        from app.data import data_spec
+        from app.finetune import FineTuneError, build_finetune_model
+
+        try:
+            build_finetune_model(m, data_spec(d))
+        except FineTuneError as err:
+            raise ConfigError(f"Invalid experiment configuration: {err}") from err
+    c = cfg.compression
+    if c.name != "none":
+        require(
+            cfg.secagg.name == "none",
+            "compression.name",
+            "compression applies to the plaintext path; under secagg=he clients already send "
+            "fixed-point ciphertexts: use compression=none with secagg=he",
+        )
+        require(
+            cfg.privacy.name != "client_fixed",
+            "compression.name",
+            "with privacy=client_fixed the server rejects updates above the clipping norm, and "
+            "quantization error can push a clipped update over it: use privacy=server_fixed or "
+            "privacy=adaptive (the server clips after dequantizing)",
+        )
+    w = cfg.workload
+    if w.name == "capability":
+        require(
+            bool(w.capabilities) and all(0.0 < x <= 1.0 for x in w.capabilities),
+            "workload.capabilities",
+            "each capability must be in (0, 1] (1: full local work)",
+        )
+        require(
+            cfg.privacy.name != "dpsgd",
+            "workload.name",
+            "DP-SGD's accounting assumes the configured local epochs on every client: use "
+            "workload=uniform with privacy=dpsgd",
+        )
+
+
 def _check_values(cfg: ExperimentConfig) -> None:
     def value(key: str):
         obj = cfg
@@ -550,6 +647,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
     _check_privacy(cfg, require)
     _check_secagg(cfg, require)
+    _check_finetune(cfg, require)
     require(
         cfg.simulation.client_cpus is None or cfg.simulation.client_cpus >= 1,
         "simulation.client_cpus",

@@ -8,6 +8,8 @@ data sets (`mnist`, `cifar10`, behind `dataset=` and needing the network).
 Splits, all derived from `seed` so that every process computes the same ones:
 - the server holds a stratified `test_fraction` of the data set for centralized evaluation
   (hub data sets: their own `test` split);
+- with `public_fraction` > 0, a stratified share of the rest is a public split that no client
+  holds: `python -m app.pretrain` trains the pretrained checkpoint on it;
 - the rest is the clients' pool, partitioned by the configured partitioner into
   `num_partitions` parts; each client splits its part into train and `val_fraction` validation.
 
@@ -67,6 +69,16 @@ def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
         return _hub_to_arrays(cfg, fds.load_split("test"))
     _, _, test = _local_pool_and_test(cfg, seed)
     return _to_arrays(test, cfg.task)
+
+
+def public_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
+    """The public split (`dataset.public_fraction` of the non-test data) that no client holds."""
+    if cfg.source == "hub" or cfg.public_fraction <= 0:
+        raise ValueError(
+            "a public split needs a local data set and dataset.public_fraction > 0 "
+            "(e.g. dataset.public_fraction=0.2)"
+        )
+    return _to_arrays(_local_split_public(_key(cfg), seed)[3], cfg.task)
 
 
 def load_client_data(
@@ -142,6 +154,12 @@ def _load_local_arrays(cfg: DatasetConfig, seed: int) -> tuple[np.ndarray, np.nd
 
 @lru_cache(maxsize=8)
 def _local_cached(cfg_key: tuple, seed: int):
+    """(spec, clients' pool, test split): the pool excludes the public split."""
+    return _local_split_public(cfg_key, seed)[:3]
+
+
+@lru_cache(maxsize=8)
+def _local_split_public(cfg_key: tuple, seed: int):
     import datasets
 
     datasets.disable_progress_bars()  # one bar per split and client would drown the round log
@@ -164,7 +182,12 @@ def _local_cached(cfg_key: tuple, seed: int):
     else:
         full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y, SAMPLE_ID: np.arange(len(y))})
         split = full.train_test_split(test_size=cfg.test_fraction, seed=seed)
-    return spec, split["train"], split["test"]
+    pool, public = split["train"], None
+    if cfg.public_fraction > 0:
+        stratify = {"stratify_by_column": LABEL} if spec.task == "classification" else {}
+        parts = pool.train_test_split(test_size=cfg.public_fraction, seed=seed + 1, **stratify)
+        pool, public = parts["train"], parts["test"]
+    return spec, pool, split["test"], public
 
 
 def _local_pool_and_test(cfg: DatasetConfig, seed: int):

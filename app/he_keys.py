@@ -34,15 +34,17 @@ def run_config(run_dir: Path) -> ExperimentConfig:
 
 def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:
     from app.data import data_spec
-    from app.models import build_model, set_weights
+    from app.finetune import build_finetune_model
+    from app.models import get_weights, set_weights
     from clients.he_encryption import decrypt_model
 
     cfg = run_config(run_dir)
-    model = build_model(cfg.model, data_spec(cfg.dataset))
+    # Fine-tuning: frozen tensors come from the checkpoint, only the trainable ones were encrypted.
+    model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset))
     with np.load(run_dir / ENCRYPTED_MODEL_FILE) as stored:
         payload = [stored["header"], stored["ciphertexts"]]
-    shapes = [tuple(t.shape) for t in model.state_dict().values()]
-    set_weights(model, decrypt_model(load_context(secret_context), payload, shapes))
+    shapes = [a.shape for a in get_weights(model, wire)]
+    set_weights(model, decrypt_model(load_context(secret_context), payload, shapes), wire)
     torch.save(model.state_dict(), out)
     return out
 

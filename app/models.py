@@ -57,21 +57,28 @@ def build_model(cfg: ModelConfig, spec: DataSpec, seed: int | None = None) -> nn
     raise ValueError(f"model.name={cfg.name!r}: use linear, mlp or cnn")
 
 
-def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """The model's state as NumPy arrays, in `state_dict` order (the wire order)."""
-    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
-
-
-def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
-    """Load arrays in `state_dict` order; a count or shape mismatch is a clear error."""
+def get_weights(model: nn.Module, names: list[str] | None = None) -> list[np.ndarray]:
+    """The model's state as NumPy arrays, in `state_dict` order (the wire order); with `names`
+    only those tensors (fine-tuning: the trainable ones, app/finetune.py)."""
     state = model.state_dict()
-    if len(weights) != len(state):
+    keys = list(state) if names is None else names
+    return [state[k].detach().cpu().numpy().copy() for k in keys]
+
+
+def set_weights(model: nn.Module, weights: list[np.ndarray], names: list[str] | None = None) -> None:
+    """Load arrays in `state_dict` order (with `names`: into those tensors only, the others
+    keep their values); a count or shape mismatch is a clear error."""
+    state = model.state_dict()
+    keys = list(state) if names is None else names
+    if len(weights) != len(keys):
         raise ValueError(
-            f"Received {len(weights)} arrays for a model with {len(state)} tensors: "
-            "server and client disagree on the model (check model= in both configs)"
+            f"Received {len(weights)} arrays for a model with {len(keys)} "
+            f"{'trainable ' if names is not None else ''}tensors: server and client disagree "
+            "on the model (check model= and model.trainable= in both configs)"
         )
-    new_state = {}
-    for (name, current), array in zip(state.items(), weights):
+    new_state = dict(state)
+    for name, array in zip(keys, weights):
+        current = state[name]
         if tuple(current.shape) != tuple(array.shape):
             raise ValueError(
                 f"Tensor {name!r}: received shape {tuple(array.shape)}, "

@@ -57,6 +57,7 @@ class RunRecorder:
         if model is not None:
             torch.save(model.state_dict(), self.output_dir / MODEL_FILE)
             final["model_file"] = MODEL_FILE
+            final["model_bytes"] = (self.output_dir / MODEL_FILE).stat().st_size  # on disk
         if encrypted_model is not None:
             header, ciphertexts = encrypted_model
             np.savez(self.output_dir / ENCRYPTED_MODEL_FILE, header=header, ciphertexts=ciphertexts)

@@ -29,7 +29,9 @@ from app.he_context import (
 from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.experiment_server import ExperimentServer
-from app.models import build_model, get_weights, num_parameters, set_weights
+from app.edge_model import export_int8
+from app.finetune import build_finetune_model
+from app.models import get_weights, num_parameters, set_weights
 from app.results import RunRecorder
 from strategies.factory import build_strategy
 
@@ -101,11 +103,12 @@ def main(grid: Grid, context: Context) -> None:
     spec = data_spec(cfg.dataset)
     test_data = centralized_test_split(cfg.dataset, cfg.seed)
     device = resolve_device(cfg.training.device)
-    model = build_model(cfg.model, spec, seed=cfg.seed)
-    eval_model = build_model(cfg.model, spec).to(device)
+    # Fine-tuning: both start from the checkpoint; only `wire` tensors travel (app/finetune.py).
+    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+    eval_model = build_finetune_model(cfg.model, spec)[0].to(device)
 
     def evaluate_centrally(server_round, weights, config):
-        set_weights(eval_model, weights)
+        set_weights(eval_model, weights, wire)
         metrics = evaluate(eval_model, test_data, spec.task, device)
         return metrics.pop("loss"), metrics
 
@@ -114,7 +117,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy = build_strategy(
         cfg,
-        ndarrays_to_parameters(get_weights(model)),
+        ndarrays_to_parameters(get_weights(model, wire)),
         evaluate_fn=evaluate_centrally,
         he_context=he_context,
         he_client_config=he_client_config,
@@ -153,12 +156,13 @@ def main(grid: Grid, context: Context) -> None:
     final_arrays = parameters_to_ndarrays(server.parameters)
     encrypted = final_arrays if is_payload(final_arrays) else None
     if encrypted is None:
-        set_weights(model, final_arrays)
+        set_weights(model, final_arrays, wire)
     rounds = recorder.rounds
     final: dict = {
         "rounds_completed": server.rounds_completed,
         "stop_reason": server.stop_reason,
         "num_parameters": num_parameters(model),
+        "num_trainable_parameters": sum(a.size for a in get_weights(model, wire)),
         "num_supernodes": nodes,
         "seconds_total": time.perf_counter() - started,
         "comm_total": {
@@ -170,6 +174,14 @@ def main(grid: Grid, context: Context) -> None:
         last = next((r[scope] for r in reversed(rounds) if scope in r), None)
         if last is not None:
             final[scope] = last
+    if encrypted is None:
+        # Edge inference copy (app/edge_model.py); evaluated on CPU, where int8 kernels run.
+        cpu = torch.device("cpu")
+        final["int8_model"] = export_int8(
+            model,
+            output_dir,
+            lambda m: evaluate(m, test_data, spec.task, cpu),
+        )
     he_rounds = [r["secagg"] for r in rounds if "bytes_per_parameter_up" in r.get("secagg", {})]
     if he_rounds:
         final["secagg"] = he_rounds[-1]

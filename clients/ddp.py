@@ -71,6 +71,7 @@ class WorkerJob:
     task: str
     seed: int
     proximal_mu: float
+    max_steps: int | None
     backend: str
     device_type: str  # cpu | cuda (rank r uses cuda:r)
     port: int
@@ -105,6 +106,7 @@ def train_ddp(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` in place with `cfg.world_size` DDP worker processes; the result and
     the weights are the client's (identical on every rank, taken from rank 0)."""
@@ -125,6 +127,7 @@ def train_ddp(
             task=task,
             seed=seed,
             proximal_mu=proximal_mu,
+            max_steps=max_steps,
             backend=backend,
             device_type=device.type,
             port=store.port,
@@ -238,6 +241,7 @@ def _worker(rank: int, job: WorkerJob) -> None:
             device,
             seed=job.seed,
             proximal_mu=job.proximal_mu,
+            max_steps=job.max_steps,
             shard=Shard(rank=rank, world_size=world_size),
         )
         if rank == 0:

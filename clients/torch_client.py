@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 from torch import nn
 
+from app.compression import COMPRESSION_KEY, compress_update
 from app.config import PrivacyConfig, TrainingConfig
 from app.data import ArraySplit
 from app.evaluation import evaluate
@@ -23,6 +25,7 @@ from app.he_context import (
     load_context,
 )
 from app.models import get_weights, set_weights
+from app.workload import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
 from app.privacy import (
     CLIP_NORM_KEY,
     EPSILON_METRIC,
@@ -55,6 +58,8 @@ class FitInstructions:
     local_noise_multiplier: float | None  # local DP noise (privacy=local)
     he_round: int | None  # secagg=he: encrypt the result, tagged with this round
     he_uniform_weight: bool  # secagg=he: weight 1 (client-level DP) instead of num_examples
+    compression: str | None = None  # fp16 | int8: return the quantized update (app/compression.py)
+    workload: str = "uniform"  # capability: scale local steps to this node's compute
 
     @classmethod
     def from_config(cls, config: dict[str, Scalar], defaults: TrainingConfig) -> FitInstructions:
@@ -67,6 +72,8 @@ class FitInstructions:
             local_noise_multiplier=_optional_float(config.get(LOCAL_NOISE_KEY)),
             he_round=None if HE_ROUND_KEY not in config else int(config[HE_ROUND_KEY]),
             he_uniform_weight=config.get(HE_WEIGHTING_KEY) == "uniform",
+            compression=None if COMPRESSION_KEY not in config else str(config[COMPRESSION_KEY]),
+            workload=str(config.get(WORKLOAD_KEY, "uniform")),
         )
 
 
@@ -88,7 +95,12 @@ class TorchClient(NumPyClient):
         state: Context | None = None,
         max_rounds: int = 1,
         he_secret_context: str | None = None,
+        wire_names: list[str] | None = None,
+        compute: float = 1.0,
     ) -> None:
+        self.compute = compute  # capability in (0, 1] (app/workload.py)
+        # Fine-tuning: only these tensors travel and train (None: all); app/finetune.py.
+        self.wire_names = wire_names
         self.he_secret_context = he_secret_context  # node config path (deployment)
         self.model = model.to(device)
         self.privacy = privacy if privacy is not None else PrivacyConfig()
@@ -102,7 +114,7 @@ class TorchClient(NumPyClient):
         self.seed = seed
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return get_weights(self.model)
+        return get_weights(self.model, self.wire_names)
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -110,7 +122,7 @@ class TorchClient(NumPyClient):
         ins = FitInstructions.from_config(config, self.training)
         he = self._he_context(config) if ins.he_round is not None else None
         parameters = self._plaintext(parameters, he)
-        set_weights(self.model, parameters)
+        set_weights(self.model, parameters, self.wire_names)
         training = TrainingConfig(
             **{**vars(self.training), "local_epochs": ins.local_epochs, "lr": ins.lr}
         )
@@ -120,6 +132,10 @@ class TorchClient(NumPyClient):
             result, epsilon = self._train_dpsgd(training, seed)
             metrics[EPSILON_METRIC] = epsilon
         else:
+            full_steps = full_local_steps(
+                len(self.train_data), training.local_epochs, training.batch_size
+            )
+            scaled = ins.workload == "capability"
             local_train = train_ddp if self.training.world_size > 1 else train
             result = local_train(
                 self.model,
@@ -129,8 +145,10 @@ class TorchClient(NumPyClient):
                 self.device,
                 seed=seed,
                 proximal_mu=ins.proximal_mu,
+                max_steps=scaled_steps(full_steps, self.compute) if scaled else None,
             )
-        weights = get_weights(self.model)
+            metrics.update({COMPUTE_METRIC: self.compute, FULL_STEPS_METRIC: full_steps})
+        weights = get_weights(self.model, self.wire_names)
         if ins.clipping_norm is not None:
             if he is not None:
                 ins = replace(ins, clipping_norm=self._he_clip_norm(ins.clipping_norm, he))
@@ -144,6 +162,8 @@ class TorchClient(NumPyClient):
         if he is not None:
             weight = 1 if ins.he_uniform_weight else result.num_examples
             weights = encrypt_update(he, weights, weight, ins.he_round)
+        elif ins.compression is not None:
+            weights = compress_update(parameters, weights, ins.compression, np.random.default_rng(seed))
         return weights, result.num_examples, metrics
 
     # ------------------------------------------------------------------ secagg=he
@@ -168,13 +188,13 @@ class TorchClient(NumPyClient):
             return parameters
         if he is None:
             raise HEError("received an encrypted model without secagg=he instructions")
-        shapes = [tuple(t.shape) for t in self.model.state_dict().values()]
+        shapes = [a.shape for a in get_weights(self.model, self.wire_names)]
         return decrypt_model(he, parameters, shapes)
 
     def _he_clip_norm(self, clipping_norm: float, he: HEContext) -> float:
         """Clip to C minus what fixed-point rounding can add, so the encrypted update's
         norm stays <= C (the server cannot check it under HE)."""
-        num_values = sum(t.numel() for t in self.model.state_dict().values())
+        num_values = sum(a.size for a in get_weights(self.model, self.wire_names))
         clip = clipping_norm - rounding_slack(num_values, he.params.scale)
         if clip <= 0:
             raise HEError(
@@ -234,7 +254,7 @@ class TorchClient(NumPyClient):
     ) -> tuple[float, int, dict[str, Scalar]]:
         if is_payload(parameters):
             parameters = self._plaintext(parameters, self._he_context(config))
-        set_weights(self.model, parameters)
+        set_weights(self.model, parameters, self.wire_names)
         metrics = evaluate(self.model, self.val_data, self.task, self.device)
         loss = metrics.pop("loss")
         return loss, len(self.val_data), metrics

@@ -84,6 +84,7 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
     shard: Shard = Shard(),
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` in place for `cfg.local_epochs` epochs over `data`.
 
@@ -91,6 +92,8 @@ def train(
     w_global the weights the model had on entry. With `shard.world_size > 1`, `model` is
     this rank's DistributedDataParallel wrapper and `data` the client's whole train split
     (see the module docstring); the returned metrics are the client's, on every rank.
+    With `max_steps` (capability workload, app/workload.py) training stops after that many
+    steps; loss and accuracy then cover the examples of the last (partial) epoch.
     """
     device = torch.device(device)
     n = len(data)
@@ -125,10 +128,15 @@ def train(
     steps = 0
     started = time.perf_counter()
     for _ in range(cfg.local_epochs):
+        if max_steps is not None and steps >= max_steps:
+            break
         order = torch.from_numpy(generator.permutation(n)).to(x_all.device)
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.float64)
+        seen = torch.zeros((), dtype=torch.float64)
         for k, start in enumerate(range(0, n, cfg.batch_size)):
+            if max_steps is not None and steps >= max_steps:
+                break
             local = slice(k * local_batch, (k + 1) * local_batch)
             idx = order[positions[local]]
             weight = is_real[local].to(device=device, dtype=torch.float32)
@@ -158,14 +166,15 @@ def train(
                 optimizer.step()
             steps += 1
             loss_sum += float((losses.detach() * weight).sum())
+            seen += float(weight.sum())
             if task == "classification":
                 correct += float(((out.detach().argmax(dim=1) == y).float() * weight).sum())
     if world > 1:  # the client's metrics: sums over all ranks
-        totals = torch.stack([loss_sum, correct]).to(device)
+        totals = torch.stack([loss_sum, correct, seen]).to(device)
         torch.distributed.all_reduce(totals)
-        loss_sum, correct = totals.cpu()
+        loss_sum, correct, seen = totals.cpu()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    accuracy = float(correct) / n if task == "classification" else None
-    return TrainResult(float(loss_sum) / n, accuracy, n, steps, seconds)
+    accuracy = float(correct / seen) if task == "classification" else None
+    return TrainResult(float(loss_sum / seen), accuracy, n, steps, seconds)

@@ -1,8 +1,8 @@
 """Build the strategy stack from config; the traffic meter stays outermost so it counts what
 really crosses the wire:
 
-    plaintext:   TrafficMeter(RejectMalformedUpdates(DP wrapper?(base)))
-    secagg=he:   TrafficMeter(DP wrapper?(HomomorphicAggregation(base)))
+    plaintext:   TrafficMeter(Workload(DecompressUpdates?(RejectMalformedUpdates(DP wrapper?(base)))))
+    secagg=he:   TrafficMeter(Workload(DP wrapper?(HomomorphicAggregation(base))))
 
 Under HE the aggregation layer sits directly on the base strategy (it replaces the base's
 aggregation and validates encrypted updates itself); DP layers above it only instruct clients,
@@ -26,9 +26,11 @@ from strategies.dp_client_level import (
     EncryptedClientSideClipping,
     ServerSideFixedClipping,
 )
+from strategies.compression import DecompressUpdates
 from strategies.he_aggregation import HomomorphicAggregation
 from strategies.traffic import TrafficMeter
 from strategies.update_validation import RejectMalformedUpdates
+from strategies.workload import Workload
 
 EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
@@ -108,8 +110,11 @@ def build_strategy(
         he = HomomorphicAggregation(
             base, he_context, metrics_fn=weighted_metrics, client_config=he_client_config
         )
-        return TrafficMeter(with_privacy(he, cfg))
-    return TrafficMeter(RejectMalformedUpdates(with_privacy(base, cfg)))
+        return TrafficMeter(Workload(with_privacy(he, cfg), cfg.workload.name))
+    plain = RejectMalformedUpdates(with_privacy(base, cfg))
+    if cfg.compression.name != "none":  # under the meter: it counts the compressed bytes
+        plain = DecompressUpdates(plain, cfg.compression.name)
+    return TrafficMeter(Workload(plain, cfg.workload.name))
 
 
 CLIENT_LEVEL_DP = {

@@ -61,26 +61,25 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize(
-    "overrides,mu",
+    "overrides,mu,max_steps",
     [
-        ("training.local_epochs=2", 0.0),  # 431 examples: the last batch is partial
-        ("training.local_epochs=1 training.optimizer=adam training.lr=0.01", 0.0),
-        ("training.local_epochs=1 model=cnn training.batch_size=10", 0.1),  # FedProx term
+        ("training.local_epochs=2", 0.0, None),  # 431 examples: the last batch is partial
+        # capability workload: stop mid-epoch after 40 steps
+        ("training.local_epochs=2 training.optimizer=adam training.lr=0.01", 0.0, 40),
+        ("training.local_epochs=1 model=cnn training.batch_size=10", 0.1, None),  # FedProx
     ],
 )
-def test_ddp_two_processes_give_the_single_process_weights(overrides, mu):
+def test_ddp_two_processes_give_the_single_process_weights(overrides, mu, max_steps):
     cfg, data, spec = digits_client(overrides=overrides)
     single = build_model(cfg.model, spec, seed=1)
     ddp = build_model(cfg.model, spec, seed=1)
-    ref = train(single, data, cfg.training, spec.task, CPU, seed=5, proximal_mu=mu)
-    got = train_ddp(
-        ddp, data, replace(cfg.training, world_size=2), spec.task, CPU, seed=5, proximal_mu=mu
-    )
+    kwargs = dict(seed=5, proximal_mu=mu, max_steps=max_steps)
+    ref = train(single, data, cfg.training, spec.task, CPU, **kwargs)
+    got = train_ddp(ddp, data, replace(cfg.training, world_size=2), spec.task, CPU, **kwargs)
     assert max_abs_diff(single, ddp) <= 1e-5
     assert max_abs_diff(single, build_model(cfg.model, spec, seed=1)) > 1e-2  # it trained
-    assert got.steps == ref.steps == -(-len(data) // cfg.training.batch_size) * (
-        cfg.training.local_epochs
-    )
+    full = -(-len(data) // cfg.training.batch_size) * cfg.training.local_epochs
+    assert got.steps == ref.steps == (full if max_steps is None else max_steps)
     assert got.num_examples == ref.num_examples == len(data)
     assert got.train_loss == pytest.approx(ref.train_loss, abs=1e-5)
     assert got.train_accuracy == pytest.approx(ref.train_accuracy, abs=1e-9)

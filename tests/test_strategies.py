@@ -95,7 +95,8 @@ def test_traffic_meter_counts_every_payload_byte():
 def test_factory_builds_flower_strategies_with_configured_sampling(name):
     cfg = load_config(f"strategy={name} strategy.fraction_train=0.3")
     strategy = build_strategy(cfg, ndarrays_to_parameters(GLOBAL), evaluate_fn=None)
-    assert type(strategy.strategy.strategy).__name__.lower() == name
+    # TrafficMeter(Workload(RejectMalformedUpdates(base)))
+    assert type(strategy.strategy.strategy.strategy).__name__.lower() == name
     sent = strategy.configure_fit(1, ndarrays_to_parameters(GLOBAL), manager(10))
     assert len(sent) == 3
     config = sent[0][1].config

@@ -1,0 +1,156 @@
+"""Fine-tuning: start from a pretrained checkpoint and train (and send) only some tensors.
+
+`model.pretrained=<path>` loads a checkpoint written by `python -m app.pretrain`;
+`model.trainable=all|head|<module names>` picks the tensors that train. The others are frozen
+(`requires_grad=False`) on every party, identical everywhere because every party loads the
+same checkpoint, so they never travel: the wire model (what the server sends, what clients
+return, what HE encrypts, what compression quantizes) is the list of trainable tensors in
+`state_dict` order (`wire_names`). Both sides derive that list from the same config, and the HE
+payload's layout tag covers its shapes.
+
+A checkpoint records the architecture it was trained for and the data shape; loading it into
+a model of another architecture, or one whose tensors differ in name or shape, is a
+`FineTuneError` that names the differences (raised by config validation, before training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.config import ModelConfig
+from app.data import DataSpec
+from app.models import build_model
+
+CHECKPOINT_FORMAT = "flower-private-finetune checkpoint v1"
+HEAD = "head"
+ALL = "all"
+
+
+class FineTuneError(ValueError):
+    """A checkpoint or trainable selection that does not fit the configured model."""
+
+
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The part of the model config that decides tensor names and shapes."""
+    return {"name": cfg.name, "hidden_sizes": list(cfg.hidden_sizes), "channels": list(cfg.channels)}
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, cfg: ModelConfig, spec: DataSpec, meta: dict[str, Any]
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": architecture(cfg),
+            "data_spec": asdict(spec),
+            "state_dict": model.state_dict(),
+            "meta": meta,
+        },
+        path,
+    )
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FineTuneError(
+            f"model.pretrained={path}: no such file; write one with "
+            "`python -m app.pretrain --out <abs path> dataset.public_fraction=0.2`"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise FineTuneError(f"model.pretrained={path}: not a readable checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FineTuneError(
+            f"model.pretrained={path} is not a checkpoint of `python -m app.pretrain` "
+            f"(expected format {CHECKPOINT_FORMAT!r})"
+        )
+    return ckpt
+
+
+def load_pretrained(model: nn.Module, path: str | Path, cfg: ModelConfig, spec: DataSpec) -> dict:
+    """Load the checkpoint at `path` into `model`; its metadata is returned."""
+    ckpt = read_checkpoint(path)
+    problems = []
+    if ckpt["model"] != architecture(cfg):
+        problems.append(f"it was trained for model {ckpt['model']}, this run builds {architecture(cfg)}")
+    if ckpt["data_spec"] != asdict(spec):
+        problems.append(f"its data shape is {ckpt['data_spec']}, this run's is {asdict(spec)}")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        problems.append(f"tensors missing from the checkpoint: {missing}")
+    if unexpected:
+        problems.append(f"tensors the model does not have: {unexpected}")
+    shapes = [f"{k}: checkpoint {got[k]}, model {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if shapes:
+        problems.append(f"shape mismatches: {shapes}")
+    if problems:
+        raise FineTuneError(
+            f"model.pretrained={path} does not fit this model: " + "; ".join(problems)
+            + ". Use the same model= and dataset= as `python -m app.pretrain` did."
+        )
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return ckpt.get("meta", {})
+
+
+def head_module(model: nn.Module) -> str:
+    """Name of the last Linear layer (the classifier / regression head)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise FineTuneError("model.trainable=head: this model has no Linear layer")
+    return linears[-1]
+
+
+def trainable_names(model: nn.Module, trainable: str) -> list[str]:
+    """The `state_dict` keys that train and travel, in `state_dict` order."""
+    keys = list(model.state_dict())
+    if trainable.strip() == ALL:
+        return keys
+    wanted = [n.strip() for n in trainable.split(",") if n.strip()]
+    if not wanted:
+        raise FineTuneError("model.trainable is empty: use all, head or module names")
+    modules = dict(model.named_modules())
+    prefixes = []
+    for name in wanted:
+        name = head_module(model) if name == HEAD else name
+        if name not in modules or name == "":
+            choices = [n for n in modules if n]
+            raise FineTuneError(
+                f"model.trainable: {name!r} is not a module of this model; use all, head or "
+                f"names from {choices}"
+            )
+        prefixes.append(name)
+    names = [k for k in keys if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    if not names:
+        raise FineTuneError(f"model.trainable={trainable!r} selects no tensor (modules without parameters)")
+    return names
+
+
+def freeze_except(model: nn.Module, names: list[str]) -> None:
+    keep = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+
+
+def build_finetune_model(
+    cfg: ModelConfig, spec: DataSpec, seed: int | None = None
+) -> tuple[nn.Module, list[str]]:
+    """The configured model (from its checkpoint when `model.pretrained` is set) with the
+    non-trainable tensors frozen, and the names of the tensors that travel (the wire)."""
+    model = build_model(cfg, spec, seed=seed)
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained, cfg, spec)
+    names = trainable_names(model, cfg.trainable)
+    freeze_except(model, names)
+    return model, names
