@@ -163,6 +163,13 @@ def write_credentials(
             f"--hosts {','.join(hosts)!r}: give the SuperLink's hostnames or IP addresses, "
             "comma separated, as SuperNodes and the workstation will dial them"
         )
+    he = None
+    if he_overrides is not None:  # check the HE parameters before anything is written
+        from app.config import he_params, load_config
+
+        he = he_params(load_config(he_overrides))
+        he.seal_parameters()
+        he.check_range()
     out = Path(out)
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, [h.strip() for h in hosts])
@@ -179,11 +186,10 @@ def write_credentials(
         private, public = make_node_auth_keys()
         paths[f"supernode_{i}_key"] = _write(supernode_dir(out, i) / AUTH_KEY, private, secret=True)
         paths[f"supernode_{i}_pub"] = _write(supernode_dir(out, i) / AUTH_PUB, public, secret=False)
-    if he_overrides is not None:
-        from app.config import he_params, load_config
+    if he is not None:
         from app.he_context import provision
 
-        secret, public = provision(he_params(load_config(he_overrides)), out / HE_DIR)
+        secret, public = provision(he, out / HE_DIR)
         paths["he_secret"], paths["he_public"] = secret, public
     return paths
 
