@@ -34,7 +34,8 @@ from app.data import load_client_data, load_file_data
 from app.he_context import load_context
 from conftest import PROJECT_DIR, _free_port, processes_with_env, stop_processes
 
-README_STEPS = ("credentials", "data", "superlink", "connection", "register", "supernode", "run", "run-he")
+README_STEPS = ("credentials", "data", "superlink", "connection", "register", "supernode", "run",
+                "run-he", "decrypt")
 
 
 def readme_commands() -> dict[str, str]:
@@ -408,17 +409,31 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
     for r in results["rounds"]:
         assert r["clients"] == {"trained": 2, "failed": 0}  # fraction_train 0.5 of 3 nodes
         assert r["secagg"]["clients_aggregated"] == 2
-        # clients decrypted the aggregate and evaluated it: well above chance (0.1) although
-        # DP clips updates of norm ~8 to 1 and adds noise
+        # clients decrypted the aggregate and evaluated it: well above chance (0.1), although
+        # DP clips updates of norm ~8 to 1 and adds unseeded noise (measured: 0.36-0.67)
         assert r["federated"]["accuracy"] >= 0.25
-    assert max(r["federated"]["accuracy"] for r in results["rounds"]) >= 0.5
     eps = [r["privacy"]["epsilon"] for r in results["rounds"]]
     assert 0 < eps[0] < eps[1]
     assert results["final"]["num_supernodes"] == 3
     assert "centralized" not in results["rounds"][0]  # the server cannot read the model
-    assert (out / "model_encrypted.npz").stat().st_size > 0
     assert not (out / "keys").exists()  # deployment: no keys provisioned on the server side
+    assert not (out / "model.pt").exists()  # the server saved only the encrypted model
     assert not (deployment.home / "runtime-envs").exists()
+
+    # the key holder's README command decrypts it into a model that classifies the test split
+    proc = deployment.run("decrypt")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import torch
+
+    from app.data import centralized_test_split, data_spec
+    from app.evaluation import evaluate
+    from app.models import build_model
+
+    cfg = load_config("secagg=he privacy=client_fixed")
+    model = build_model(cfg.model, data_spec(cfg.dataset))
+    model.load_state_dict(torch.load(out / "model.pt"))
+    test = centralized_test_split(cfg.dataset, cfg.seed)
+    assert evaluate(model, test, "classification", torch.device("cpu"))["accuracy"] >= 0.25
 
 
 @pytest.mark.slow
