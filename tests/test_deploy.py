@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import ssl
 import stat
@@ -245,18 +246,21 @@ def test_a_failed_client_call_is_recorded_with_its_node_and_reason():
 
 # --------------------------------------------------------------------------- deployment
 class Deployment:
-    """The README's deployment on loopback: one FLWR_HOME, free ports, logs per process."""
+    """The README's deployment: one FLWR_HOME, free ports, a log per process. On loopback by
+    default; `prefixes` runs a role ("superlink", "workstation", "site-<i>") inside a network
+    namespace (`ip netns exec <ns>`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1", prefixes: dict | None = None) -> None:
         self.root = root
         self.home = root / "flwr_home"
         self.home.mkdir()
         self.commands = readme_commands()
+        self.prefixes = prefixes or {}
         self.env = dict(os.environ)
         self.env.update(
             FLWR_HOME=str(self.home),
             FLWR_DISABLE_UPDATE_CHECK="1",
-            SUPERLINK_HOST="127.0.0.1",
+            SUPERLINK_HOST=host,
             SUPERLINK_PORT=str(_free_port()),
             DEPLOY_DIR=str(root / "deploy"),
         )
@@ -266,33 +270,62 @@ class Deployment:
     def log(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
-    def run(self, step: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    def argv(self, role: str, command: str) -> list[str]:
+        return [*self.prefixes.get(role, []), "bash", "-c", command]
+
+    def run(self, step: str, timeout: float = 120, role: str = "workstation", **env):
+        return self.shell(self.commands[step], timeout, role, **env)
+
+    def shell(self, command: str, timeout: float = 120, role: str = "workstation", **env):
         return subprocess.run(
-            ["bash", "-c", self.commands[step]], cwd=PROJECT_DIR, env={**self.env, **env},
+            self.argv(role, command), cwd=PROJECT_DIR, env={**self.env, **env},
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def start(self, name: str, command: str, **env) -> subprocess.Popen:
+    def start(self, name: str, command: str, role: str = "workstation", **env) -> subprocess.Popen:
         """A long-running process in its own session (killable as a group), output to a log."""
         with self.log(name).open("w") as log:
             proc = subprocess.Popen(
-                ["bash", "-c", f"exec {command}"], cwd=PROJECT_DIR, env={**self.env, **env},
+                self.argv(role, f"exec {command}"), cwd=PROJECT_DIR, env={**self.env, **env},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.processes[name] = proc
         return proc
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], cwd=PROJECT_DIR, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return self.shell(" ".join(["flwr", *args]), timeout)
 
     def nodes(self) -> list[dict]:
         proc = self.flwr("supernode", "list", "hospitals", "--format", "json")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return json.loads(proc.stdout[proc.stdout.index("{"):])["nodes"]
 
+    def start_all(self, sites: int = 3) -> None:
+        """README steps 1-5: credentials, data, SuperLink, connection, registration, SuperNodes."""
+        for step in ("credentials", "data", "connection"):
+            proc = self.run(step)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        superlink = self.start("superlink", self.commands["superlink"], role="superlink")
+        _wait("the SuperLink answering over TLS", lambda: self.flwr("supernode", "list", "hospitals").returncode == 0,
+              60, superlink, self.log("superlink"))  # fmt: skip
+        proc = self.run("register")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.count("registered successfully") == sites
+        for site in range(sites):
+            self.start(f"supernode-{site}", self.commands["supernode"], role=f"site-{site}",
+                       SITE=str(site), SUPERNODE_PORT=str(_free_port()))  # fmt: skip
+        for site in range(sites):
+            log = self.log(f"supernode-{site}")
+            _wait(f"SuperNode {site} connected", lambda: "SuperNode ID:" in log.read_text(), 60,
+                  self.processes[f"supernode-{site}"], log)  # fmt: skip
+            self.node_ids[site] = re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1)
+        nodes = self.nodes()
+        assert sorted(n["node-id"] for n in nodes) == sorted(self.node_ids.values())
+        assert {n["status"] for n in nodes} == {"online"}
+
     def stop(self) -> None:
         stop_processes(processes_with_env("FLWR_HOME", str(self.home)))
+        assert not processes_with_env("FLWR_HOME", str(self.home)), "processes left running"
 
 
 def _wait(what: str, condition, timeout: float, proc: subprocess.Popen | None = None, log=None):
@@ -311,41 +344,10 @@ def _wait(what: str, condition, timeout: float, proc: subprocess.Popen | None = 
 def deployment(tmp_path_factory):
     dep = Deployment(tmp_path_factory.mktemp("deployment"))
     try:
-        for step in ("credentials", "data"):
-            proc = dep.run(step)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        superlink = dep.start("superlink", dep.commands["superlink"])
-        ca = Path(dep.env["DEPLOY_DIR"]) / "creds" / "ca.crt"
-        _wait("SuperLink HTTPS health", lambda: _healthy(dep.env["SUPERLINK_PORT"], ca), 60,
-              superlink, dep.log("superlink"))  # fmt: skip
-        for step in ("connection", "register"):
-            proc = dep.run(step)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert proc.stdout.count("registered successfully") == 3
-        for site in range(3):
-            dep.start(f"supernode-{site}", dep.commands["supernode"],
-                      SITE=str(site), SUPERNODE_PORT=str(_free_port()))  # fmt: skip
-        for site in range(3):
-            log = dep.log(f"supernode-{site}")
-            _wait(f"SuperNode {site} connected", lambda: "SuperNode ID:" in log.read_text(), 60,
-                  dep.processes[f"supernode-{site}"], log)  # fmt: skip
-            dep.node_ids[site] = re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1)
-        nodes = dep.nodes()
-        assert sorted(n["node-id"] for n in nodes) == sorted(dep.node_ids.values())
-        assert {n["status"] for n in nodes} == {"online"}
+        dep.start_all()
         yield dep
     finally:
         dep.stop()
-        assert not processes_with_env("FLWR_HOME", str(dep.home)), "processes left running"
-
-
-def _healthy(port: str, ca: Path) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"https://127.0.0.1:{port}/health", verify=str(ca), timeout=2).is_success
-    except httpx.HTTPError:
-        return False
 
 
 def _supernode_command(dep: Deployment, *extra: str) -> str:
@@ -471,3 +473,80 @@ def test_a_supernode_killed_mid_run_is_reported_and_the_run_completes(deployment
     assert final["rounds_completed"] == 2 and final["rounds_with_failures"] == [2]
     assert final["centralized"]["accuracy"] >= 0.85
     assert [n["status"] for n in deployment.nodes()].count("online") == 2
+
+
+# --------------------------------------------------------------------------- network namespaces
+NETNS_SUBNET = "10.77.0"  # exists only inside the test's own namespaces
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+def _netns_unavailable() -> str | None:
+    """Why this machine cannot build network namespaces (None: it can)."""
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2) on this machine"
+    probe = f"fpf-probe-{os.getpid()}"
+    made = _ip("netns", "add", probe)
+    _ip("netns", "del", probe)
+    if made.returncode != 0:
+        return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
+    return None
+
+
+@pytest.mark.slow
+def test_deployment_across_network_namespaces(tmp_path):
+    """The SuperLink, each SuperNode and the workstation in their own network namespace with
+    their own address (a bridge in the SuperLink's namespace, a veth pair per peer); nothing
+    is configured in the machine's own namespace. Every node must train in the round."""
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"fpf{os.getpid()}"
+    roles = ["superlink", "workstation", "site-0", "site-1", "site-2"]
+    names = {role: f"{prefix}-{i}" for i, role in enumerate(roles)}
+    dep = Deployment(tmp_path, host=f"{NETNS_SUBNET}.1",
+                     prefixes={r: ["ip", "netns", "exec", ns] for r, ns in names.items()})  # fmt: skip
+    try:
+        hub = names["superlink"]
+        for ns in names.values():
+            assert _ip("netns", "add", ns).returncode == 0
+            assert _ip("-n", ns, "link", "set", "lo", "up").returncode == 0
+        steps = [("-n", hub, "link", "add", "br0", "type", "bridge"),
+                 ("-n", hub, "addr", "add", f"{NETNS_SUBNET}.1/24", "dev", "br0"),
+                 ("-n", hub, "link", "set", "br0", "up")]  # fmt: skip
+        for k, role in enumerate(roles[1:], start=2):
+            ns = names[role]
+            steps += [("-n", hub, "link", "add", f"v{k}", "type", "veth", "peer", "name", "eth0", "netns", ns),
+                      ("-n", hub, "link", "set", f"v{k}", "master", "br0", "up"),
+                      ("-n", ns, "addr", "add", f"{NETNS_SUBNET}.{k}/24", "dev", "eth0"),
+                      ("-n", ns, "link", "set", "eth0", "up")]  # fmt: skip
+        for step in steps:
+            made = _ip(*step)
+            assert made.returncode == 0, f"ip {' '.join(step)}: {made.stderr}"
+        dep.start_all()
+        # separate stacks: from the workstation's namespace the SuperLink's port answers on
+        # the SuperLink's address only, not on loopback
+        probe = "import socket, sys; socket.create_connection((sys.argv[1], {}), timeout=3)".format(
+            dep.env["SUPERLINK_PORT"])  # fmt: skip
+        assert dep.shell(f'python -c "{probe}" {NETNS_SUBNET}.1').returncode == 0
+        assert dep.shell(f'python -c "{probe}" 127.0.0.1').returncode != 0
+        out = Path(dep.env["DEPLOY_DIR"]) / "runs" / "netns"
+        proc = dep.shell(
+            "flwr run . hospitals --stream --run-config "
+            f"'overrides=\"num_rounds=1 strategy.fraction_train=1.0 strategy.fraction_evaluate=0 output_dir={out}\"'",
+            timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        assert results["rounds"][0]["clients"] == {"trained": 3, "failed": 0}
+        assert results["final"]["num_supernodes"] == 3
+        assert results["final"]["centralized"]["accuracy"] >= 0.7
+    finally:
+        try:
+            dep.stop()
+        finally:
+            for ns in names.values():
+                _ip("netns", "del", ns)  # removes its veth ends and bridge with it
+    assert not any(ns in _ip("netns", "list").stdout for ns in names.values())
