@@ -19,7 +19,6 @@ import time
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr import common
 from flwr.common.logger import log
 from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -82,15 +81,15 @@ def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
     out = []
     for failure in failures:
         if isinstance(failure, ClientFailure):
-            out.append({"node_id": failure.node_id, "stage": failure.stage, "reason": failure.reason})
+            node, where, reason = failure.node_id, failure.stage, failure.reason
         elif isinstance(failure, tuple):  # (proxy, result) with a status other than OK
             proxy, res = failure
             status = getattr(res, "status", None)
+            node, where = str(proxy.cid), stage
             reason = status.message if status is not None else repr(res)
-            out.append({"node_id": str(proxy.cid), "stage": stage, "reason": reason[:MAX_REASON_CHARS]})
-        else:
-            reason = f"{type(failure).__name__}: {failure}"[:MAX_REASON_CHARS]
-            out.append({"node_id": None, "stage": stage, "reason": reason})
+        else:  # raised by a strategy, or by Flower outside a client call
+            node, where, reason = None, stage, f"{type(failure).__name__}: {failure}"
+        out.append({"node_id": node, "stage": where, "reason": reason[:MAX_REASON_CHARS]})
     return out
 
 
@@ -153,7 +152,8 @@ class ExperimentServer(Server):
             if round_failures:  # omitted when none, like every part not measured
                 record["clients"]["failures"] = round_failures
                 for f in round_failures:
-                    log(WARNING, "round %d: node %s failed (%s): %s", server_round, f["node_id"], f["stage"], f["reason"])
+                    log(WARNING, "round %d: node %s failed (%s): %s",
+                        server_round, f["node_id"], f["stage"], f["reason"])  # fmt: skip
 
             record.update(self.strategy.round_report(server_round))
             record["seconds"] = time.perf_counter() - round_start

@@ -306,8 +306,8 @@ class Deployment:
             proc = self.run(step)
             assert proc.returncode == 0, proc.stdout + proc.stderr
         superlink = self.start("superlink", self.commands["superlink"], role="superlink")
-        _wait("the SuperLink answering over TLS", lambda: self.flwr("supernode", "list", "hospitals").returncode == 0,
-              60, superlink, self.log("superlink"))  # fmt: skip
+        answers = lambda: self.flwr("supernode", "list", "hospitals").returncode == 0  # noqa: E731
+        _wait("the SuperLink answering over TLS", answers, 60, superlink, self.log("superlink"))
         proc = self.run("register")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.count("registered successfully") == sites
