@@ -9,7 +9,7 @@ from flwr.client import Client, ClientApp
 from flwr.common import Context, log
 
 from app.config import ExperimentConfig, client_resources, load_config
-from app.data import data_spec, load_client_data
+from app.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
 from app.evaluation import resolve_device
 from app.he_context import NODE_SECRET_CONTEXT
 from app.finetune import build_finetune_model
@@ -24,21 +24,29 @@ def client_fn(context: Context) -> Client:
 def build_client(cfg: ExperimentConfig, context: Context) -> Client:
     """The client of one SuperNode for `cfg` (also used by benchmarks that start their own
     simulations)."""
-    try:
-        partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
-    except KeyError as err:
-        raise ValueError(
-            f"node config lacks {err}: start the SuperNode with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
-        ) from err
+    node_config = context.node_config
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
     warn_if_undersized(cfg)
     spec = data_spec(cfg.dataset)
-    train_data, val_data = load_client_data(
-        cfg.dataset, cfg.partitioner, partition_id, num_partitions, cfg.seed
-    )
+    if NODE_DATA_PATH in node_config:
+        # Deployment: the site's own data file. Seeds differ per node as partitions do.
+        site = int(node_config.get("partition-id", context.node_id % 1_000_003))
+        train_data, val_data = load_file_data(
+            str(node_config[NODE_DATA_PATH]), cfg.dataset, cfg.seed + site
+        )
+    else:
+        try:
+            site = int(node_config["partition-id"])
+            num_partitions = int(node_config["num-partitions"])
+        except KeyError as err:
+            raise ValueError(
+                f"node config lacks {err}: start the SuperNode with --node-config "
+                f"'partition-id=<i> num-partitions=<n>' or '{NODE_DATA_PATH}=<file.npz|csv>'"
+            ) from err
+        train_data, val_data = load_client_data(
+            cfg.dataset, cfg.partitioner, site, num_partitions, cfg.seed
+        )
     model, wire_names = build_finetune_model(cfg.model, spec)
     return TorchClient(
         model,
@@ -47,13 +55,13 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         spec.task,
         cfg.training,
         resolve_device(cfg.training.device),
-        seed=cfg.seed * 100_003 + partition_id,
+        seed=cfg.seed * 100_003 + site,
         privacy=cfg.privacy,
         state=context,
         max_rounds=cfg.num_rounds,
-        he_secret_context=context.node_config.get(NODE_SECRET_CONTEXT),
+        he_secret_context=node_config.get(NODE_SECRET_CONTEXT),
         wire_names=wire_names,
-        compute=node_capability(dict(context.node_config), cfg.workload.capabilities, partition_id),
+        compute=node_capability(dict(node_config), cfg.workload.capabilities, site),
     ).to_client()
 
 

@@ -20,8 +20,10 @@ the server scale identically without exchanging statistics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +32,8 @@ from app.config import DatasetConfig, PartitionerConfig
 FEATURES = "x"
 LABEL = "label"
 SAMPLE_ID = "sample_id"  # row index in the full local data set: lets tests check disjointness
+# Node config key (deployment): a site's own data file instead of a partition of the data set.
+NODE_DATA_PATH = "data-path"
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -95,6 +99,76 @@ def load_client_data(
             f"(num-partitions={num_partitions}): check the SuperNode's --node-config"
         )
     return _client_data_cached(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
+
+
+def partition_arrays(
+    cfg: DatasetConfig,
+    part_cfg: PartitionerConfig,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+) -> ArraySplit:
+    """One client's whole partition (before its validation split), as arrays: what
+    `python -m app.deploy export-data` writes to a site's data file."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition {partition_id} is outside 0..{num_partitions - 1}")
+    if cfg.source == "hub":
+        _, fds = _hub(cfg, num_partitions, part_cfg, seed)
+        return _hub_to_arrays(cfg, fds.load_partition(partition_id, "train"))
+    partitioner = _partitioner(_key(cfg), _key(part_cfg), num_partitions, seed)
+    return _to_arrays(partitioner.load_partition(partition_id), cfg.task)
+
+
+def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[ArraySplit, ArraySplit]:
+    """A site's own data file as (train, validation) splits: what a SuperNode with
+    `--node-config "data-path=..."` trains on instead of a partition.
+
+    Formats: `.npz` with arrays `x` (n, features) and `y` (n,); `.csv` with one sample per
+    row, the features first and the label last (a non-numeric first line is a header). The
+    features must be scaled as the configured data set's (see the module docstring): the
+    server evaluates the model on its own split of that data set. The validation split
+    (`val_fraction`) is a seeded random subset of the file's rows."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data-path {path} is not a file: check the SuperNode's --node-config")
+    spec = data_spec(cfg)
+    if path.suffix == ".npz":
+        with np.load(path) as stored:
+            missing = {"x", "y"} - set(stored.files)
+            if missing:
+                raise ValueError(f"{path} lacks the arrays {sorted(missing)}: store x and y")
+            x, y = np.asarray(stored["x"]), np.asarray(stored["y"])
+    elif path.suffix == ".csv":
+        with path.open() as f:
+            first = f.readline().split(",")
+        try:
+            [float(v) for v in first]
+            header = 0
+        except ValueError:
+            header = 1
+        table = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
+        x, y = table[:, :-1], table[:, -1]
+    else:
+        raise ValueError(f"data-path {path}: use a .npz (arrays x, y) or a .csv file")
+    x = x.reshape(len(x), -1).astype(np.float32)
+    if x.shape[1] != spec.num_features or len(y) != len(x) or len(x) == 0:
+        raise ValueError(
+            f"{path} holds x of shape {x.shape} and {len(y)} labels; dataset={cfg.name} needs "
+            f"(n, {spec.num_features}) features and n labels, n >= 1"
+        )
+    if spec.task == "classification":
+        if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= spec.num_outputs:
+            raise ValueError(
+                f"{path}: labels must be integers in 0..{spec.num_outputs - 1} for "
+                f"dataset={cfg.name}, found {y.min()}..{y.max()}"
+            )
+        y = y.astype(np.int64).reshape(-1)
+    else:
+        y = y.astype(np.float32).reshape(-1, 1)
+    n_val = 0 if cfg.val_fraction == 0 else min(math.ceil(cfg.val_fraction * len(y)), len(y) - 1)
+    order = np.random.default_rng(seed).permutation(len(y))
+    val, train = order[:n_val], order[n_val:]
+    return ArraySplit(x[train], y[train]), ArraySplit(x[val], y[val])
 
 
 def partition_layout(

@@ -5,20 +5,92 @@ need per-round wall time, traffic, client counts and metrics written to `results
 run goes, one readable log line per round, and (for the privacy budget) a say in whether the
 next round runs. So `fit` is overridden; the round mechanics (`fit_round`, `evaluate_round`,
 sampling, failures) stay Flower's.
+
+Failures are recorded with the node and the reason. Flower's `Server` collects a failed client
+call as a bare exception (the client proxy is lost), so the client manager below wraps each
+node's proxy: its exceptions are re-raised as `ClientFailure` naming the node. That is how a
+deployment's `results.json` says which round lost which SuperNode, and why (e.g. Flower's
+"Node Unavailable" once a killed SuperNode misses its heartbeats).
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.common.logger import log
 from flwr.server import History, Server
-from flwr.server.client_manager import ClientManager
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 
 from app.results import RunRecorder
 from strategies.wrapper import StrategyWrapper
+
+
+MAX_REASON_CHARS = 300
+
+
+class ClientFailure(RuntimeError):
+    """A client call that failed, with the node it was sent to."""
+
+    def __init__(self, node_id: str, stage: str, reason: str) -> None:
+        super().__init__(f"node {node_id} ({stage}): {reason}")
+        self.node_id, self.stage, self.reason = node_id, stage, reason
+
+
+class NodeTrackingProxy(ClientProxy):
+    """A node's proxy whose failures name the node (everything else is the inner proxy's)."""
+
+    def __init__(self, inner: ClientProxy) -> None:
+        super().__init__(inner.cid)
+        self.inner = inner
+        self.node_id = getattr(inner, "node_id", inner.cid)
+
+    def _call(self, stage: str, method, *args):
+        try:
+            return method(*args)
+        except Exception as err:  # whatever the transport raised: keep its text
+            raise ClientFailure(str(self.cid), stage, str(err)[:MAX_REASON_CHARS]) from err
+
+    def fit(self, ins, timeout, group_id):
+        return self._call("train", self.inner.fit, ins, timeout, group_id)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self._call("evaluate", self.inner.evaluate, ins, timeout, group_id)
+
+    def get_parameters(self, ins, timeout, group_id):
+        return self._call("get_parameters", self.inner.get_parameters, ins, timeout, group_id)
+
+    def get_properties(self, ins, timeout, group_id):
+        return self._call("get_properties", self.inner.get_properties, ins, timeout, group_id)
+
+    def reconnect(self, ins, timeout, group_id):
+        return self.inner.reconnect(ins, timeout, group_id)
+
+
+class NodeTrackingClientManager(SimpleClientManager):
+    """Flower's client manager, handing out proxies whose failures name their node."""
+
+    def register(self, client: ClientProxy) -> bool:
+        return super().register(NodeTrackingProxy(client))
+
+
+def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
+    """Each failure of a round as {"node_id", "stage", "reason"}."""
+    out = []
+    for failure in failures:
+        if isinstance(failure, ClientFailure):
+            node, where, reason = failure.node_id, failure.stage, failure.reason
+        elif isinstance(failure, tuple):  # (proxy, result) with a status other than OK
+            proxy, res = failure
+            status = getattr(res, "status", None)
+            node, where = str(proxy.cid), stage
+            reason = status.message if status is not None else repr(res)
+        else:  # raised by a strategy, or by Flower outside a client call
+            node, where, reason = None, stage, f"{type(failure).__name__}: {failure}"
+        out.append({"node_id": node, "stage": where, "reason": reason[:MAX_REASON_CHARS]})
+    return out
 
 
 class ExperimentServer(Server):
@@ -60,6 +132,7 @@ class ExperimentServer(Server):
                 self.parameters = parameters
             history.add_metrics_distributed_fit(server_round, fit_metrics)
             record["clients"] = {"trained": len(results), "failed": len(failures)}
+            round_failures = describe_failures(failures, "train")
             if fit_metrics:
                 record["train"] = dict(fit_metrics)
 
@@ -74,6 +147,13 @@ class ExperimentServer(Server):
                 record["federated"] = _metrics(res_fed[0], res_fed[1])
                 history.add_loss_distributed(server_round, res_fed[0])
                 history.add_metrics_distributed(server_round, res_fed[1])
+            if res_fed is not None:
+                round_failures += describe_failures(res_fed[2][1], "evaluate")
+            if round_failures:  # omitted when none, like every part not measured
+                record["clients"]["failures"] = round_failures
+                for f in round_failures:
+                    log(WARNING, "round %d: node %s failed (%s): %s",
+                        server_round, f["node_id"], f["stage"], f["reason"])  # fmt: skip
 
             record.update(self.strategy.round_report(server_round))
             record["seconds"] = time.perf_counter() - round_start

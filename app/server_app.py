@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.server import Grid, ServerApp, ServerConfig, SimpleClientManager
+from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
 from app.config import ExperimentConfig, load_config, parse_overrides
@@ -28,8 +28,8 @@ from app.he_context import (
 )
 from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
-from app.experiment_server import ExperimentServer
 from app.edge_model import export_int8
+from app.experiment_server import ExperimentServer, NodeTrackingClientManager
 from app.finetune import build_finetune_model
 from app.models import get_weights, num_parameters, set_weights
 from app.results import RunRecorder
@@ -149,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     server = ExperimentServer(
-        client_manager=SimpleClientManager(), strategy=strategy, recorder=recorder
+        client_manager=NodeTrackingClientManager(), strategy=strategy, recorder=recorder
     )
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
 
@@ -170,6 +170,9 @@ def main(grid: Grid, context: Context) -> None:
             "bytes_up": sum(r["comm"]["bytes_up"] for r in rounds),
         },
     }
+    lost = [r["round"] for r in rounds if r["clients"].get("failures")]
+    if lost:
+        final["rounds_with_failures"] = lost
     for scope in ("centralized", "federated", "privacy"):
         last = next((r[scope] for r in reversed(rounds) if scope in r), None)
         if last is not None:
