@@ -185,3 +185,40 @@ def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path):
     for name in ("0.bias", "2.bias"):  # lora bias="none": biases stay frozen
         torch.testing.assert_close(state[name], pretrained[name], rtol=0, atol=0)
     assert abs(final["int8_model"]["centralized"]["accuracy"] - final["centralized"]["accuracy"]) <= 0.02
+
+
+def test_decrypt_model_writes_the_merged_model_of_the_encrypted_adapters(checkpoint, tmp_path):
+    """`python -m app.he_keys decrypt-model` rebuilds the same adapters from the run's config,
+    loads the decrypted ones and writes the merged model (base tensor names)."""
+    from app.he_context import load_context, pack_payload, unpack_payload
+    from app.he_keys import decrypt_run_model
+    from app.results import ENCRYPTED_MODEL_FILE, RunRecorder
+    from clients.he_encryption import encrypt_update
+
+    path, _ = checkpoint
+    cfg = lora_cfg(path, "secagg=he")
+    secret, _ = provision(he_params(cfg), tmp_path / "keys")
+    RunRecorder(tmp_path, cfg)  # writes config.yaml, as the ServerApp does
+    model, wire = build_finetune_model(cfg.model, DIGITS, seed=cfg.seed)
+    gen = torch.Generator().manual_seed(0)
+    adapters = [0.1 * torch.randn(a.shape, generator=gen).numpy() for a in get_weights(model, wire)]
+    update = encrypt_update(load_context(str(secret)), adapters, 1, 1)
+    # what HomomorphicAggregation makes of one client's update of weight 1: the same
+    # ciphertexts, tagged as an aggregate with divisor 1
+    header, ciphertexts = unpack_payload(update)
+    header.update(kind="aggregate", divisor=1)
+    header, packed = pack_payload(header, ciphertexts)
+    np.savez(tmp_path / ENCRYPTED_MODEL_FILE, header=header, ciphertexts=packed)
+    out = decrypt_run_model(tmp_path, secret, tmp_path / "model.pt")
+    from app.models import set_weights
+
+    set_weights(model, adapters, wire)
+    expected = merged_model(model).state_dict()
+    state = torch.load(out, weights_only=True)
+    assert list(state) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    # each decrypted adapter value is off by at most 0.5 / scale (fixed point); a merged weight
+    # alpha/r * sum_k B_ik A_kj then by at most alpha * max|adapter| / scale (+ float32 rounding)
+    peak = max(float(np.abs(a).max()) for a in adapters)
+    bound = cfg.model.lora.alpha * peak / he_params(cfg).scale + 1e-6
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=bound)
