@@ -47,7 +47,7 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         train_data, val_data = load_client_data(
             cfg.dataset, cfg.partitioner, site, num_partitions, cfg.seed
         )
-    model, wire_names = build_finetune_model(cfg.model, spec)
+    model, wire_names = build_finetune_model(cfg.model, spec, seed=cfg.seed)
     return TorchClient(
         model,
         train_data,

@@ -16,6 +16,7 @@ Validation happens in three layers, all before any training:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -67,7 +68,11 @@ class PartitionerConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 0  # LoRA rank; 0: no adapters (see README: not implemented, peft not installed)
+    """LoRA adapters through peft (app/finetune.py; needs the `lora` extra)."""
+
+    r: int = 0  # LoRA rank; 0: no adapters
+    alpha: float = 8.0  # peft's lora_alpha: the adapter's output is scaled by alpha / r
+    target: str = "all"  # all (every Linear layer) | Linear module names, comma separated
 
 
 @dataclass
@@ -531,12 +536,14 @@ def _check_finetune(cfg: ExperimentConfig, require) -> None:
         "dataset.public_fraction",
         "a public split is carved from local data sets only (digits, breast_cancer, linear)",
     )
-    require(
-        m.lora.r == 0,
-        "model.lora.r",
-        "LoRA adapters are not implemented (peft is not a dependency): fine-tune a subset of "
-        "tensors instead, e.g. model.trainable=head",
-    )
+    require(m.lora.r >= 0, "model.lora.r", "must be >= 1 for LoRA adapters, or 0 for none")
+    if m.lora.r > 0:
+        require(m.lora.alpha > 0, "model.lora.alpha", "must be > 0")
+        require(
+            importlib.util.find_spec("peft") is not None,
+            "model.lora.r",
+            "LoRA adapters need peft: pip install -e '.[lora]'",
+        )
     if m.pretrained is not None:
         require(
             Path(m.pretrained).expanduser().is_absolute(),

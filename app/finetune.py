@@ -11,6 +11,18 @@ payload's layout tag covers its shapes.
 A checkpoint records the architecture it was trained for and the data shape; loading it into
 a model of another architecture, or one whose tensors differ in name or shape, is a
 `FineTuneError` that names the differences (raised by config validation, before training).
+
+LoRA (`model.lora.r > 0`): after the checkpoint is loaded, peft's `inject_adapter_in_model`
+wraps the targeted Linear layers (`model.lora.target`: all of them by default) in
+`lora.Linear` modules: the base weights (`<layer>.base_layer.*`) are frozen and each layer gains
+`<layer>.lora_A.default.weight` (r x in) and `<layer>.lora_B.default.weight` (out x r). The wire
+is those adapter tensors, plus the base tensors of the modules `model.trainable` names (`all`,
+the default, adds none: under LoRA the base model is frozen by construction; `head` adds the
+last Linear layer's weight and bias). peft initialises B to zero, so the initial model equals
+the base, and A randomly: A is drawn from a generator seeded by `seed` alone (every party passes
+the experiment seed), so all parties build identical adapters before any message. The saved
+final model is the merged one (`merged_model`: W + alpha/r * B @ A folded into each base layer),
+with the same tensor names as the model without LoRA.
 """
 
 from __future__ import annotations
@@ -19,10 +31,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import copy
+import re
+
 import torch
 from torch import nn
 
-from app.config import ModelConfig
+from app.config import LoraConfig, ModelConfig
 from app.data import DataSpec
 from app.models import build_model
 
@@ -112,11 +127,11 @@ def head_module(model: nn.Module) -> str:
     return linears[-1]
 
 
-def trainable_names(model: nn.Module, trainable: str) -> list[str]:
-    """The `state_dict` keys that train and travel, in `state_dict` order."""
-    keys = list(model.state_dict())
+def trainable_modules(model: nn.Module, trainable: str) -> list[str] | None:
+    """The module names `model.trainable` selects (None: all), resolved on the model before
+    any LoRA wrapping, so `head` is the base model's last Linear layer."""
     if trainable.strip() == ALL:
-        return keys
+        return None
     wanted = [n.strip() for n in trainable.split(",") if n.strip()]
     if not wanted:
         raise FineTuneError("model.trainable is empty: use all, head or module names")
@@ -131,10 +146,85 @@ def trainable_names(model: nn.Module, trainable: str) -> list[str]:
                 f"names from {choices}"
             )
         prefixes.append(name)
-    names = [k for k in keys if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    return prefixes
+
+
+def _select(keys: list[str], prefixes: list[str]) -> list[str]:
+    return [k for k in keys if any(k == p or k.startswith(p + ".") for p in prefixes)]
+
+
+def trainable_names(model: nn.Module, trainable: str) -> list[str]:
+    """The `state_dict` keys that train and travel, in `state_dict` order."""
+    keys = list(model.state_dict())
+    prefixes = trainable_modules(model, trainable)
+    if prefixes is None:
+        return keys
+    names = _select(keys, prefixes)
     if not names:
         raise FineTuneError(f"model.trainable={trainable!r} selects no tensor (modules without parameters)")
     return names
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def lora_targets(model: nn.Module, target: str) -> list[str]:
+    """The Linear modules `model.lora.target` names (`all`: every Linear layer)."""
+    linears = linear_modules(model)
+    if target.strip() == ALL:
+        return linears
+    wanted = [n.strip() for n in target.split(",") if n.strip()]
+    wrong = [n for n in wanted if n not in linears]
+    if not wanted or wrong:
+        raise FineTuneError(
+            f"model.lora.target={target!r}: {wrong or 'nothing'} not a Linear module of this "
+            f"model; LoRA adapts Linear layers: use all or names from {linears}"
+        )
+    return wanted
+
+
+def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None) -> list[str]:
+    """Wrap the targeted Linear layers with peft LoRA adapters (in place); returns the names of
+    the adapter tensors. A (peft: Kaiming-uniform) is drawn under `seed` in a forked RNG, so
+    every party gets the same adapters and the caller's RNG stream is left as it was."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    targets = lora_targets(model, lora.target)
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,  # no dropout: DP-SGD and the wire need a deterministic module tree
+        bias="none",
+        # a regex is matched in full by peft, so "0" names module 0 only, not every "*.0"
+        target_modules="|".join(f"(?:{re.escape(t)})" for t in targets),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        inject_adapter_in_model(config, model)
+    return [k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k]
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every LoRA adapter merged into its base layer and the wrapper
+    replaced by that layer: plain Linear layers with the names and shapes of the model without
+    LoRA (what `model.pt` and `model_int8.pt` hold). A model without adapters is returned as is.
+    peft's `merge_and_unload` lives on its tuner wrapper, which `inject_adapter_in_model` does
+    not return; this does the same with the layers' public `merge()` / `get_base_layer()`."""
+    if not any(".lora_A." in k for k in model.state_dict()):
+        return model
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(model)
+    wrapped = [(n, m) for n, m in merged.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in wrapped:
+        layer.merge(safe_merge=True)
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
 
 
 def freeze_except(model: nn.Module, names: list[str]) -> None:
@@ -146,11 +236,20 @@ def freeze_except(model: nn.Module, names: list[str]) -> None:
 def build_finetune_model(
     cfg: ModelConfig, spec: DataSpec, seed: int | None = None
 ) -> tuple[nn.Module, list[str]]:
-    """The configured model (from its checkpoint when `model.pretrained` is set) with the
-    non-trainable tensors frozen, and the names of the tensors that travel (the wire)."""
+    """The configured model (from its checkpoint when `model.pretrained` is set, with LoRA
+    adapters when `model.lora.r > 0`) with the non-trainable tensors frozen, and the names of
+    the tensors that travel (the wire). Every party passes the experiment seed."""
     model = build_model(cfg, spec, seed=seed)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained, cfg, spec)
-    names = trainable_names(model, cfg.trainable)
+    if cfg.lora.r <= 0:
+        names = trainable_names(model, cfg.trainable)
+        freeze_except(model, names)
+        return model, names
+    prefixes = trainable_modules(model, cfg.trainable) or []
+    adapters = add_lora(model, cfg.lora, seed)
+    keys = list(model.state_dict())
+    chosen = set(adapters) | set(_select(keys, prefixes))
+    names = [k for k in keys if k in chosen]  # state_dict order
     freeze_except(model, names)
     return model, names

@@ -34,18 +34,18 @@ def run_config(run_dir: Path) -> ExperimentConfig:
 
 def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:
     from app.data import data_spec
-    from app.finetune import build_finetune_model
+    from app.finetune import build_finetune_model, merged_model
     from app.models import get_weights, set_weights
     from clients.he_encryption import decrypt_model
 
     cfg = run_config(run_dir)
     # Fine-tuning: frozen tensors come from the checkpoint, only the trainable ones were encrypted.
-    model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset))
+    model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset), seed=cfg.seed)
     with np.load(run_dir / ENCRYPTED_MODEL_FILE) as stored:
         payload = [stored["header"], stored["ciphertexts"]]
     shapes = [a.shape for a in get_weights(model, wire)]
     set_weights(model, decrypt_model(load_context(secret_context), payload, shapes), wire)
-    torch.save(model.state_dict(), out)
+    torch.save(merged_model(model).state_dict(), out)  # LoRA: adapters merged, as model.pt
     return out
 
 

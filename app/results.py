@@ -4,8 +4,9 @@
 - `results.json`: `{"rounds": [...], "final": {...}}`, rewritten after every round so a run
   that dies still leaves what it measured (parts that were not measured are omitted);
 - `metrics.png`: accuracy and loss per round;
-- `model.pt`: the final global model's state_dict; under secagg=he the server cannot decrypt
-  it and writes `model_encrypted.npz` (the payload) instead.
+- `model.pt`: the final global model's state_dict (LoRA: adapters merged, app/finetune.py);
+  under secagg=he the server cannot decrypt it and writes `model_encrypted.npz` (the payload)
+  instead.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from app.data import centralized_test_split, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.edge_model import export_int8
 from app.experiment_server import ExperimentServer, NodeTrackingClientManager
-from app.finetune import build_finetune_model
+from app.finetune import build_finetune_model, merged_model
 from app.models import get_weights, num_parameters, set_weights
 from app.results import RunRecorder
 from strategies.factory import build_strategy
@@ -105,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     device = resolve_device(cfg.training.device)
     # Fine-tuning: both start from the checkpoint; only `wire` tensors travel (app/finetune.py).
     model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
-    eval_model = build_finetune_model(cfg.model, spec)[0].to(device)
+    eval_model = build_finetune_model(cfg.model, spec, seed=cfg.seed)[0].to(device)
 
     def evaluate_centrally(server_round, weights, config):
         set_weights(eval_model, weights, wire)
@@ -157,11 +157,13 @@ def main(grid: Grid, context: Context) -> None:
     encrypted = final_arrays if is_payload(final_arrays) else None
     if encrypted is None:
         set_weights(model, final_arrays, wire)
+    # LoRA: the deployable model has the adapters merged into the base layers (app/finetune.py).
+    deployable = merged_model(model)
     rounds = recorder.rounds
     final: dict = {
         "rounds_completed": server.rounds_completed,
         "stop_reason": server.stop_reason,
-        "num_parameters": num_parameters(model),
+        "num_parameters": num_parameters(deployable),
         "num_trainable_parameters": sum(a.size for a in get_weights(model, wire)),
         "num_supernodes": nodes,
         "seconds_total": time.perf_counter() - started,
@@ -181,14 +183,14 @@ def main(grid: Grid, context: Context) -> None:
         # Edge inference copy (app/edge_model.py); evaluated on CPU, where int8 kernels run.
         cpu = torch.device("cpu")
         final["int8_model"] = export_int8(
-            model,
+            deployable,
             output_dir,
             lambda m: evaluate(m, test_data, spec.task, cpu),
         )
     he_rounds = [r["secagg"] for r in rounds if "bytes_per_parameter_up" in r.get("secagg", {})]
     if he_rounds:
         final["secagg"] = he_rounds[-1]
-    recorder.finish(final, None if encrypted else model, encrypted_model=encrypted)
+    recorder.finish(final, None if encrypted else deployable, encrypted_model=encrypted)
     # Under HE the server cannot evaluate the final model: report the federated evaluation.
     evaluated = "" if "centralized" in final else "federated "
     summary = " | ".join(

@@ -9,7 +9,8 @@ has seen only the public split. Measured:
 1. compression none / fp16 / int8 (from scratch, all tensors): bytes up and down per round
    (comm in results.json: the serialized arrays that crossed) and final accuracy;
 2. rounds until the centralized accuracy first reaches 0.9, from scratch vs from the
-   checkpoint with `model.trainable=head` (round 0: the initial model);
+   checkpoint with `model.trainable=head` (round 0: the initial model), and from the checkpoint
+   with LoRA adapters on both Linear layers (`model.lora.r=4`: only the 808 adapter values travel);
 3. `secagg=he` bytes per round with all tensors vs only the head encrypted (2 rounds each);
 4. the int8 edge model of every plaintext run: size on disk and accuracy next to model.pt's;
 5. the capability workload (capabilities 1, 0.5, 0.25) vs uniform: simulated round time
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp16": f"compression=fp16 num_rounds={args.rounds}",
         "int8": f"compression=int8 num_rounds={args.rounds}",
         "head": f"model.pretrained={ckpt} model.trainable=head num_rounds={args.rounds}",
+        "lora": f"model.pretrained={ckpt} model.lora.r=4 num_rounds={args.rounds}",
         "capability": f"workload=capability num_rounds={args.rounds}",
         "he_all": "secagg=he num_rounds=2",
         "he_head": f"secagg=he model.pretrained={ckpt} model.trainable=head num_rounds=2",
@@ -125,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({'baseline' if name == 'none' else f'{ratio:.2f}x fewer'}) "
             f"| {per_round(results[name], 'bytes_down'):,.0f} | {acc(name):.4f} | {rounds_to(results[name], TARGET)} |"
         )
-    lines.append(
-        f"| fine-tuning | from the checkpoint, `model.trainable=head` | {per_round(results['head'], 'bytes_up'):,.0f} "
-        f"| {per_round(results['head'], 'bytes_down'):,.0f} | {acc('head'):.4f} | {rounds_to(results['head'], TARGET)} |"
-    )
+    for name, what in (("head", "`model.trainable=head`"), ("lora", "LoRA adapters, `model.lora.r=4`")):
+        lines.append(
+            f"| fine-tuning | from the checkpoint, {what} | {per_round(results[name], 'bytes_up'):,.0f} "
+            f"| {per_round(results[name], 'bytes_down'):,.0f} | {acc(name):.4f} | {rounds_to(results[name], TARGET)} |"
+        )
     for name, what in (("he_all", "all 4,810 values encrypted"), ("he_head", "head only (650 values) encrypted")):
         lines.append(
             f"| `secagg=he` | {what} | {per_round(results[name], 'bytes_up'):,.0f} "
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "| run | model.pt bytes | model_int8.pt bytes | ratio | accuracy fp32 | accuracy int8 |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("none", "fp16", "int8", "head", "capability"):
+    for name in ("none", "fp16", "int8", "head", "lora", "capability"):
         f = results[name]["final"]
         q = f["int8_model"]
         lines.append(

@@ -125,8 +125,6 @@ def test_compression_combinations_that_cannot_work_fail_at_config_time():
         load_config("workload=capability workload.capabilities=[1.0,0.0]")
     with pytest.raises(ConfigError, match="workload=uniform with privacy=dpsgd"):
         load_config("workload=capability privacy=dpsgd")
-    with pytest.raises(ConfigError, match="LoRA adapters are not implemented"):
-        load_config("model.lora.r=4")
 
 
 def test_int8_model_is_3x_smaller_on_disk_and_within_a_point(tmp_path):
