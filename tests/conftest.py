@@ -90,3 +90,17 @@ def flower(tmp_path_factory):
     finally:
         env.stop()
         assert not processes_with_env("FLWR_HOME", str(env.home)), "processes left running"
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(tmp_path_factory) -> Path:
+    """The README's pretrain command, run once for the end-to-end fine-tuning tests."""
+    import sys
+
+    ckpt = tmp_path_factory.mktemp("pretrained") / "ckpt.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.pretrain", "--out", str(ckpt), "dataset.public_fraction=0.2"],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_DIR,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ckpt

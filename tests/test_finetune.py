@@ -124,22 +124,17 @@ def test_under_he_only_the_trainable_tensors_are_encrypted(checkpoint, tmp_path)
 
 
 @pytest.mark.slow
-def test_federated_fine_tuning_of_the_head_with_int8_updates_end_to_end(flower, tmp_path):
+def test_federated_fine_tuning_of_the_head_with_int8_updates_end_to_end(
+    flower, tmp_path, pretrained_checkpoint
+):
     """The README's commands: pretrain on the public split, then `flwr run` fine-tuning the
     head from it with int8 updates and the capability workload. Exactly the head's bytes travel
     down and its int8 form up; the final model keeps the checkpoint's frozen tensors."""
     import json
-    import subprocess
-    import sys
 
     from flwr.common import ndarray_to_bytes
 
-    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "ft"
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.pretrain", "--out", str(ckpt), "dataset.public_fraction=0.2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt, out = pretrained_checkpoint, tmp_path / "ft"
     proc = flower.run(
         f"dataset.public_fraction=0.2 model.pretrained={ckpt} model.trainable=head "
         f"compression=int8 workload=capability num_rounds=2 output_dir={out}",

@@ -5,8 +5,6 @@ HE), the base never changes, and the saved model is the merged one."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -151,16 +149,11 @@ def test_lora_config_errors():
 
 
 @pytest.mark.slow
-def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path):
+def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path, pretrained_checkpoint):
     """The README's LoRA commands: pretrain on the public split, then `flwr run` with
     model.lora.r=4. Only adapter bytes travel each way; model.pt is the merged model (base
     names), different from the checkpoint; it reaches 90% accuracy on digits in 3 rounds."""
-    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "lora"
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.pretrain", "--out", str(ckpt), "dataset.public_fraction=0.2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt, out = pretrained_checkpoint, tmp_path / "lora"
     proc = flower.run(
         f"dataset.public_fraction=0.2 model.pretrained={ckpt} model.lora.r=4 "
         f"num_rounds=3 output_dir={out}",
