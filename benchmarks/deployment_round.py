@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,44 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_all(home: Path) -> None:
-    """Stop every process whose environment carries FLWR_HOME=home (all we started)."""
-    needle = f"FLWR_HOME={home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
+from app.processes import free_port, isolated_flower_env, stop_flower  # noqa: E402
 
 
 def base_env(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
+    return {**os.environ, **isolated_flower_env(home)}
 
 
 def flwr_run(env: dict, target: list[str], overrides: str) -> None:
@@ -84,7 +50,7 @@ def simulate(work: Path, n: int, overrides: str) -> dict:
         flwr_run(env, ["--federation-config", f"num-supernodes={n} client-resources-num-cpus=1"],
                  f"{overrides} output_dir={work / 'sim'}")  # fmt: skip
     finally:
-        stop_all(home)
+        stop_flower(home)
     return json.loads((work / "sim" / "results.json").read_text())
 
 
@@ -140,7 +106,7 @@ def deploy(work: Path, n: int, overrides: str) -> dict:
                 raise RuntimeError(f"SuperNode {i} did not connect; see {work}/supernode-{i}.log")
         flwr_run(env, ["bench"], f"{overrides} output_dir={work / 'dep'}")
     finally:
-        stop_all(home)
+        stop_flower(home)
         for log in logs:
             log.close()
     return json.loads((work / "dep" / "results.json").read_text())

@@ -23,38 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app.processes import isolated_flower_env, stop_flower  # noqa: E402
 
 TARGET = 0.9
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_flower(home: str) -> None:
-    """Stop the SuperLink, simulation and Ray processes started with FLWR_HOME=home, by PID."""
-    needle = f"FLWR_HOME={home}".encode()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(entry.name), sig)
-            except (OSError, ProcessLookupError):
-                continue
-        time.sleep(3)
 
 
 def rounds_to(results: dict, target: float) -> int | None:
@@ -80,13 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="finetuning-bench-"))
     home = str(work / "flwr_home")
-    os.environ.update(
-        FLWR_HOME=home,
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-    )
+    os.environ.update(isolated_flower_env(home))
     from app.pretrain import pretrain
     from app.sweep import run_experiment
 
@@ -110,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- {name}: {overrides}", flush=True)
             results[name] = run_experiment(f"{common} {overrides}", work / name)
     finally:
-        _stop_flower(home)
+        stop_flower(home)
 
     def acc(name):
         return results[name]["final"]["centralized"]["accuracy"]

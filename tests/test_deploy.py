@@ -33,7 +33,10 @@ from app import deploy
 from app.config import load_config
 from app.data import load_client_data, load_file_data
 from app.he_context import load_context
-from conftest import PROJECT_DIR, _free_port, processes_with_env, stop_processes
+from conftest import PROJECT_DIR
+
+from app.processes import free_port as _free_port
+from app.processes import processes_with_env, stop_processes
 
 README_STEPS = ("credentials", "data", "superlink", "connection", "register", "supernode", "run",
                 "run-he", "decrypt")

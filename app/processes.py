@@ -1,0 +1,73 @@
+"""The processes a local Flower setup starts, found and stopped by PID.
+
+`flwr run` leaves a detached SuperLink (and Ray, SuperExec, simulation processes) running;
+tests and benchmarks give each setup its own FLWR_HOME and ports, then stop every process
+whose environment carries that FLWR_HOME (inherited by every descendant). Flower has no
+command that stops the local SuperLink it started, so this is written here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_flower_env(home: Path | str) -> dict[str, str]:
+    """Environment variables for a Flower setup of its own: home, ports, no runtime
+    dependency installation, no update check."""
+    return {
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs whose environment has key=value (inherited by every descendant, Ray included)."""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_processes(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is left after `grace` seconds; reap our own children."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            for pid in pids:  # reap our own children so they do not linger as zombies
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            time.sleep(0.1)
+
+
+def stop_flower(home: Path | str) -> None:
+    """Stop every process started with FLWR_HOME=home."""
+    stop_processes(processes_with_env("FLWR_HOME", str(home)))
