@@ -134,9 +134,18 @@ class PrivacyConfig:
     clipping_norm: float = 1.0  # C: L2 bound of a client's update (adaptive: initial value)
     target_delta: float = 1e-5
     epsilon_budget: float | None = None  # stop before a round that would exceed it
-    accounting: str = "poisson"  # poisson | without_replacement (see privacy_accounting.py)
-    noise_seed: int | None = None  # null: fresh OS entropy; an int makes the noise reproducible
-    secure_noise: bool = False  # CSPRNG noise (os.urandom); overrides noise_seed
+    # How clients are sampled and accounted (strategies/privacy_accounting.py): poisson (each
+    # client joins with q = m/N; add/remove neighbours) | without_replacement (exactly m;
+    # replace-one neighbours). auto: poisson, or without_replacement under secagg=he.
+    accounting: str = "auto"
+    # null: noise from the OS CSPRNG (the default). An int makes every noise draw reproducible
+    # from the config, i.e. no privacy against anyone who reads it: refused unless forced.
+    noise_seed: int | None = None
+    allow_reproducible_noise: bool = False  # tests and benchmarks only
+    # Send/record metrics that no accountant covers (train loss, update norms, example counts,
+    # clipped counts, federated evaluation on the clients' data). Named in results'
+    # privacy.not_covered when on.
+    unprotected_metrics: bool = False
     # adaptive clipping (Andrew et al. 2021)
     target_quantile: float = 0.5
     clip_norm_lr: float = 0.2
@@ -227,7 +236,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("linear", "mlp", "cnn"),
     "strategy.name": ("fedavg", "fedavgm", "fedprox", "fedadam"),
     "privacy.name": ("none", "server_fixed", "client_fixed", "adaptive", "local", "dpsgd"),
-    "privacy.accounting": ("poisson", "without_replacement"),
+    "privacy.accounting": ("auto", "poisson", "without_replacement"),
     "secagg.name": ("none", "he"),
     "training.optimizer": ("sgd", "adam"),
     "training.device": ("auto", "cpu", "cuda"),
@@ -315,6 +324,8 @@ def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
         typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, ())) from err
+    if typed.privacy.accounting == "auto":  # the sampling that the secagg path can run
+        typed.privacy.accounting = "without_replacement" if typed.secagg.name == "he" else "poisson"
     _check_values(typed)
     return typed
 
@@ -363,6 +374,31 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
         "privacy.epsilon_budget",
         "must be > 0, or null for no budget",
     )
+    require(
+        p.epsilon_budget is None or p.noise_multiplier > 0,
+        "privacy.noise_multiplier",
+        "noise_multiplier=0 releases updates without noise (epsilon = inf), so no round fits "
+        "an epsilon_budget: set noise_multiplier > 0 or drop the budget",
+    )
+    require(
+        p.noise_seed is None or p.allow_reproducible_noise,
+        "privacy.noise_seed",
+        "a noise seed in the config makes every noise draw reproducible by whoever reads the "
+        "config, which voids the privacy guarantee: leave it null (OS CSPRNG), or force it for "
+        "a test or benchmark with privacy.allow_reproducible_noise=true",
+    )
+    require(
+        p.noise_seed is None or p.noise_seed >= 0,
+        "privacy.noise_seed",
+        "must be >= 0 (or null)",
+    )
+    if p.name in ("server_fixed", "client_fixed", "adaptive"):
+        require(
+            not (cfg.secagg.name == "he" and p.accounting == "poisson"),
+            "privacy.accounting",
+            "secagg=he samples a fixed-size cohort (an empty Poisson cohort would need a "
+            "ciphertext no client sent): use privacy.accounting=without_replacement or auto",
+        )
     if p.name in ("server_fixed", "client_fixed", "adaptive", "local"):
         n = cfg.simulation.num_supernodes
         require(
@@ -405,11 +441,6 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
             p.target_epsilon is not None or p.noise_multiplier > 0,
             "privacy.noise_multiplier",
             "DP-SGD needs noise: noise_multiplier > 0 or a target_epsilon",
-        )
-        require(
-            not p.secure_noise,
-            "privacy.secure_noise",
-            "Opacus' secure mode needs torchcsprng, which is not installed with this package",
         )
         require(
             cfg.strategy.name != "fedprox",

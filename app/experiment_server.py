@@ -102,6 +102,15 @@ class ExperimentServer(Server):
         self.rounds_completed = 0
         self.stop_reason = "not started"
 
+    def fit_round(self, server_round: int, timeout: float | None):
+        """Flower's round, plus the round whose Poisson cohort was empty: under client-level
+        DP that round still releases (noise alone), so the strategy aggregates no results."""
+        res = super().fit_round(server_round=server_round, timeout=timeout)
+        if res is None and self.strategy.empty_round(server_round):
+            parameters, metrics = self.strategy.aggregate_fit(server_round, [], [])
+            return parameters, metrics, ([], [])
+        return res
+
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         history = History()
         self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)

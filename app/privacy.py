@@ -28,9 +28,13 @@ class NormalSource(Protocol):
 class SecureGaussian:
     """Gaussian noise from the OS CSPRNG (`os.urandom`) by the Box-Muller transform.
 
-    NumPy's generators are fast but predictable from their state; this is the production
-    choice, like Opacus' `secure_mode` (which needs torchcsprng). As there, the floating-point
-    attacks on the Gaussian's tails (Mironov 2012) are not addressed.
+    The default noise source of every DP mechanism here. NumPy's generators are fast but
+    predictable from their state (and a seed in a config is known to everyone who reads it),
+    so they are used only when a test or benchmark asks for reproducible noise
+    (`privacy.noise_seed` with `privacy.allow_reproducible_noise=true`). Written here because
+    neither NumPy nor `cryptography` offers Gaussian draws from a CSPRNG, and Opacus' secure
+    mode needs torchcsprng, which is not published for this torch. As there, the
+    floating-point attacks on the Gaussian's tails (Mironov 2012) are not addressed.
     """
 
     def normal(self, loc: float, scale: float, size: Any = ()) -> np.ndarray:
@@ -49,9 +53,10 @@ class SecureGaussian:
         return (bits.astype(np.float64) + 1.0) * 2.0**-53  # in (0, 1], so log() is finite
 
 
-def make_noise_source(seed: int | None, secure: bool) -> NormalSource:
-    """CSPRNG in secure mode; else NumPy's generator, seeded (tests) or from OS entropy."""
-    return SecureGaussian() if secure else np.random.default_rng(seed)
+def make_noise_source(seed: int | None) -> NormalSource:
+    """The OS CSPRNG; a seeded NumPy generator only when a seed is given (tests and
+    benchmarks: config validation refuses a seed unless reproducible noise is forced)."""
+    return SecureGaussian() if seed is None else np.random.default_rng(seed)
 
 
 def l2_norm(arrays: list[np.ndarray]) -> float:
@@ -71,9 +76,11 @@ def clip_update(update: list[np.ndarray], clipping_norm: float) -> tuple[list[np
 
 
 def local_dp_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
-    """Epsilon of a client that released `releases` clipped updates, each with its own
-    N(0, (z C)^2) noise (local DP: no amplification by sampling, since the client knows it
-    took part). Flower's RdpAccountant composes the releases."""
+    """RDP epsilon of a client that released `releases` clipped updates, each with its own
+    N(0, (z C)^2) noise. Local DP protects any two inputs of the client (replace-one: its
+    whole data set for another), whose clipped updates can differ by 2C, so each release is a
+    Gaussian of multiplier z/2 per unit sensitivity; no amplification by sampling, since the
+    client knows it took part. Flower's RdpAccountant composes the releases."""
     if releases == 0:
         return 0.0
     from flwr.serverapp import (
@@ -88,9 +95,31 @@ def local_dp_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
         PrivacyConfig(
             target_delta=delta,
             population_size=1,
+            # Flower accepts no-amplification only with this label; the relation's effect is
+            # the sensitivity, carried by z/2 (a Gaussian's RDP depends on sensitivity/std).
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
         )
     )
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), count=releases)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier / 2, 1, 1), count=releases)
     return accountant.get_epsilon(delta)
+
+
+def pld_epsilon(events: list[tuple[float, float, int]], delta: float, relation: str) -> float:
+    """dp-accounting's PLD epsilon of `events`, each (q, z, count): count Poisson-sampled
+    Gaussians of multiplier z (q = 1: no sampling). `relation` is add_or_remove_one or
+    replace_one; the PLD accountant applies the replace-one sensitivity of 2 itself."""
+    import dp_accounting
+    from dp_accounting import pld
+    from dp_accounting.privacy_accountant import NeighboringRelation as Relation
+
+    accountant = pld.PLDAccountant(
+        neighboring_relation=getattr(Relation, relation.upper()),
+        value_discretization_interval=1e-3,
+    )
+    for q, z, count in events:
+        event = dp_accounting.GaussianDpEvent(z)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, count)
+    return float(accountant.get_epsilon(delta))

@@ -159,12 +159,25 @@ class TorchClient(NumPyClient):
         )
         if result.train_accuracy is not None:
             metrics["train_accuracy"] = result.train_accuracy
+        num_examples = result.num_examples
+        if self.protected:
+            # Only what an accountant covers leaves the client: its epsilon. Loss, accuracy,
+            # update norm, step counts and the example count (the FedAvg weight, which under
+            # add/remove neighbours reveals membership by itself) stay here; the mean over
+            # clients is uniform. privacy.unprotected_metrics=true sends them (not covered).
+            metrics = {k: v for k, v in metrics.items() if k == EPSILON_METRIC}
+            num_examples = 1
         if he is not None:
-            weight = 1 if ins.he_uniform_weight else result.num_examples
+            weight = 1 if ins.he_uniform_weight or self.protected else result.num_examples
             weights = encrypt_update(he, weights, weight, ins.he_round)
         elif ins.compression is not None:
             weights = compress_update(parameters, weights, ins.compression, np.random.default_rng(seed))
-        return weights, result.num_examples, metrics
+        return weights, num_examples, metrics
+
+    @property
+    def protected(self) -> bool:
+        """Under any privacy mode, send nothing unaccounted unless the user opted in."""
+        return self.privacy.name != "none" and not self.privacy.unprotected_metrics
 
     # ------------------------------------------------------------------ secagg=he
     def _he_context(self, config: dict[str, Scalar]) -> HEContext:
@@ -209,11 +222,8 @@ class TorchClient(NumPyClient):
         metrics: dict[str, Scalar] = {UPDATE_NORM_METRIC: l2_norm(update)}
         update, _ = clip_update(update, ins.clipping_norm)
         if ins.local_noise_multiplier is not None:
-            noise_seed = self.privacy.noise_seed
-            noise = make_noise_source(
-                None if noise_seed is None else noise_seed * 1_000_003 + seed,
-                self.privacy.secure_noise,
-            )
+            noise_seed = self.privacy.noise_seed  # refused by config unless forced
+            noise = make_noise_source(None if noise_seed is None else noise_seed * 1_000_003 + seed)
             std = ins.local_noise_multiplier * ins.clipping_norm
             update = [(u + noise.normal(0.0, std, u.shape)).astype(u.dtype) for u in update]
             releases = self._bump_local_releases()
@@ -252,6 +262,12 @@ class TorchClient(NumPyClient):
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
+        if self.protected:
+            raise PermissionError(
+                f"federated evaluation under privacy={self.privacy.name} would send loss and "
+                "accuracy on this client's data, which no accountant covers: the server does "
+                "not ask for it unless privacy.unprotected_metrics=true"
+            )
         if is_payload(parameters):
             parameters = self._plaintext(parameters, self._he_context(config))
         set_weights(self.model, parameters, self.wire_names)

@@ -48,10 +48,12 @@ from app.privacy import (
     EPSILON_METRIC,
     LOCAL_NOISE_KEY,
     NormalSource,
+    SecureGaussian,
     clip_update,
     l2_norm,
 )
 from strategies.privacy_accounting import ClientLevelAccountant, Release
+from strategies.sampling import PrivateCohort
 from strategies.wrapper import StrategyWrapper
 
 # Slack for float error when checking a client-clipped update's norm.
@@ -72,6 +74,7 @@ class ClientLevelDP(StrategyWrapper):
         sampling: str = "poisson",
         noise: NormalSource | None = None,
         metrics_fn=None,
+        unprotected_metrics: bool = False,
     ) -> None:
         super().__init__(strategy)
         if noise_multiplier < 0:
@@ -85,12 +88,17 @@ class ClientLevelDP(StrategyWrapper):
         self.target_delta = target_delta
         self.epsilon_budget = epsilon_budget
         self.sampling = sampling
-        self.noise = noise if noise is not None else np.random.default_rng()
+        if sampling not in ("poisson", "without_replacement"):
+            raise ValueError(f"sampling={sampling!r}: use poisson or without_replacement")
+        # Privacy noise comes from the OS CSPRNG unless a test injects a seeded generator.
+        self.noise = noise if noise is not None else SecureGaussian()
         self.metrics_fn = metrics_fn
+        self.unprotected_metrics = unprotected_metrics
         self.accountant: ClientLevelAccountant | None = None
         self._global: dict[int, NDArrays] = {}
         self._sampled: dict[int, int] = {}
         self._reports: dict[int, dict[str, Any]] = {}
+        self._empty_rounds: set[int] = set()
         self._stop: str | None = None
 
     def __repr__(self) -> str:
@@ -119,33 +127,38 @@ class ClientLevelDP(StrategyWrapper):
         """Subclasses adapt state (the adaptive clipping norm) here."""
 
     # ------------------------------------------------------------------ Flower strategy API
+    def expected_cohort(self, population: int) -> int:
+        """m: the clients Flower's strategy would sample of `population` (fraction_train,
+        min_train_clients). Poisson sampling uses q = m/N; fixed-size sampling draws m."""
+        num_fit_clients = getattr(self.strategy, "num_fit_clients", None)
+        return num_fit_clients(population)[0] if num_fit_clients else population
+
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         population = client_manager.num_available()
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        if not instructions:
-            return instructions
-        sampled = len(instructions)
+        m = min(self.expected_cohort(population), population)
+        if m <= 0:
+            return []
         if self.noise_multiplier > 0:
             if self.accountant is None:
-                self.accountant = ClientLevelAccountant(
-                    population, sampled, self.target_delta, self.sampling, self.epsilon_budget
-                )
                 if self.target_delta >= 1 / population:
                     raise ValueError(
                         f"privacy.target_delta={self.target_delta} is not below 1/N = "
                         f"1/{population} connected clients: with delta that large one "
                         "client's data may be released outright; use delta << 1/N"
                     )
-            elif (population, sampled) != (
+                self.accountant = ClientLevelAccountant(
+                    population, m, self.target_delta, self.sampling, self.epsilon_budget
+                )
+            elif (population, m) != (
                 self.accountant.config.population_size,
                 self.accountant.sample_size,
             ):
                 log(
                     WARNING,
-                    "Round %s samples %d of %d clients, but the accountant assumes %d of %d "
+                    "Round %s expects %d of %d clients, but the accountant assumes %d of %d "
                     "every round: the reported epsilon does not describe this round",
                     server_round,
-                    sampled,
+                    m,
                     population,
                     self.accountant.sample_size,
                     self.accountant.config.population_size,
@@ -159,19 +172,32 @@ class ClientLevelDP(StrategyWrapper):
                 )
                 log(INFO, "Stopping before round %s: %s", server_round, self._stop)
                 return []
+        poisson = self.sampling == "poisson"
+        cohort = PrivateCohort(client_manager, poisson_rate=m / population if poisson else None)
+        instructions = super().configure_fit(server_round, parameters, cohort)
         self.remember_global(server_round, parameters)
-        self._sampled[server_round] = sampled
+        # The mean divides by m: the exact cohort (fixed size) or its expectation q*N
+        # (Poisson), a public constant, so the cohort's actual size is never released.
+        self._sampled[server_round] = m
+        if not instructions and poisson:
+            # An empty Poisson cohort is a round of the analysed mechanism: the server
+            # releases noise alone (ExperimentServer calls aggregate_fit with no results).
+            self._empty_rounds.add(server_round)
+            log(INFO, "Round %s: the Poisson cohort is empty; releasing noise only", server_round)
         extra = self.client_config()
         for _, ins in instructions:
             ins.config.update(extra)
         return instructions
+
+    def empty_round(self, server_round: int) -> bool:
+        return server_round in self._empty_rounds or super().empty_round(server_round)
 
     def stop_reason(self) -> str | None:
         return self._stop or super().stop_reason()
 
     def aggregate_fit(self, server_round, results, failures):
         global_weights = self._global.get(server_round)
-        if global_weights is None or not results:
+        if global_weights is None or not (results or server_round in self._empty_rounds):
             return None, {}
         bounded: list[NDArrays] = []
         clipped: list[bool] = []
@@ -186,20 +212,22 @@ class ClientLevelDP(StrategyWrapper):
                 continue
             bounded.append(outcome[0])
             clipped.append(outcome[1])
-        if not bounded:
+        if not bounded and server_round not in self._empty_rounds:
             return None, {}
         m = self._sampled[server_round]
         std = self.noise_std()
         mean_update = []
         for i, g in enumerate(global_weights):
-            total = np.sum([u[i] for u in bounded], axis=0, dtype=np.float64)
+            total = np.zeros(g.shape, dtype=np.float64)
+            for u in bounded:
+                total += u[i]
             if std > 0:
                 total = total + self.noise.normal(0.0, std, g.shape)
             mean_update.append((total / m).astype(g.dtype))
         private = [g + u for g, u in zip(global_weights, mean_update)]
         # The inner strategy sees one (already private) result: FedAvg returns it as is,
         # server optimizers treat it as their pseudo-gradient target.
-        proxy0 = results[0][0]
+        proxy0 = results[0][0] if results else None
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(private), 1, {})
         parameters, _ = self.strategy.aggregate_fit(server_round, [(proxy0, single)], failures)
         if self.accountant is not None:
@@ -207,7 +235,7 @@ class ClientLevelDP(StrategyWrapper):
         self._reports[server_round] = self._privacy_report(clipped, len(bounded), m)
         self.after_round(server_round, clipped)
         metrics = {}
-        if self.metrics_fn is not None:
+        if self.metrics_fn is not None and results:
             metrics = self.metrics_fn([(res.num_examples, res.metrics) for _, res in results])
         return parameters, metrics
 
@@ -215,18 +243,29 @@ class ClientLevelDP(StrategyWrapper):
         return self.noise_multiplier * self.clipping_norm
 
     def _privacy_report(self, clipped: list[bool], received: int, sampled: int) -> dict:
+        """What the round released and what it cost. Counts computed from the clients' data
+        (how many were clipped) are left out unless the user opted into unprotected metrics;
+        what is in the results but outside the guarantee is named in `not_covered`."""
         report: dict[str, Any] = {
             "mechanism": type(self).__name__,
             "noise_multiplier": self.noise_multiplier,
             "clipping_norm": self.clipping_norm,
-            "clients_sampled": sampled,
+            "sampling": self.sampling,
+            "cohort_divisor": sampled,
             "clients_aggregated": received,
-            "clients_clipped": int(sum(clipped)),
         }
+        not_covered = [
+            "clients_aggregated and clients.trained/failed: the real cohort (an operator record; "
+            "the released model divides by cohort_divisor)"
+        ]
+        if self.unprotected_metrics and clipped:
+            report["clients_clipped"] = int(sum(clipped))
+            not_covered.append("clients_clipped: exact count, no noise (opted in)")
         if self.accountant is not None:
             report.update(self.accountant.report())
         else:  # z = 0: no privacy
             report.update({"epsilon": float("inf"), "delta": self.target_delta})
+        report["not_covered"] = not_covered
         return report
 
     def round_report(self, server_round: int) -> dict[str, Any]:
@@ -283,6 +322,10 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
 
         if not isinstance(strategy, HomomorphicAggregation):
             raise TypeError("EncryptedClientSideClipping wraps a HomomorphicAggregation")
+        if kwargs.get("sampling", "poisson") != "without_replacement":
+            # An empty Poisson cohort must still release noise, which needs a ciphertext
+            # of the global model that no client sent: not supported under HE.
+            raise ValueError("secagg=he samples a fixed-size cohort: use sampling=without_replacement")
         super().__init__(strategy, **kwargs)
         strategy.uniform_weights = True
         strategy.noise = self.noise
@@ -300,7 +343,7 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
             self.accountant.spend(self.releases())
         received = self.strategy.aggregated[server_round]
         report = self._privacy_report([], received, self._sampled[server_round])
-        del report["clients_clipped"]  # clients clip under HE; the server cannot see norms
+        report.pop("clients_clipped", None)  # clients clip under HE; the server sees no norm
         self._reports[server_round] = report
         return parameters, metrics
 
@@ -312,8 +355,9 @@ class AdaptiveClipping(ClientLevelDP):
     Each round also releases the noised count of unclipped clients: sum_i (b_i - 1/2) +
     N(0, sigma_b^2) with b_i = [||update_i|| <= C], sensitivity 1/2 (noise multiplier
     2 sigma_b). The update noise z_delta is raised so that the two releases together cost what
-    one release at the configured z would: (z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z. The
-    accountant composes both releases every round.
+    one release at the configured z would: (z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z. Both come
+    from the same cohort, so the accountant composes them as one sampled Gaussian of that
+    joint multiplier per round (composing two independently sampled events under-reports).
     """
 
     def __init__(
@@ -346,10 +390,10 @@ class AdaptiveClipping(ClientLevelDP):
         return super().configure_fit(server_round, parameters, client_manager)
 
     def releases(self) -> list[Release]:
-        return [
-            Release(self.update_noise_multiplier, "update"),
-            Release(2 * self.clipped_count_stddev, "clipped_count"),
-        ]
+        """The noised update and the noised count come from the same cohort: one sampled
+        Gaussian whose joint multiplier (z_u^-2 + (2 sigma_b)^-2)^-1/2 is the configured z."""
+        joint = (self.update_noise_multiplier**-2 + (2 * self.clipped_count_stddev) ** -2) ** -0.5
+        return [Release(joint, "update+clipped_count")]
 
     def noise_std(self) -> float:
         return self.update_noise_multiplier * self.clipping_norm
@@ -374,10 +418,18 @@ class ClientReportedPrivacy(StrategyWrapper):
     step it took). The server sends the local-DP parameters, keeps the inner aggregation and
     reports the largest and the mean client epsilon of the round."""
 
-    def __init__(self, strategy, *, target_delta: float, client_config: dict | None = None):
+    def __init__(
+        self,
+        strategy,
+        *,
+        target_delta: float,
+        client_config: dict | None = None,
+        unprotected_metrics: bool = False,
+    ):
         super().__init__(strategy)
         self.target_delta = target_delta
         self.client_config = dict(client_config or {})
+        self.unprotected_metrics = unprotected_metrics
         self._reports: dict[int, dict[str, Any]] = {}
         self._max_epsilon = 0.0
 
@@ -396,13 +448,32 @@ class ClientReportedPrivacy(StrategyWrapper):
         ]
         if epsilons:
             self._max_epsilon = max(self._max_epsilon, *epsilons)
+            local = LOCAL_NOISE_KEY in self.client_config
+            not_covered = [
+                "clients.trained/failed: who took part (an operator record)",
+            ]
+            if not local:
+                not_covered.append(
+                    "each client's epsilon depends on its sampling rate 1/ceil(n/batch_size), "
+                    "so it reveals its data set size to within a batch"
+                )
+            if self.unprotected_metrics:
+                not_covered.append(
+                    "train metrics, example counts and federated evaluation (opted in)"
+                )
             self._reports[server_round] = {
-                "mechanism": "local" if LOCAL_NOISE_KEY in self.client_config else "dpsgd",
+                "mechanism": "local" if local else "dpsgd",
                 "epsilon": self._max_epsilon,  # worst client so far: the run's guarantee
                 "epsilon_round_max": max(epsilons),
                 "epsilon_round_mean": float(np.mean(epsilons)),
                 "delta": self.target_delta,
                 "accounting": "per client",
+                "neighbouring": (
+                    "replace one client's data set (local DP: any two inputs of a client)"
+                    if local
+                    else "add or remove one example of a client (DP-SGD)"
+                ),
+                "not_covered": not_covered,
             }
         return super().aggregate_fit(server_round, results, failures)
 

@@ -75,11 +75,14 @@ def build_strategy(
     """`he_context` (secagg=he): the public context; `he_client_config`: extra instructions
     for clients (in simulation, where the run's secret context lies)."""
     s = cfg.strategy
+    # Federated evaluation computes loss and accuracy on the clients' own data and no
+    # accountant covers it: under DP it runs only when the user opts into unprotected metrics.
+    fraction_evaluate = s.fraction_evaluate if federated_evaluation_allowed(cfg) else 0.0
     common = dict(
         fraction_fit=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
+        fraction_evaluate=fraction_evaluate,
         min_fit_clients=s.min_train_clients,
-        min_evaluate_clients=s.min_evaluate_clients if s.fraction_evaluate > 0 else 0,
+        min_evaluate_clients=s.min_evaluate_clients if fraction_evaluate > 0 else 0,
         min_available_clients=s.min_available_clients,
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=fit_config_fn(cfg),
@@ -117,6 +120,10 @@ def build_strategy(
     return TrafficMeter(Workload(plain, cfg.workload.name))
 
 
+def federated_evaluation_allowed(cfg: ExperimentConfig) -> bool:
+    return cfg.privacy.name == "none" or cfg.privacy.unprotected_metrics
+
+
 CLIENT_LEVEL_DP = {
     "server_fixed": ServerSideFixedClipping,
     "client_fixed": ClientSideFixedClipping,
@@ -134,8 +141,9 @@ def with_privacy(base: Strategy, cfg: ExperimentConfig) -> Strategy:
             target_delta=p.target_delta,
             epsilon_budget=p.epsilon_budget,
             sampling=p.accounting,
-            noise=make_noise_source(p.noise_seed, p.secure_noise),
+            noise=make_noise_source(p.noise_seed),
             metrics_fn=weighted_metrics,
+            unprotected_metrics=p.unprotected_metrics,
         )
         if p.name == "adaptive":
             kwargs.update(
@@ -151,7 +159,10 @@ def with_privacy(base: Strategy, cfg: ExperimentConfig) -> Strategy:
             base,
             target_delta=p.target_delta,
             client_config={CLIP_NORM_KEY: p.clipping_norm, LOCAL_NOISE_KEY: p.noise_multiplier},
+            unprotected_metrics=p.unprotected_metrics,
         )
     if p.name == "dpsgd":
-        return ClientReportedPrivacy(base, target_delta=p.target_delta)
+        return ClientReportedPrivacy(
+            base, target_delta=p.target_delta, unprotected_metrics=p.unprotected_metrics
+        )
     return base

@@ -2,7 +2,7 @@
 
 A wrapper holds `self.strategy` and forwards every call; subclasses override only what they
 change. Flower's legacy `flwr.server.strategy.Strategy` API is used because it is the one that
-pairs with `NumPyClient` (DESIGN.md).
+pairs with `NumPyClient`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ class StrategyWrapper(Strategy):
         """Why no further round may run (e.g. the privacy budget), or None."""
         inner = self.strategy
         return inner.stop_reason() if isinstance(inner, StrategyWrapper) else None
+
+    def empty_round(self, server_round: int) -> bool:
+        """True when `configure_fit` sampled nobody on purpose (an empty Poisson cohort): the
+        round still runs, `aggregate_fit` is called with no results (noise-only release)."""
+        inner = self.strategy
+        return inner.empty_round(server_round) if isinstance(inner, StrategyWrapper) else False
 
     def round_report(self, server_round: int) -> dict[str, Any]:
         """What this stack measured in `server_round`, merged into results.json's round entry."""
