@@ -75,6 +75,15 @@ def clip_update(update: list[np.ndarray], clipping_norm: float) -> tuple[list[np
     return [(a * scale).astype(a.dtype) for a in update], True
 
 
+def local_dp_release(
+    update: list[np.ndarray], clipping_norm: float, noise_multiplier: float, noise: NormalSource
+) -> list[np.ndarray]:
+    """What a local-DP client sends: its update clipped to C plus its own N(0, (z C)^2)."""
+    clipped, _ = clip_update(update, clipping_norm)
+    std = noise_multiplier * clipping_norm
+    return [(u + noise.normal(0.0, std, u.shape)).astype(u.dtype) for u in clipped]
+
+
 def local_dp_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """RDP epsilon of a client that released `releases` clipped updates, each with its own
     N(0, (z C)^2) noise. Local DP protects any two inputs of the client (replace-one: its

@@ -34,6 +34,7 @@ from app.privacy import (
     clip_update,
     l2_norm,
     local_dp_epsilon,
+    local_dp_release,
     make_noise_source,
 )
 from clients.dpsgd import HISTORY_KEY, train_dpsgd
@@ -220,12 +221,12 @@ class TorchClient(NumPyClient):
         """Client-side clipping (and, for local DP, this client's own noise) of its update."""
         update = [t - s for t, s in zip(trained, sent)]
         metrics: dict[str, Scalar] = {UPDATE_NORM_METRIC: l2_norm(update)}
-        update, _ = clip_update(update, ins.clipping_norm)
-        if ins.local_noise_multiplier is not None:
+        if ins.local_noise_multiplier is None:
+            update, _ = clip_update(update, ins.clipping_norm)
+        else:
             noise_seed = self.privacy.noise_seed  # refused by config unless forced
             noise = make_noise_source(None if noise_seed is None else noise_seed * 1_000_003 + seed)
-            std = ins.local_noise_multiplier * ins.clipping_norm
-            update = [(u + noise.normal(0.0, std, u.shape)).astype(u.dtype) for u in update]
+            update = local_dp_release(update, ins.clipping_norm, ins.local_noise_multiplier, noise)
             releases = self._bump_local_releases()
             metrics[EPSILON_METRIC] = local_dp_epsilon(
                 ins.local_noise_multiplier, releases, self.privacy.target_delta

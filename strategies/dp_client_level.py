@@ -130,7 +130,10 @@ class ClientLevelDP(StrategyWrapper):
     def expected_cohort(self, population: int) -> int:
         """m: the clients Flower's strategy would sample of `population` (fraction_train,
         min_train_clients). Poisson sampling uses q = m/N; fixed-size sampling draws m."""
-        num_fit_clients = getattr(self.strategy, "num_fit_clients", None)
+        inner = self.strategy
+        while not hasattr(inner, "num_fit_clients") and isinstance(inner, StrategyWrapper):
+            inner = inner.strategy  # e.g. the HE layer: the base strategy samples
+        num_fit_clients = getattr(inner, "num_fit_clients", None)
         return num_fit_clients(population)[0] if num_fit_clients else population
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
@@ -381,9 +384,7 @@ class AdaptiveClipping(ClientLevelDP):
         self.update_noise_multiplier = self.noise_multiplier
 
     def configure_fit(self, server_round, parameters, client_manager):
-        available = client_manager.num_available()
-        num_fit_clients = getattr(self.strategy, "num_fit_clients", None)
-        expected = num_fit_clients(available)[0] if num_fit_clients else available
+        expected = self.expected_cohort(client_manager.num_available())
         self.clipped_count_stddev, self.update_noise_multiplier = compute_adaptive_noise_params(
             self.noise_multiplier, expected, self.clipped_count_stddev_config
         )

@@ -82,7 +82,7 @@ def test_resolved_yaml_round_trips():
         ("privacy=local privacy.epsilon_budget=3", ["privacy.epsilon_budget", "each client"]),
         ("privacy=dpsgd privacy.epsilon_budget=3", ["privacy.target_epsilon"]),
         ("privacy=dpsgd strategy=fedprox", ["strategy.name", "per-sample gradient"]),
-        ("privacy=dpsgd privacy.secure_noise=true", ["torchcsprng"]),
+        ("privacy=local privacy.noise_seed=1", ["privacy.noise_seed", "allow_reproducible_noise=true"]),
         ("privacy=dpsgd privacy.max_grad_norm=0", ["privacy.max_grad_norm"]),
         ("training.precision=fp8", ["training.precision", "fp32, bf16, fp16"]),
         ("training.device=cpu training.precision=fp16", ["training.precision=bf16"]),

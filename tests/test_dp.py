@@ -383,3 +383,187 @@ def test_dpsgd_target_epsilon_holds_for_a_client_sampled_every_round():
         weights, _, metrics = client.fit(weights or start, {"server_round": r})
     assert metrics["epsilon"] <= 2.0 * 1.01
     assert metrics["epsilon"] == pytest.approx(2.0, rel=0.05)  # and not far below it
+
+
+# ------------------------------------------------------------------ audit defects 1, 5, 6, 7
+def test_dpsgd_noise_and_batches_cannot_be_replayed_from_the_public_seed():
+    """Defect 1: the same client, data, round and seed twice gives different models: the
+    batch masks and noise come from OS entropy, not from the config-derived seed."""
+    context = new_context()
+    client, start, _, _ = make_client("privacy=dpsgd training.local_epochs=1", context)
+    first, _, _ = client.fit(start, {"server_round": 1})
+    client, _, _, _ = make_client("privacy=dpsgd training.local_epochs=1", new_context())
+    second, _, _ = client.fit(start, {"server_round": 1})
+    assert max(float(np.abs(a - b).max()) for a, b in zip(first, second)) > 1e-3
+
+
+def test_dpsgd_client_sends_only_its_epsilon_and_weight_one():
+    """Defect 5: the example count (the FedAvg weight), train loss/accuracy and step counts
+    stay on the client; the opt-in sends them."""
+    client, start, _, n = make_client("privacy=dpsgd training.local_epochs=1", new_context())
+    _, num_examples, metrics = client.fit(start, {"server_round": 1})
+    assert num_examples == 1 and n > 1 and set(metrics) == {"epsilon"}
+    with pytest.raises(PermissionError, match="no accountant covers"):
+        client.evaluate(start, {"server_round": 1})
+    client, start, _, n = make_client(
+        "privacy=dpsgd training.local_epochs=1 privacy.unprotected_metrics=true", new_context()
+    )
+    _, num_examples, metrics = client.fit(start, {"server_round": 1})
+    assert num_examples == n and {"epsilon", "train_loss", "steps"} <= set(metrics)
+
+
+def test_client_level_dp_client_sends_no_metrics():
+    client, start, _, _ = make_client("privacy=client_fixed", new_context())
+    _, num_examples, metrics = client.fit(start, {"server_round": 1, "dp_clipping_norm": 1.0})
+    assert num_examples == 1 and metrics == {}
+
+
+def test_privacy_turns_off_federated_evaluation_unless_opted_in():
+    from strategies.factory import build_strategy
+
+    def evaluated_fraction(overrides):
+        stack = build_strategy(load_config(overrides), ndarrays_to_parameters(zeros()), None)
+        inner = stack
+        while hasattr(inner, "strategy"):
+            inner = inner.strategy
+        return inner.fraction_evaluate
+
+    assert evaluated_fraction("") == 0.5
+    assert evaluated_fraction("privacy=server_fixed") == 0.0
+    assert evaluated_fraction("privacy=local") == 0.0
+    assert evaluated_fraction("privacy=server_fixed privacy.unprotected_metrics=true") == 0.5
+
+
+def test_report_names_what_is_not_covered_and_hides_the_clipped_count():
+    wrapper = dp(ServerSideFixedClipping, m=4, z=1.0)
+    big = [np.full(s, 1.0, np.float32) for s in SHAPES]
+    run_round(wrapper, manager(4), zeros(), [big] * 4)
+    report = wrapper.round_report(1)["privacy"]
+    assert "clients_clipped" not in report
+    assert any("clients_aggregated" in item for item in report["not_covered"])
+    opted = dp(ServerSideFixedClipping, m=4, z=1.0, unprotected_metrics=True)
+    run_round(opted, manager(4), zeros(), [big] * 4)
+    report = opted.round_report(1)["privacy"]
+    assert report["clients_clipped"] == 4
+    assert any("clients_clipped" in item and "opted in" in item for item in report["not_covered"])
+
+
+def test_poisson_sampling_draws_each_client_independently():
+    """Defect 6: the mechanism the default analysis describes. N=40, q=0.25: the cohort size
+    is Binomial(40, 0.25) (mean 10, variance 7.5) and every client joins about q of the time."""
+    n = 40
+    wrapper = dp(ServerSideFixedClipping, m=10, z=1.0)
+    wrapper.strategy = FedAvg(fraction_fit=0.25, min_fit_clients=1, min_available_clients=n)
+    cm = manager(n)
+    sizes, joined = [], np.zeros(n)
+    for r in range(1, 401):
+        sent = wrapper.configure_fit(r, ndarrays_to_parameters(zeros()), cm)
+        sizes.append(len(sent))
+        for proxy, _ in sent:
+            joined[int(proxy.cid)] += 1
+    assert np.mean(sizes) == pytest.approx(10, abs=0.6)
+    assert np.var(sizes) == pytest.approx(7.5, rel=0.3)
+    assert 60 < joined.min() and joined.max() < 140  # each client ~ Binomial(400, 0.25) = 100
+    assert wrapper.accountant.sampling_rate == 0.25
+
+
+def test_fixed_size_sampling_draws_exactly_m():
+    wrapper = dp(ServerSideFixedClipping, m=10, z=1.0, sampling="without_replacement")
+    wrapper.strategy = FedAvg(fraction_fit=0.25, min_fit_clients=1, min_available_clients=40)
+    sizes = {len(wrapper.configure_fit(r, ndarrays_to_parameters(zeros()), manager(40)))
+             for r in range(1, 30)}  # fmt: skip
+    assert sizes == {10}
+
+
+def test_an_empty_poisson_cohort_releases_noise_alone_and_is_accounted():
+    """An empty cohort is a round of the analysed mechanism: the model moves by N(0, (zC/m)^2)
+    with m = q*N, and the round costs budget like any other."""
+    from strategies.sampling import PrivateCohort
+
+    n, z, c = 20, 1.0, 1.0
+    wrapper = dp(ServerSideFixedClipping, m=5, z=z, c=c, seed=4)
+    wrapper.strategy = FedAvg(fraction_fit=0.25, min_fit_clients=1, min_available_clients=n)
+
+    class Nobody(PrivateCohort):
+        def sample(self, num_clients, min_num_clients=None, criterion=None):
+            return []
+
+    import strategies.dp_client_level as module
+
+    original = module.PrivateCohort
+    module.PrivateCohort = Nobody
+    try:
+        assert wrapper.configure_fit(1, ndarrays_to_parameters(zeros()), manager(n)) == []
+    finally:
+        module.PrivateCohort = original
+    assert wrapper.empty_round(1)
+    params, _ = wrapper.aggregate_fit(1, [], [])
+    released = np.concatenate([a.ravel() for a in parameters_to_ndarrays(params)])
+    assert np.std(released) == pytest.approx(z * c / 5, rel=0.05)
+    assert wrapper.round_report(1)["privacy"]["epsilon"] == pytest.approx(
+        independent_epsilon(0.25, z, 1, 1e-5), rel=1e-6
+    )
+
+
+def test_an_empty_cohort_round_runs_through_the_server_loop():
+    from app.experiment_server import ExperimentServer
+
+    class Recorder:
+        rounds = []
+
+        def add_round(self, record):
+            self.rounds.append(record)
+
+        def set_initial(self, metrics):
+            pass
+
+    from strategies.factory import build_strategy
+
+    cfg = load_config("privacy=server_fixed strategy.fraction_train=0.5 strategy.min_train_clients=1")
+    stack = build_strategy(cfg, ndarrays_to_parameters(zeros()), None)
+    dp_layer = stack
+    while not isinstance(dp_layer, ServerSideFixedClipping):
+        dp_layer = dp_layer.strategy
+    dp_layer._empty_rounds.add(1)  # as configure_fit records for an empty draw
+    dp_layer._global[1] = zeros()
+    dp_layer._sampled[1] = 5
+    server = ExperimentServer(client_manager=manager(10), strategy=stack, recorder=Recorder())
+    server.strategy.configure_fit = lambda server_round, parameters, client_manager: []
+    parameters, _, (results, failures) = server.fit_round(1, None)
+    assert results == [] and failures == []
+    assert l2_norm(parameters_to_ndarrays(parameters)) > 0  # the noise was released
+
+
+def test_default_noise_source_is_the_os_csprng():
+    from strategies.factory import build_strategy
+
+    stack = build_strategy(load_config("privacy=server_fixed"), ndarrays_to_parameters(zeros()), None)
+    while not isinstance(stack, ServerSideFixedClipping):
+        stack = stack.strategy
+    assert isinstance(stack.noise, SecureGaussian)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ("privacy=server_fixed privacy.noise_multiplier=0 privacy.epsilon_budget=3",
+         "noise_multiplier=0 releases updates without noise (epsilon = inf)"),
+        ("privacy=server_fixed privacy.noise_seed=3",
+         "makes every noise draw reproducible by whoever reads the config"),
+        ("privacy=local privacy.noise_seed=3", "privacy.allow_reproducible_noise=true"),
+        ("privacy=client_fixed secagg=he privacy.accounting=poisson",
+         "secagg=he samples a fixed-size cohort"),
+    ],
+)  # fmt: skip
+def test_config_refuses_what_voids_the_guarantee(overrides, expected):
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert expected in str(err.value)
+
+
+def test_reproducible_noise_can_be_forced_for_tests_and_accounting_auto_resolves():
+    cfg = load_config("privacy=server_fixed privacy.noise_seed=3 privacy.allow_reproducible_noise=true")
+    assert cfg.privacy.noise_seed == 3 and cfg.privacy.accounting == "poisson"
+    assert load_config("privacy=client_fixed secagg=he").privacy.accounting == "without_replacement"

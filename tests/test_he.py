@@ -289,7 +289,7 @@ def test_centralized_evaluation_only_of_a_plaintext_model(keys):
 def dp_over_he(public, m, z, c=1.0, seed=0):
     return EncryptedClientSideClipping(
         he_fedavg(public, m), noise_multiplier=z, clipping_norm=c, target_delta=1e-5,
-        noise=np.random.default_rng(seed),
+        noise=np.random.default_rng(seed), sampling="without_replacement",
     )  # fmt: skip
 
 
@@ -318,6 +318,7 @@ def test_accounting_under_he_equals_the_plaintext_mechanism(keys):
     plain = ClientSideFixedClipping(
         FedAvg(fraction_fit=0.4, min_fit_clients=2, min_available_clients=2),
         noise_multiplier=1.2, clipping_norm=1.0, target_delta=1e-5,
+        sampling="without_replacement",
     )  # fmt: skip
     he.strategy.strategy.fraction_fit = 0.4
     g = [np.zeros(s, np.float32) for s in SHAPES]
@@ -372,7 +373,9 @@ def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
     """A real TorchClient under secagg=he privacy=client_fixed: what it encrypts is within C of
     the global model (rounding included), and it trains from the decrypted global model."""
     client, secret, public, initial = he_client(
-        tmp_path, "secagg=he privacy=client_fixed privacy.clipping_norm=0.05"
+        tmp_path,
+        "secagg=he privacy=client_fixed privacy.clipping_norm=0.05 "
+        "privacy.unprotected_metrics=true",  # to read the norm and evaluate on the client
     )
     config = {"server_round": 1, "he_round": 1, "he_weighting": "uniform", "dp_clipping_norm": 0.05}
     payload, n, metrics = client.fit(initial, config)
