@@ -794,6 +794,17 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             "must be > 0",
         )
     n = cfg.simulation.num_supernodes
+    if d.source != "hub":
+        from app.data import client_pool_size
+
+        pool = client_pool_size(d, 0)  # the size does not depend on the seed
+        require(
+            n <= pool,
+            "simulation.num_supernodes",
+            n,
+            f"dataset={d.name} has {pool} examples for the clients and every SuperNode needs "
+            f"at least one: use at most {pool}",
+        )
     needed = ["min_train_clients", "min_available_clients"]
     if s.fraction_evaluate > 0:
         needed.append("min_evaluate_clients")

@@ -75,11 +75,13 @@ def build_strategy(
     """`he_context` (secagg=he): the public context; `he_client_config`: extra instructions
     for clients (in simulation, where the run's secret context lies)."""
     s = cfg.strategy
+    # dataset.val_fraction=0: clients hold no validation split, so no federated evaluation.
+    fraction_evaluate = s.fraction_evaluate if cfg.dataset.val_fraction > 0 else 0.0
     common = dict(
         fraction_fit=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
+        fraction_evaluate=fraction_evaluate,
         min_fit_clients=s.min_train_clients,
-        min_evaluate_clients=s.min_evaluate_clients if s.fraction_evaluate > 0 else 0,
+        min_evaluate_clients=s.min_evaluate_clients if fraction_evaluate > 0 else 0,
         min_available_clients=s.min_available_clients,
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=fit_config_fn(cfg),
