@@ -39,7 +39,7 @@ from strategies.wrapper import StrategyWrapper
 MAX_REASON_CHARS = 1500
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # Ray's header of an actor's error: "ray::ClientAppActor.run() (pid=1, ip=10.0.0.1, actor_id=..)"
-RAY_HEADER = re.compile(r"^\s*ray::[\w.]+\(\)(\s*\(pid=[^)]*(\)[^)]*)*\))?\s*$", re.MULTILINE)
+RAY_HEADER = re.compile(r"^[ \t]*ray::[\w.]+\(\)([ \t]*\(pid=[^\n]*)?[ \t]*$", re.MULTILINE)
 
 
 def clean_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
