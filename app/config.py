@@ -11,7 +11,11 @@ Validation happens in three layers, all before any training:
    that a group file added but the schema does not know.
 3. :func:`_check_values` rejects values that have the right type but cannot work
    (``training.optimizer=rmsprop``, ``strategy.fraction_train=0``, a label-skew partitioner on
-   a regression data set), naming the key and what to use instead.
+   a regression data set), naming the key and what to use instead; :func:`check_ranges` the
+   numbers that would train garbage or crash later (``training.lr=inf``, ``momentum=-1``,
+   ``hidden_sizes=[0]``, ``min_train_clients`` above the federation, ...). Keys a ``+key=``
+   override adds to a schema are refused (:func:`_check_known_keys`): Hydra accepts them and
+   the dataclass would drop them silently.
 """
 
 from __future__ import annotations
@@ -320,12 +324,14 @@ def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
 
     conf/config.yaml extends the `ExperimentConfig` schema, so Hydra has already checked keys
     and types; what is left is building the dataclasses and the value checks."""
+    _check_known_keys(cfg)
     try:
         typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, ())) from err
     if typed.privacy.accounting == "auto":  # the sampling that the secagg path can run
         typed.privacy.accounting = "without_replacement" if typed.secagg.name == "he" else "poisson"
+    check_ranges(typed)  # first: the checks below build models and data from these numbers
     _check_values(typed)
     return typed
 
@@ -702,4 +708,142 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "output_dir",
             "must be an absolute path: the ServerApp runs from Flower's app folder, "
             "not from your checkout (e.g. output_dir=$PWD/outputs/run1)",
+        )
+
+
+# --------------------------------------------------------------------------- ranges
+# Float keys where an infinite value means something (no timeout).
+_INF_ALLOWED = frozenset({"training.ddp_timeout_s"})
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys that no schema declares (`+training.lrr=1`), listing the valid names."""
+    import dataclasses
+
+    def walk(node, schema, prefix: str) -> None:
+        if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+            return
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            name = f"{prefix}{key}"
+            if key not in fields:
+                valid = ", ".join(sorted(fields))
+                where = f"'{prefix[:-1]}'" if prefix else "the top level"
+                raise ConfigError(
+                    f"Invalid experiment configuration: '{name}' is not a key of the "
+                    f"experiment configuration (a '+' override adds a key no part of the run "
+                    f"reads). Valid keys at {where}: {valid}."
+                )
+            ftype = fields[key].type
+            sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+            if sub is not None and dataclasses.is_dataclass(sub):
+                walk(node._get_node(key), sub, f"{name}.")
+            elif isinstance(ftype, type) and dataclasses.is_dataclass(ftype):
+                walk(node._get_node(key), ftype, f"{name}.")
+
+    walk(cfg, ExperimentConfig, "")
+
+
+def _float_leaves(obj, prefix: str = ""):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _float_leaves(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def check_ranges(cfg: ExperimentConfig) -> None:
+    """Numbers with the right type that would train garbage or fail late (in a client, in
+    Ray, after minutes): each refused before anything starts, naming the key and the fix."""
+
+    def require(ok: bool, key: str, value, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"Invalid experiment configuration: {key}={value!r}: {why}")
+
+    for key, value in _float_leaves(cfg):
+        require(
+            math.isfinite(value) or (key in _INF_ALLOWED and value == math.inf),
+            key,
+            value,
+            "must be a finite number (nan and inf train nothing meaningful)",
+        )
+    t, s, m, d = cfg.training, cfg.strategy, cfg.model, cfg.dataset
+    require(t.lr > 0, "training.lr", t.lr, "the learning rate must be > 0, e.g. 0.05")
+    require(
+        0.0 <= t.momentum < 1.0,
+        "training.momentum",
+        t.momentum,
+        "SGD momentum must be in [0, 1) (0: none, 0.9 is common)",
+    )
+    require(t.weight_decay >= 0.0, "training.weight_decay", t.weight_decay, "must be >= 0 (0: none)")
+    require(cfg.seed >= 0, "seed", cfg.seed, "seeds must be >= 0 (numpy refuses negative seeds)")
+    for i, size in enumerate(m.hidden_sizes):
+        require(size >= 1, f"model.hidden_sizes[{i}]", size, "every layer needs at least 1 unit")
+    for i, size in enumerate(m.channels):
+        require(size >= 1, f"model.channels[{i}]", size, "every conv layer needs at least 1 channel")
+    require(d.noise_std >= 0.0, "dataset.noise_std", d.noise_std, "a standard deviation is >= 0")
+    require(d.n_samples >= 2, "dataset.n_samples", d.n_samples, "generate at least 2 samples")
+    require(d.max_samples >= 0, "dataset.max_samples", d.max_samples, "must be >= 0 (0: all)")
+    require(
+        cfg.partitioner.min_partition_size >= 0,
+        "partitioner.min_partition_size",
+        cfg.partitioner.min_partition_size,
+        "must be >= 0",
+    )
+    if cfg.partitioner.name == "pathological" and d.source != "hub":
+        from app.data import data_spec
+
+        classes = data_spec(d).num_outputs
+        require(
+            cfg.partitioner.classes_per_partition <= classes,
+            "partitioner.classes_per_partition",
+            cfg.partitioner.classes_per_partition,
+            f"dataset={d.name} has only {classes} classes: use 1..{classes}",
+        )
+    if s.name == "fedadam":
+        for key in ("beta_1", "beta_2"):
+            beta = getattr(s, key)
+            require(0.0 <= beta < 1.0, f"strategy.{key}", beta, "Adam's decay rates lie in [0, 1)")
+        require(s.eta > 0, "strategy.eta", s.eta, "the server learning rate must be > 0")
+        require(s.tau > 0, "strategy.tau", s.tau, "Adam's epsilon must be > 0, e.g. 1e-9")
+    if s.name == "fedavgm":
+        require(
+            0.0 <= s.server_momentum < 1.0,
+            "strategy.server_momentum",
+            s.server_momentum,
+            "server momentum must be in [0, 1)",
+        )
+        require(
+            s.server_learning_rate > 0,
+            "strategy.server_learning_rate",
+            s.server_learning_rate,
+            "must be > 0",
+        )
+    n = cfg.simulation.num_supernodes
+    if d.source != "hub":
+        from app.data import client_pool_size
+
+        pool = client_pool_size(d, 0)  # the size does not depend on the seed
+        require(
+            n <= pool,
+            "simulation.num_supernodes",
+            n,
+            f"dataset={d.name} has {pool} examples for the clients and every SuperNode needs "
+            f"at least one: use at most {pool}",
+        )
+    needed = ["min_train_clients", "min_available_clients"]
+    if s.fraction_evaluate > 0:
+        needed.append("min_evaluate_clients")
+    for key in needed:
+        require(
+            getattr(s, key) <= n,
+            f"strategy.{key}",
+            getattr(s, key),
+            f"the federation has simulation.num_supernodes={n} SuperNodes, so this many "
+            f"clients never come: lower it to <= {n} or raise simulation.num_supernodes",
         )

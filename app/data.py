@@ -98,7 +98,26 @@ def load_client_data(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1} "
             f"(num-partitions={num_partitions}): check the SuperNode's --node-config"
         )
+    check_partition_count(cfg, num_partitions, seed)
     return _client_data_cached(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
+
+
+def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
+    """Examples in the clients' pool of a local data set (None for hub data sets)."""
+    return None if cfg.source == "hub" else len(_local_cached(_key(cfg), seed)[1])
+
+
+def check_partition_count(cfg: DatasetConfig, num_partitions: int, seed: int) -> None:
+    """Every partition needs at least one example: more SuperNodes than the pool has
+    examples is a clear error, not the partitioner's IndexError."""
+    pool = client_pool_size(cfg, seed)
+    if pool is not None and num_partitions > pool:
+        raise ValueError(
+            f"{num_partitions} partitions (one per SuperNode) but dataset={cfg.name} has "
+            f"{pool} examples for the clients: every SuperNode needs at least one. Use at "
+            f"most {pool} SuperNodes (simulation.num_supernodes / --federation-config "
+            "'num-supernodes=...')"
+        )
 
 
 def partition_arrays(
@@ -112,6 +131,7 @@ def partition_arrays(
     `python -m app.deploy export-data` writes to a site's data file."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition {partition_id} is outside 0..{num_partitions - 1}")
+    check_partition_count(cfg, num_partitions, seed)
     if cfg.source == "hub":
         _, fds = _hub(cfg, num_partitions, part_cfg, seed)
         return _hub_to_arrays(cfg, fds.load_partition(partition_id, "train"))

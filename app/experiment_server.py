@@ -10,11 +10,19 @@ Failures are recorded with the node and the reason. Flower's `Server` collects a
 call as a bare exception (the client proxy is lost), so the client manager below wraps each
 node's proxy: its exceptions are re-raised as `ClientFailure` naming the node. That is how a
 deployment's `results.json` says which round lost which SuperNode, and why (e.g. Flower's
-"Node Unavailable" once a killed SuperNode misses its heartbeats).
+"Node Unavailable" once a killed SuperNode misses its heartbeats). Reasons are cleaned
+(:func:`clean_reason`: no ANSI colours or Ray actor headers, the end of a long traceback kept,
+where the cause is). Updates the strategy rejects (non-finite, wrong shape, foreign
+ciphertext) count as failed, with their node, not as trained.
+
+A round in which no update was aggregated says so (`"aggregated": false`); a run in which no
+round aggregated anything raises :class:`RunFailed`: the ServerApp then fails the run (Flower
+marks it `finished:failed`) and writes no model.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -28,7 +36,25 @@ from app.results import RunRecorder
 from strategies.wrapper import StrategyWrapper
 
 
-MAX_REASON_CHARS = 300
+MAX_REASON_CHARS = 1500
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Ray's header of an actor's error: "ray::ClientAppActor.run() (pid=1, ip=10.0.0.1, actor_id=..)"
+RAY_HEADER = re.compile(r"^[ \t]*ray::[\w.]+\(\)([ \t]*\(pid=[^\n]*)?[ \t]*$", re.MULTILINE)
+
+
+def clean_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A failure's text fit to keep: ANSI colour codes and Ray actor headers removed, blank
+    lines dropped, and past `limit` characters the END kept (a traceback's last lines carry
+    the exception type and message) behind a leading '...'."""
+    text = RAY_HEADER.sub("", ANSI_ESCAPE.sub("", text))
+    text = "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
+    if len(text) > limit:
+        text = "..." + text[-(limit - 3) :]
+    return text
+
+
+class RunFailed(RuntimeError):
+    """No round of the run aggregated a client update: there is no trained model."""
 
 
 class ClientFailure(RuntimeError):
@@ -51,7 +77,8 @@ class NodeTrackingProxy(ClientProxy):
         try:
             return method(*args)
         except Exception as err:  # whatever the transport raised: keep its text
-            raise ClientFailure(str(self.cid), stage, str(err)[:MAX_REASON_CHARS]) from err
+            reason = clean_reason(str(err) or type(err).__name__)
+            raise ClientFailure(str(self.cid), stage, reason) from err
 
     def fit(self, ins, timeout, group_id):
         return self._call("train", self.inner.fit, ins, timeout, group_id)
@@ -88,8 +115,9 @@ def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
             node, where = str(proxy.cid), stage
             reason = status.message if status is not None else repr(res)
         else:  # raised by a strategy, or by Flower outside a client call
-            node, where, reason = None, stage, f"{type(failure).__name__}: {failure}"
-        out.append({"node_id": node, "stage": where, "reason": reason[:MAX_REASON_CHARS]})
+            node, where = getattr(failure, "node_id", None), stage
+            reason = f"{type(failure).__name__}: {failure}"
+        out.append({"node_id": node, "stage": where, "reason": clean_reason(reason)})
     return out
 
 
@@ -100,6 +128,8 @@ class ExperimentServer(Server):
         super().__init__(client_manager=client_manager, strategy=strategy)
         self.recorder = recorder
         self.rounds_completed = 0
+        self.rounds_aggregated = 0
+        self.first_failure: str | None = None
         self.stop_reason = "not started"
 
     def fit_round(self, server_round: int, timeout: float | None):
@@ -112,6 +142,8 @@ class ExperimentServer(Server):
         return res
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        # Every measurement goes to results.json; the History stays empty, so Flower's
+        # run_fl prints no History dump (one line per metric and round) after the run.
         history = History()
         self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
         initial = self.strategy.evaluate(0, parameters=self.parameters)
@@ -137,29 +169,37 @@ class ExperimentServer(Server):
                 log(INFO, "Stopping: %s", self.stop_reason)
                 break
             parameters, fit_metrics, (results, failures) = res_fit
+            # Updates the strategy refused (non-finite, malformed, foreign ciphertext) failed.
+            rejected = self.strategy.rejected_updates(server_round)
             if parameters is not None:
                 self.parameters = parameters
-            history.add_metrics_distributed_fit(server_round, fit_metrics)
-            record["clients"] = {"trained": len(results), "failed": len(failures)}
-            round_failures = describe_failures(failures, "train")
+                self.rounds_aggregated += 1
+            record["clients"] = {
+                "trained": len(results) - len(rejected),
+                "failed": len(failures) + len(rejected),
+            }
+            record["aggregated"] = parameters is not None
+            round_failures = describe_failures(failures, "train") + [
+                {"node_id": node, "stage": "train", "reason": clean_reason(f"rejected update: {why}")}
+                for node, why in rejected
+            ]
             if fit_metrics:
                 record["train"] = dict(fit_metrics)
 
             res_cen = self.strategy.evaluate(server_round, parameters=self.parameters)
             if res_cen is not None:
                 record["centralized"] = _metrics(*res_cen)
-                history.add_loss_centralized(server_round, res_cen[0])
-                history.add_metrics_centralized(server_round, res_cen[1])
 
             res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
             if res_fed is not None and res_fed[0] is not None:
                 record["federated"] = _metrics(res_fed[0], res_fed[1])
-                history.add_loss_distributed(server_round, res_fed[0])
-                history.add_metrics_distributed(server_round, res_fed[1])
             if res_fed is not None:
                 round_failures += describe_failures(res_fed[2][1], "evaluate")
             if round_failures:  # omitted when none, like every part not measured
                 record["clients"]["failures"] = round_failures
+                if self.first_failure is None:
+                    f = round_failures[0]
+                    self.first_failure = f"node {f['node_id']} ({f['stage']}): {f['reason']}"
                 for f in round_failures:
                     log(WARNING, "round %d: node %s failed (%s): %s",
                         server_round, f["node_id"], f["stage"], f["reason"])  # fmt: skip
@@ -170,6 +210,17 @@ class ExperimentServer(Server):
             self.rounds_completed = server_round
             log(INFO, _round_line(record, num_rounds, time.perf_counter() - start))
         return history, time.perf_counter() - start
+
+    def check_trained(self) -> None:
+        """Raise RunFailed when no round aggregated any update (every client failed or was
+        rejected, or no round could run): the model is still the initial one."""
+        if self.rounds_aggregated > 0:
+            return
+        cause = self.first_failure.splitlines()[-1] if self.first_failure else self.stop_reason
+        raise RunFailed(
+            f"no client update was aggregated in any of {self.rounds_completed} rounds "
+            f"({self.stop_reason}), so there is no trained model; first failure: {cause}"
+        )
 
 
 def _metrics(loss: float, metrics: dict[str, Any]) -> dict[str, float]:
@@ -194,6 +245,8 @@ def _round_line(record: dict[str, Any], num_rounds: int, total: float) -> str:
         parts.append(f"train loss {record['train']['train_loss']:.4f}")
     clients = record["clients"]
     parts.append(f"clients {clients['trained']} ok {clients['failed']} failed")
+    if not record.get("aggregated", True):
+        parts.append("no update aggregated: model unchanged")
     kib = (record["comm"]["bytes_down"] + record["comm"]["bytes_up"]) / 1024
     parts.append(f"{kib:.0f} KiB")
     parts.append(f"{record['seconds']:.1f} s (total {total:.1f} s)")

@@ -6,13 +6,20 @@
 - `metrics.png`: accuracy and loss per round;
 - `model.pt`: the final global model's state_dict (LoRA: adapters merged, app/finetune.py);
   under secagg=he the server cannot decrypt it and writes `model_encrypted.npz` (the payload)
-  instead.
+  instead. Written atomically (temp file + rename), and only by a run that succeeded.
+
+`results.json["run"]` says whose results these are and how the run ended: `token` (the one
+`app.sweep`/`run_experiment` passed in through the run config, so they can tell this run's
+results from an earlier run's), Flower's `flwr_run_id`, and `status`: `running`, `completed`
+or `failed` (with `error`, one line). A directory never mixes two runs: a run that starts in a
+directory holding another run's artifacts first moves them to `previous/<their run>/`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,63 @@ CONFIG_FILE = "config.yaml"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
 ENCRYPTED_MODEL_FILE = "model_encrypted.npz"  # secagg=he: `python -m app.he_keys decrypt-model`
+LOG_FILE = "flwr.log"  # written by app.sweep / run_experiment around `flwr run`
+PREVIOUS_DIR = "previous"
+# What a run reports in its directory (the int8 copy and the report too). Not `keys/`: HE key
+# files are inputs a run may be pointed at, not results.
+RUN_ARTIFACTS = (
+    CONFIG_FILE, RESULTS_FILE, PLOT_FILE, MODEL_FILE, ENCRYPTED_MODEL_FILE, LOG_FILE,
+    "model_int8.pt", "report.html",
+)  # fmt: skip
+
+
+def archive_previous_run(output_dir: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Move the artifacts of an earlier run out of `output_dir` into
+    `output_dir/previous/<that run>/` (named after its token, else its results' time), so a
+    new run never reports or mixes them. `keep`: names that belong to the new run already.
+    Returns where they went, or None when there was nothing."""
+    output_dir = Path(output_dir)
+    found = [output_dir / n for n in RUN_ARTIFACTS if n not in keep and (output_dir / n).exists()]
+    if not found:
+        return None
+    name = ""
+    results = output_dir / RESULTS_FILE
+    if results.exists():
+        try:
+            name = str(json.loads(results.read_text()).get("run", {}).get("token", ""))
+        except (ValueError, AttributeError):
+            name = ""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in found)))
+    base = output_dir / PREVIOUS_DIR / (name or stamp)
+    target, i = base, 1
+    while target.exists():
+        target, i = base.with_name(f"{base.name}-{i}"), i + 1
+    target.mkdir(parents=True)
+    for path in found:
+        os.replace(path, target / path.name)
+    return target
 
 
 class RunRecorder:
-    def __init__(self, output_dir: Path, cfg: ExperimentConfig) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        cfg: ExperimentConfig,
+        token: str = "",
+        flwr_run_id: int | None = None,
+    ) -> None:
+        """`token`: set by a launcher that wrote this run's flwr.log into `output_dir`
+        already (so that log is kept); without one, an old flwr.log is archived too."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, Any] = {"rounds": [], "final": {}}
+        self.archived = archive_previous_run(self.output_dir, keep=(LOG_FILE,) if token else ())
+        self.results: dict[str, Any] = {
+            "run": {"token": token, "flwr_run_id": flwr_run_id, "status": "running"},
+            "rounds": [],
+            "final": {},
+        }
         (self.output_dir / CONFIG_FILE).write_text(resolved_yaml(cfg))
+        self._write()
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
@@ -56,17 +112,27 @@ class RunRecorder:
         encrypted_model: list[np.ndarray] | None = None,
     ) -> None:
         if model is not None:
-            torch.save(model.state_dict(), self.output_dir / MODEL_FILE)
+            tmp = self.output_dir / (MODEL_FILE + ".tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, self.output_dir / MODEL_FILE)  # a full disk leaves no torn model.pt
             final["model_file"] = MODEL_FILE
             final["model_bytes"] = (self.output_dir / MODEL_FILE).stat().st_size  # on disk
         if encrypted_model is not None:
             header, ciphertexts = encrypted_model
-            np.savez(self.output_dir / ENCRYPTED_MODEL_FILE, header=header, ciphertexts=ciphertexts)
+            tmp = self.output_dir / (ENCRYPTED_MODEL_FILE + ".tmp.npz")
+            np.savez(tmp, header=header, ciphertexts=ciphertexts)
+            os.replace(tmp, self.output_dir / ENCRYPTED_MODEL_FILE)
             final["model_file"] = ENCRYPTED_MODEL_FILE
         self.results["final"] = final
+        self.results["run"]["status"] = "completed"
         self._write()
         if self.rounds:
             plot_rounds(self.rounds, self.output_dir / PLOT_FILE)
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed with its reason (one line); no model is written."""
+        self.results["run"].update(status="failed", error=error)
+        self._write()
 
     def _write(self) -> None:
         tmp = self.output_dir / (RESULTS_FILE + ".tmp")

@@ -1,4 +1,11 @@
-"""ServerApp: compose the config, build the strategy, run the rounds, write the results."""
+"""ServerApp: compose the config, build the strategy, run the rounds, write the results.
+
+A run that fails (a bad config, too few SuperNodes, no round aggregating any update, any
+exception) is marked `failed` in results.json with a one-line reason, writes no model, and
+re-raises so that Flower records it as `finished:failed` (`flwr ls`). `flwr run` itself exits 0
+either way: scripts check `flwr ls --run-id <id> --format json` or results.json (app.sweep and
+run_experiment do).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -16,7 +23,7 @@ from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
-from app.config import ExperimentConfig, load_config, parse_overrides
+from app.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from app.he_context import (
     HE_SECRET_PATH_KEY,
     PUBLIC_FILE,
@@ -26,16 +33,21 @@ from app.he_context import (
     is_payload,
     load_context,
 )
-from app.data import centralized_test_split, data_spec
+from app.data import centralized_test_split, check_partition_count, data_spec
 from app.evaluation import evaluate, resolve_device
 from app.edge_model import export_int8
-from app.experiment_server import ExperimentServer, NodeTrackingClientManager
+from app.experiment_server import ExperimentServer, NodeTrackingClientManager, RunFailed
 from app.finetune import build_finetune_model, merged_model
 from app.models import get_weights, num_parameters, set_weights
 from app.results import RunRecorder
 from strategies.factory import build_strategy
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
+RUN_TOKEN_KEY = "run-token"  # run config (pyproject.toml): set by app.sweep / run_experiment
+# Deployment: how long the ServerApp waits for enough SuperNodes before failing the run.
+NODE_WAIT_S = 120.0
+# Simulation: Flower registers every node while the ServerApp loads (a race it wins by seconds).
+SIMULATION_NODE_WAIT_S = 10.0
 
 
 def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
@@ -91,14 +103,69 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    started = time.perf_counter()
     overrides = str(context.run_config.get("overrides", ""))
-    cfg = load_config(overrides)
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as err:
+        # One clean line in the log; the exception then fails the run (finished:failed).
+        log(ERROR, "%s", err)
+        raise
+    output_dir = resolve_output_dir(cfg, context.run_id)
+    recorder = RunRecorder(
+        output_dir, cfg, token=str(context.run_config.get(RUN_TOKEN_KEY, "")),
+        flwr_run_id=context.run_id,
+    )  # fmt: skip
+    if recorder.archived is not None:
+        log(WARNING, "%s held an earlier run's results: moved them to %s",
+            output_dir, recorder.archived)  # fmt: skip
+    try:
+        run(grid, context, cfg, overrides, output_dir, recorder)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        recorder.fail(reason)
+        log(ERROR, "Run failed: %s", reason)
+        raise
+
+
+def wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> int:
+    """The number of SuperNodes, once there are enough for the strategy's minimums; raise
+    ConfigError naming the key when there are not (simulation: within seconds, since every
+    node is registered at the start; deployment: after NODE_WAIT_S for more to connect). Flower's own
+    sampling would otherwise wait up to 24 h or stop after 0 rounds."""
+    s = cfg.strategy
+    needed = {"min_train_clients": s.min_train_clients, "min_available_clients": s.min_available_clients}
+    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
+        needed["min_evaluate_clients"] = s.min_evaluate_clients
+    key, want = max(needed.items(), key=lambda kv: kv[1])
+    simulation = type(grid).__name__ == "InMemoryGrid"
+    deadline = time.monotonic() + (SIMULATION_NODE_WAIT_S if simulation else NODE_WAIT_S)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < want and not simulation:
+        log(INFO, "%d SuperNodes connected, strategy.%s=%d: waiting up to %.0f s for more",
+            nodes, key, want, NODE_WAIT_S)  # fmt: skip
+    while nodes < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = len(list(grid.get_node_ids()))
+    if nodes < want:
+        hint = (
+            f"flwr run . --federation-config 'num-supernodes={want}'" if simulation
+            else f"start {want - nodes} more SuperNodes"
+        )  # fmt: skip
+        raise ConfigError(
+            f"strategy.{key}={want} but the federation has {nodes} SuperNodes: no round "
+            f"could sample enough clients. Lower strategy.{key} to <= {nodes}, or: {hint}"
+        )
+    return nodes
+
+
+def run(grid, context, cfg, overrides, output_dir, recorder) -> None:
+    started = time.perf_counter()
     warn_if_runtime_environment()
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
-    output_dir = resolve_output_dir(cfg, context.run_id)
-    recorder = RunRecorder(output_dir, cfg)
+    nodes = wait_for_nodes(grid, cfg)
+    if type(grid).__name__ == "InMemoryGrid":  # simulation: one partition per SuperNode
+        check_partition_count(cfg.dataset, nodes, cfg.seed)
 
     spec = data_spec(cfg.dataset)
     test_data = centralized_test_split(cfg.dataset, cfg.seed)
@@ -122,7 +189,6 @@ def main(grid: Grid, context: Context) -> None:
         he_context=he_context,
         he_client_config=he_client_config,
     )
-    nodes = len(list(grid.get_node_ids()))
     log(
         INFO,
         "Experiment: dataset=%s partitioner=%s model=%s (%d parameters) strategy=%s, "
@@ -138,20 +204,12 @@ def main(grid: Grid, context: Context) -> None:
         nodes,
         output_dir,
     )
-    if nodes < cfg.strategy.min_available_clients:
-        log(
-            WARNING,
-            "%d SuperNodes connected but strategy.min_available_clients=%d: rounds wait for "
-            "more nodes. In simulation: flwr run . --federation-config 'num-supernodes=%d'",
-            nodes,
-            cfg.strategy.min_available_clients,
-            cfg.simulation.num_supernodes,
-        )
 
     server = ExperimentServer(
         client_manager=NodeTrackingClientManager(), strategy=strategy, recorder=recorder
     )
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
+    server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 
     final_arrays = parameters_to_ndarrays(server.parameters)
     encrypted = final_arrays if is_payload(final_arrays) else None

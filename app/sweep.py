@@ -7,6 +7,14 @@ Every job validates its configuration first (a bad override fails before anythin
 then launches `flwr run <project> --stream` with the job's overrides, the federation size
 from `simulation.*`, and `output_dir` set to Hydra's job directory. In a sweep, the sweep
 directory gets `summary.csv` with the final metrics of every job, rewritten after each job.
+
+Success is checked, not assumed: `flwr run` exits 0 even for a failed run, so a job is `ok`
+only when Flower reports its run `finished:completed` (`flwr ls --run-id <id> --format json`)
+and `results.json` carries this job's run token (a fresh one per job, passed through the run
+config) with status `completed`. Anything else is a failed job: a one-line reason is printed,
+written to the job's `status.json` and its `summary.csv` row, and `python -m app.sweep` exits 1
+once every job has run. Artifacts an earlier run left in the job's directory are moved to
+`previous/` first (app/results.py), so they are never reported as this job's.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import hydra
@@ -33,19 +43,25 @@ from app.config import (
     parse_overrides,
     to_experiment_config,
 )
-from app.results import RESULTS_FILE
+from app.results import RESULTS_FILE, archive_previous_run
 
 PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
+STATUS_FILE = "status.json"  # the launcher's verdict on one job: status, reason, Flower's status
 FLWR_LOG = "flwr.log"
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+FLOWER_COMPLETED = "finished:completed"
+# Names of failed jobs of this process (a Hydra sweep runs its jobs in this process).
+FAILED_JOBS: list[str] = []
 # Lines of the run's log echoed to the terminal (the whole log goes to the job's flwr.log).
 # `flwr run --stream` shows some lines twice, once with a timestamp prefix: echo one of them.
 TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
-PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|ERROR|Invalid experiment")
+PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|Run failed:|Invalid experiment")
 
 
-def flwr_run_command(cfg: ExperimentConfig, overrides: list[str]) -> list[str]:
-    """The `flwr run` command line for one job (overrides travel as one TOML string)."""
+def flwr_run_command(cfg: ExperimentConfig, overrides: list[str], token: str = "") -> list[str]:
+    """The `flwr run` command line for one job (overrides travel as one TOML string; the
+    run token, which results.json must echo, as a second)."""
     cpus, gpus = client_resources(cfg)
     federation = (
         f"num-supernodes={cfg.simulation.num_supernodes} "
@@ -57,6 +73,7 @@ def flwr_run_command(cfg: ExperimentConfig, overrides: list[str]) -> list[str]:
         "flwr", "run", str(PROJECT_DIR), "--stream",
         "--federation-config", federation,
         "--run-config", run_config,
+        "--run-config", f"run-token={json.dumps(token)}",
     ]  # fmt: skip
 
 
@@ -65,12 +82,83 @@ def hydra_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def flower_run_status(run_id: int, env: dict, wait_s: float = 30.0) -> dict | None:
+    """Flower's record of a run ({"status": "finished:failed", "status-details": ...}) from
+    the Control API, through `flwr ls`, once it is finished; None if it cannot be read."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        proc = subprocess.run(
+            ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            runs = json.loads(proc.stdout).get("runs") or []
+        except ValueError:
+            runs = []
+        run = runs[0] if runs else None
+        if run is not None and str(run.get("status", "")).startswith("finished"):
+            return run
+        if time.monotonic() > deadline:
+            return run
+        time.sleep(1.0)
+
+
+def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None) -> dict:
+    """ok only when Flower says completed and results.json is this run's and complete;
+    otherwise failed with the most precise reason at hand."""
+    results = None
+    results_path = job_dir / RESULTS_FILE
+    if results_path.exists():
+        try:
+            results = json.loads(results_path.read_text())
+        except ValueError:
+            results = None
+    run = (results or {}).get("run", {})
+    ours = results is not None and token and run.get("token") == token
+    flower_status = flower.get("status") if flower else None
+    reason = ""
+    if ours and run.get("status") == "failed":
+        reason = run.get("error", "")
+    elif flower_status is not None and flower_status != FLOWER_COMPLETED:
+        reason = f"Flower reports the run {flower_status}: {flower.get('status-details', '')}"
+    elif returncode != 0:
+        reason = f"flwr run exited {returncode}"
+    elif results is None:
+        reason = "the run wrote no results.json"
+    elif not ours:
+        reason = "results.json belongs to another run (its run token differs)"
+    elif run.get("status") != "completed" or not results.get("final"):
+        reason = f"the run did not complete (results.json status: {run.get('status')})"
+    elif flower is None:
+        reason = ""  # Flower's record unreadable: results.json is this run's and complete
+    if not reason and flower_status is None and flower is not None:
+        reason = "Flower reports no status for the run"
+    outcome = {
+        "status": "failed" if reason else "ok",
+        "reason": " ".join(reason.split())[:500],
+        "token": token,
+        "flwr_run_id": flower.get("run-id") if flower else run.get("flwr_run_id"),
+        "flwr_status": flower_status,
+        "returncode": returncode,
+        "log": str(job_dir / FLWR_LOG),
+    }
+    (job_dir / STATUS_FILE).write_text(json.dumps(outcome, indent=2))
+    if outcome["status"] == "ok":
+        outcome.update(results)
+    return outcome
+
+
 def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
-    """Run one simulation; return its results.json (or a failure record)."""
+    """Run one simulation; return {"status": "ok", **results.json} or a failure record
+    {"status": "failed", "reason": ..., "log": ...}."""
     env = dict(os.environ)
     # The app is installed in this environment: Flower must not build a per-run one.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    command = flwr_run_command(cfg, overrides)
+    token = uuid.uuid4().hex
+    archive_previous_run(job_dir)  # an earlier run's results are never reported as ours
+    (job_dir / STATUS_FILE).unlink(missing_ok=True)
+    command = flwr_run_command(cfg, overrides, token)
+    run_id = None
     with open(job_dir / FLWR_LOG, "w") as log_file:
         proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -78,15 +166,14 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
         assert proc.stdout is not None
         for line in proc.stdout:
             log_file.write(line)
+            started = STARTED_RUN.search(line)
+            if started and run_id is None:
+                run_id = int(started.group(1))
             if PROGRESS.search(line) and not TIMESTAMPED.match(line):
                 sys.stdout.write(line)
         returncode = proc.wait()
-    results_path = job_dir / RESULTS_FILE
-    if returncode != 0 or not results_path.exists() or not json.loads(results_path.read_text())[
-        "final"
-    ]:
-        return {"status": "failed", "log": str(job_dir / FLWR_LOG), "returncode": returncode}
-    return {"status": "ok", **json.loads(results_path.read_text())}
+    flower = flower_run_status(run_id, env) if run_id is not None else None
+    return job_outcome(job_dir, token, returncode, flower)
 
 
 def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
@@ -94,7 +181,8 @@ def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
     `flwr run` simulation with `simulation.*` as its federation, write into `output_dir`,
     and return its results.json. Progress lines are printed; the whole log is
     `<output_dir>/flwr.log`. Raises ConfigError before anything starts on a bad override,
-    RuntimeError naming the log if the run fails."""
+    RuntimeError with the reason and the log if the run fails (Flower's status is not
+    `finished:completed`, or results.json is not this run's complete record)."""
     output_dir = Path(output_dir).resolve()
     tokens = [o for o in parse_overrides(overrides) if not o.startswith("output_dir=")]
     tokens.append(f"output_dir={hydra_quote(str(output_dir))}")
@@ -102,21 +190,26 @@ def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     outcome = run_job(cfg, tokens, output_dir)
     if outcome["status"] != "ok":
-        raise RuntimeError(f"run failed (exit {outcome['returncode']}): see {outcome['log']}")
-    return {k: v for k, v in outcome.items() if k != "status"}
+        raise RuntimeError(f"run failed: {outcome['reason']} (log: {outcome['log']})")
+    return {k: v for k, v in outcome.items() if k in ("run", "rounds", "final", "initial")}
 
 
 def write_summary(sweep_dir: Path) -> Path:
-    """Collect the final metrics of every finished job under `sweep_dir` into summary.csv."""
+    """One summary.csv row per job under `sweep_dir`: its status and, for a failed job, the
+    reason; for a finished one, its final metrics."""
     rows = []
-    for results_path in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"), key=_job_number):
-        job_dir = results_path.parent
-        results = json.loads(results_path.read_text())
+    for status_path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"), key=_job_number):
+        job_dir = status_path.parent
+        outcome = json.loads(status_path.read_text())
+        ok = outcome["status"] == "ok"
+        results = json.loads((job_dir / RESULTS_FILE).read_text()) if ok else {}
         final = results.get("final", {})
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
         row = {
             "job": job_dir.name,
-            "overrides": " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")),
-            "status": "ok" if final else "failed",
+            "overrides": " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else "",
+            "status": outcome["status"],
+            "reason": outcome.get("reason", ""),
             "rounds_completed": final.get("rounds_completed", len(results.get("rounds", []))),
             "stop_reason": final.get("stop_reason", ""),
         }
@@ -156,16 +249,23 @@ def main(raw: DictConfig) -> float | None:
     try:
         cfg = to_experiment_config(raw)
     except ConfigError as err:
-        sys.exit(str(err))
-    outcome = run_job(cfg, overrides, job_dir)
+        outcome = {"status": "failed", "reason": str(err).splitlines()[0], "log": ""}
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / STATUS_FILE).write_text(json.dumps(outcome, indent=2))
+        print(str(err), flush=True)
+    else:
+        outcome = run_job(cfg, overrides, job_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         summary = write_summary(Path(hydra_cfg.sweep.dir))
         print(f"Sweep summary: {summary}", flush=True)
     if outcome["status"] != "ok":
-        print(f"Job failed (exit {outcome['returncode']}): see {outcome['log']}", flush=True)
+        FAILED_JOBS.append(job_dir.name)
+        print(f"Job {job_dir.name} failed: {outcome['reason']} (log: {outcome['log']})", flush=True)
         return None
     return outcome["final"].get("centralized", {}).get("accuracy")
 
 
 if __name__ == "__main__":
     main()
+    if FAILED_JOBS:
+        sys.exit(f"{len(FAILED_JOBS)} job(s) failed: {', '.join(FAILED_JOBS)}")

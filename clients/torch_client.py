@@ -271,6 +271,10 @@ class TorchClient(NumPyClient):
             )
         if is_payload(parameters):
             parameters = self._plaintext(parameters, self._he_context(config))
+        if len(self.val_data) == 0:
+            # No validation examples (dataset.val_fraction=0, or a partition under two
+            # examples): 0 examples weigh nothing; the strategy drops such results.
+            return 0.0, 0, {}
         set_weights(self.model, parameters, self.wire_names)
         metrics = evaluate(self.model, self.val_data, self.task, self.device)
         loss = metrics.pop("loss")

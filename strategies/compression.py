@@ -28,6 +28,7 @@ class DecompressUpdates(StrategyWrapper):
         self.scheme = scheme
         self._sent: dict[int, list] = {}
         self._reports: dict[int, dict] = {}
+        self._rejections: dict[int, list[tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"DecompressUpdates({self.scheme}, {self.strategy!r})"
@@ -51,6 +52,7 @@ class DecompressUpdates(StrategyWrapper):
             except (CompressionError, ValueError) as err:
                 log(WARNING, "Round %s: rejected compressed update of node %s: %s", server_round, proxy.cid, err)
                 failures.append(err)
+                self._rejections.setdefault(server_round, []).append((str(proxy.cid), str(err)))
                 continue
             full = ndarrays_to_parameters(model)
             received += payload_bytes(res.parameters)
@@ -64,6 +66,9 @@ class DecompressUpdates(StrategyWrapper):
                 "ratio": uncompressed / received,
             }
         return super().aggregate_fit(server_round, decoded, failures)
+
+    def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
+        return self._rejections.get(server_round, []) + super().rejected_updates(server_round)
 
     def round_report(self, server_round: int) -> dict:
         report = super().round_report(server_round)

@@ -99,6 +99,7 @@ class ClientLevelDP(StrategyWrapper):
         self._sampled: dict[int, int] = {}
         self._reports: dict[int, dict[str, Any]] = {}
         self._empty_rounds: set[int] = set()
+        self._rejections: dict[int, list[tuple[str, str]]] = {}
         self._stop: str | None = None
 
     def __repr__(self) -> str:
@@ -195,6 +196,9 @@ class ClientLevelDP(StrategyWrapper):
     def empty_round(self, server_round: int) -> bool:
         return server_round in self._empty_rounds or super().empty_round(server_round)
 
+    def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
+        return self._rejections.get(server_round, []) + super().rejected_updates(server_round)
+
     def stop_reason(self) -> str | None:
         return self._stop or super().stop_reason()
 
@@ -212,6 +216,9 @@ class ClientLevelDP(StrategyWrapper):
             outcome = self.bound_update(proxy.cid, update)
             if outcome is None:
                 failures.append(ValueError(f"node {proxy.cid}: update norm exceeds C"))
+                self._rejections.setdefault(server_round, []).append(
+                    (str(proxy.cid), f"update norm exceeds clipping_norm {self.clipping_norm}")
+                )
                 continue
             bounded.append(outcome[0])
             clipped.append(outcome[1])

@@ -77,7 +77,9 @@ def build_strategy(
     s = cfg.strategy
     # Federated evaluation computes loss and accuracy on the clients' own data and no
     # accountant covers it: under DP it runs only when the user opts into unprotected metrics.
-    fraction_evaluate = s.fraction_evaluate if federated_evaluation_allowed(cfg) else 0.0
+    # dataset.val_fraction=0: clients hold no validation split, so no federated evaluation.
+    evaluate = federated_evaluation_allowed(cfg) and cfg.dataset.val_fraction > 0
+    fraction_evaluate = s.fraction_evaluate if evaluate else 0.0
     common = dict(
         fraction_fit=s.fraction_train,
         fraction_evaluate=fraction_evaluate,

@@ -84,6 +84,7 @@ class HomomorphicAggregation(StrategyWrapper):
         self._reports: dict[int, dict[str, Any]] = {}
         self.aggregated: dict[int, int] = {}
         self.rejected: dict[int, list[str]] = {}
+        self.rejections: dict[int, list[tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"HomomorphicAggregation({ALGORITHM}, {self.context.params}, {self.strategy!r})"
@@ -169,6 +170,7 @@ class HomomorphicAggregation(StrategyWrapper):
                     err,
                 )
                 self.rejected.setdefault(server_round, []).append(f"node {proxy.cid}: {err}")
+                self.rejections.setdefault(server_round, []).append((str(proxy.cid), str(err)))
                 failures.append(err)
                 continue
             accepted.append((weight, ciphertexts, res))
@@ -247,6 +249,9 @@ class HomomorphicAggregation(StrategyWrapper):
             plain = seal.Plaintext()
             encoder.encode(chunk.tolist(), plain)
             evaluator.add_plain_inplace(ct, plain)
+
+    def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
+        return self.rejections.get(server_round, []) + super().rejected_updates(server_round)
 
     def round_report(self, server_round: int) -> dict[str, Any]:
         report = super().round_report(server_round)

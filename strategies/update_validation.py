@@ -46,6 +46,7 @@ class RejectMalformedUpdates(StrategyWrapper):
         super().__init__(strategy)
         self._sent: dict[int, list[np.ndarray]] = {}
         self.rejected: dict[int, int] = {}
+        self.rejections: dict[int, list[tuple[str, str]]] = {}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         self._sent = {server_round: parameters_to_ndarrays(parameters)}
@@ -63,9 +64,13 @@ class RejectMalformedUpdates(StrategyWrapper):
                 log(WARNING, "Round %s: rejected update of node %s: %s", server_round, proxy.cid, err)
                 failures.append(err)
                 self.rejected[server_round] = self.rejected.get(server_round, 0) + 1
+                self.rejections.setdefault(server_round, []).append((str(proxy.cid), str(err)))
             else:
                 accepted.append((proxy, res))
         return super().aggregate_fit(server_round, accepted, failures)
+
+    def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
+        return self.rejections.get(server_round, []) + super().rejected_updates(server_round)
 
     def round_report(self, server_round: int) -> dict:
         report = super().round_report(server_round)

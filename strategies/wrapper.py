@@ -42,6 +42,11 @@ class StrategyWrapper(Strategy):
         inner = self.strategy
         return inner.round_report(server_round) if isinstance(inner, StrategyWrapper) else {}
 
+    def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
+        """(node id, reason) of each update of `server_round` a layer refused to aggregate."""
+        inner = self.strategy
+        return inner.rejected_updates(server_round) if isinstance(inner, StrategyWrapper) else []
+
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 
@@ -69,6 +74,12 @@ class StrategyWrapper(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        # A client without validation examples (dataset.val_fraction=0, or a partition of
+        # under two examples) reports 0 examples: nothing to weight, and Flower's weighted
+        # mean would divide by zero when every sampled client has none.
+        results = [(proxy, res) for proxy, res in results if res.num_examples > 0]
+        if not results:
+            return None, {}
         return self.strategy.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(

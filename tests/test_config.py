@@ -117,3 +117,97 @@ def test_valid_numeric_overrides_are_taken_as_given(rounds, lr, frac, seed):
     assert (cfg.num_rounds, cfg.training.lr, cfg.strategy.fraction_train, cfg.seed) == (
         rounds, lr, frac, seed,
     )  # fmt: skip
+
+
+# Values with the right type that used to pass and train garbage or fail late (issue 17).
+# Each fragment is text of the check's own message, never the override echoed back.
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("training.lr=inf", "must be a finite number"),
+        ("training.lr=nan", "must be a finite number"),
+        ("training.lr=-0.1", "the learning rate must be > 0"),
+        ("training.momentum=-1", "SGD momentum must be in [0, 1)"),
+        ("training.momentum=1", "SGD momentum must be in [0, 1)"),
+        ("training.weight_decay=-1", "must be >= 0 (0: none)"),
+        ("model.hidden_sizes=[0]", "every layer needs at least 1 unit"),
+        ("model.hidden_sizes=[64,-4]", "every layer needs at least 1 unit"),
+        ("model=cnn model.channels=[0,8]", "every conv layer needs at least 1 channel"),
+        ("seed=-1", "numpy refuses negative seeds"),
+        ("dataset=linear model=linear dataset.noise_std=-1", "a standard deviation is >= 0"),
+        (
+            "partitioner=pathological partitioner.classes_per_partition=11",
+            "dataset=digits has only 10 classes: use 1..10",
+        ),
+        ("strategy=fedadam strategy.beta_1=2", "Adam's decay rates lie in [0, 1)"),
+        ("strategy=fedadam strategy.beta_2=1.0", "Adam's decay rates lie in [0, 1)"),
+        ("strategy=fedavgm strategy.server_momentum=1.5", "server momentum must be in [0, 1)"),
+        ("strategy.min_train_clients=11", "simulation.num_supernodes=10 SuperNodes"),
+        ("simulation.num_supernodes=3 strategy.min_available_clients=4", "lower it to <= 3"),
+        ("strategy.min_evaluate_clients=12", "lower it to <= 10"),
+    ],
+)
+def test_values_that_pass_types_but_cannot_train_are_refused(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(override)
+    assert expected in str(info.value)
+
+
+def test_min_evaluate_clients_is_not_checked_when_federated_evaluation_is_off():
+    cfg = load_config("strategy.fraction_evaluate=0 strategy.min_evaluate_clients=12")
+    assert cfg.strategy.min_evaluate_clients == 12
+
+
+@pytest.mark.parametrize(
+    "override,key,valid",
+    [
+        ("+training.lrr=1", "'training.lrr'", "Valid keys at 'training': batch_size,"),
+        ("++training.lrr=1", "'training.lrr'", "local_epochs, lr, momentum,"),
+        ("+model.lora.rank=4", "'model.lora.rank'", "Valid keys at 'model.lora': alpha, r, target."),
+        ("+epochs=3", "'epochs'", "Valid keys at the top level: compression, dataset,"),
+    ],
+)
+def test_keys_added_with_plus_are_refused_with_the_valid_names(override, key, valid):
+    with pytest.raises(ConfigError) as info:
+        load_config(override)
+    message = str(info.value)
+    assert f"{key} is not a key of the experiment configuration" in message
+    assert valid in message
+
+
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, -0.0, 1.0, 0.999, 1e-12, -1e-12]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lr=FLOATS, momentum=FLOATS, weight_decay=FLOATS)
+def test_optimizer_values_are_accepted_exactly_when_they_can_train(lr, momentum, weight_decay):
+    import math
+
+    overrides = f"training.lr={lr!r} training.momentum={momentum!r} training.weight_decay={weight_decay!r}"
+    valid = (
+        math.isfinite(lr) and lr > 0
+        and math.isfinite(momentum) and 0 <= momentum < 1
+        and math.isfinite(weight_decay) and weight_decay >= 0
+    )  # fmt: skip
+    if valid:
+        cfg = load_config(overrides)
+        assert (cfg.training.lr, cfg.training.momentum, cfg.training.weight_decay) == (
+            lr, momentum, weight_decay,
+        )  # fmt: skip
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides)
+        # the key named is the first offender in the order the checks run: every float is
+        # checked for finiteness first (dataclass order), then each key's range
+        values = {"training.lr": lr, "training.momentum": momentum, "training.weight_decay": weight_decay}
+        in_range = {
+            "training.lr": lr > 0,
+            "training.momentum": 0 <= momentum < 1,
+            "training.weight_decay": weight_decay >= 0,
+        }
+        non_finite = [k for k, v in values.items() if not math.isfinite(v)]
+        first = non_finite[0] if non_finite else next(k for k, ok in in_range.items() if not ok)
+        assert f"Invalid experiment configuration: {first}=" in str(info.value)

@@ -567,3 +567,11 @@ def test_reproducible_noise_can_be_forced_for_tests_and_accounting_auto_resolves
     cfg = load_config("privacy=server_fixed privacy.noise_seed=3 privacy.allow_reproducible_noise=true")
     assert cfg.privacy.noise_seed == 3 and cfg.privacy.accounting == "poisson"
     assert load_config("privacy=client_fixed secagg=he").privacy.accounting == "without_replacement"
+
+
+def test_an_update_the_server_rejects_is_recorded_with_its_node():
+    wrapper = dp(ClientSideFixedClipping, m=2, z=0.0, c=0.5)
+    big = [np.full(s, 1.0, np.float32) for s in SHAPES]
+    run_round(wrapper, manager(2), zeros(), [zeros(), big])
+    [(node, reason)] = wrapper.rejected_updates(1)
+    assert node in {"0", "1"} and "exceeds clipping_norm 0.5" in reason

@@ -1,0 +1,77 @@
+"""End to end (issue 17): failed runs are reported as failed by every entry point, a rerun
+never reports an earlier run's results, and the log has each line once."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from app.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE
+from app.sweep import STARTED_RUN, TIMESTAMPED, run_experiment
+
+pytestmark = pytest.mark.slow
+
+SMALL = "num_rounds=1 simulation.num_supernodes=2"
+FLOWER_KEYS = ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "FLWR_DISABLE_UPDATE_CHECK")  # fmt: skip
+
+
+def test_a_failed_rerun_fails_and_never_reports_the_previous_results(flower, tmp_path, monkeypatch):
+    for key in FLOWER_KEYS:
+        monkeypatch.setenv(key, flower.env[key])
+    out = tmp_path / "run"
+    # no validation data, federated evaluation asked for: once a KeyError 'loss' per client
+    first = run_experiment(f"{SMALL} dataset.val_fraction=0 strategy.fraction_evaluate=1.0", out)
+    assert first["run"]["status"] == "completed" and first["final"]["rounds_completed"] == 1
+    assert "failures" not in first["rounds"][0]["clients"]
+    log = (out / "flwr.log").read_text()
+    assert not [line for line in log.splitlines() if TIMESTAMPED.match(line)]  # no duplicates
+    assert "History (loss" not in log and "History (metrics" not in log
+    # every client's update is non-finite and rejected: the run must fail, writing no model
+    with pytest.raises(RuntimeError) as info:
+        run_experiment(f"{SMALL} training.lr=1e30 training.local_epochs=1", out)
+    assert "no client update was aggregated in any of 1 rounds" in str(info.value)
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["run"]["status"] == "failed" and results["run"]["token"] != first["run"]["token"]
+    assert results["rounds"][0]["clients"]["trained"] == 0
+    assert results["rounds"][0]["clients"]["failed"] == 2  # min_train_clients=2 of 2
+    assert not (out / MODEL_FILE).exists()
+    previous = out / PREVIOUS_DIR / first["run"]["token"]
+    assert json.loads((previous / RESULTS_FILE).read_text())["final"] == first["final"]
+    assert (previous / MODEL_FILE).exists()
+
+
+def test_too_few_supernodes_fails_the_run_in_flower_before_training(flower, tmp_path):
+    out = tmp_path / "few"
+    # simulation.num_supernodes (10) allows 3; the federation `flwr run` starts has 2
+    proc = flower.run(f"strategy.min_train_clients=3 output_dir={out}", num_supernodes=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0  # Flower's own exit code says nothing about the run
+    run_id = STARTED_RUN.search(text).group(1)
+    ls = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"],
+                        env=flower.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    (run,) = json.loads(ls.stdout)["runs"]
+    assert run["status"] == "finished:failed"
+    assert "but the federation has 2 SuperNodes" in run["status-details"]
+    assert text.count("Traceback (most recent call last)") == 1
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["run"]["status"] == "failed" and results["rounds"] == []
+    assert not (out / MODEL_FILE).exists()
+
+
+def test_sweep_exits_non_zero_and_summarizes_a_failed_job(flower, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.sweep", "-m", "training.lr=1e30", *SMALL.split(),
+         "strategy.fraction_evaluate=0"],
+        cwd=tmp_path, env=flower.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 job(s) failed: 0" in proc.stderr
+    assert re.search(r"Job 0 failed: RunFailed: no client update was aggregated", proc.stdout)
+    (summary,) = tmp_path.glob("multirun/*/*/summary.csv")
+    (row,) = list(csv.DictReader(summary.open()))
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("RunFailed: no client update was aggregated in any of 1 rounds")
