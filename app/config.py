@@ -219,6 +219,8 @@ class ExperimentConfig:
     num_rounds: int = 10
     seed: int = 0
     output_dir: str | None = None
+    # Continue the run in output_dir from its last checkpoint (app/checkpoint.py).
+    resume: bool = False
 
 
 def _register_schema() -> None:
@@ -709,6 +711,11 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "must be an absolute path: the ServerApp runs from Flower's app folder, "
             "not from your checkout (e.g. output_dir=$PWD/outputs/run1)",
         )
+    require(
+        not cfg.resume or cfg.output_dir is not None,
+        "resume",
+        "resume=true continues the run in output_dir: set output_dir to that run's folder",
+    )
 
 
 # --------------------------------------------------------------------------- ranges

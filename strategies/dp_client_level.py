@@ -199,6 +199,25 @@ class ClientLevelDP(StrategyWrapper):
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self._rejections.get(server_round, []) + super().rejected_updates(server_round)
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dp"] = {
+            "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "clipping_norm": self.clipping_norm,
+            "stop": self._stop,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        dp = state["dp"]
+        if dp["accountant"] is not None:
+            self.accountant = ClientLevelAccountant.from_state_dict(
+                dp["accountant"], self.target_delta, self.epsilon_budget
+            )
+        self.clipping_norm = float(dp["clipping_norm"])
+        self._stop = dp["stop"]
+
     def stop_reason(self) -> str | None:
         return self._stop or super().stop_reason()
 
