@@ -156,6 +156,10 @@ class PrivacyConfig:
     clipped_count_stddev: float | None = None  # null: sampled clients / 20 (Flower's default)
     # dpsgd (sample level, Opacus)
     max_grad_norm: float = 1.0  # per-sample gradient clipping
+    # Each example joins a DP-SGD step with this probability (int(1/q) steps per epoch; the
+    # noised sum is divided by training.batch_size): public, so nothing released depends on
+    # a client's data-set size except through the clipped gradients.
+    sample_rate: float = 0.1
     target_epsilon: float | None = None  # per client over the whole run; sets the noise
 
 
@@ -440,6 +444,11 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
         )
     if p.name == "dpsgd":
         require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        require(
+            0 < p.sample_rate <= 1,
+            "privacy.sample_rate",
+            "must be in (0, 1]: the probability that an example joins a DP-SGD step",
+        )
         require(
             p.target_epsilon is None or p.target_epsilon > 0,
             "privacy.target_epsilon",
