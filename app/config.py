@@ -1,6 +1,6 @@
 """Compose an experiment from `conf/` with Hydra, validate it, and hand out typed values.
 
-Config is read once, at the edge (DESIGN.md): the ServerApp, the ClientApp and the sweep CLI
+Config is read once, at the edge: the ServerApp, the ClientApp and the sweep CLI
 all call :func:`load_config` with the same override strings and get the same typed
 :class:`ExperimentConfig`. Nothing below this module digs in a dict.
 

@@ -12,7 +12,7 @@ Secure aggregation only *adds* ciphertexts. That is all the server ever does her
   BFV decryption is then *exact* (it rounds the encryption noise away), so the only error is the
   clients' rounding, at most 0.5/2^scale_bits on the weighted mean (7.6e-6 at the default 16).
   CKKS with a single small prime cannot do that: its scale and its noise share the same bits
-  (measured: a 2^20 scale drowns in noise, see shared/FLOWER-1.41-NOTES.md).
+  (measured on this project's benchmark machine: a 2^20 scale drowns in noise).
 - Clients hold the secret key (the HE setting of NVFlare and of TenSEAL's tutorials), so they
   encrypt *symmetrically*, and SEAL serializes a symmetric ciphertext with the random half
   replaced by its PRNG seed: half the bytes. TenSEAL's high-level serialization always writes

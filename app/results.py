@@ -1,4 +1,4 @@
-"""Write the results contract of DESIGN.md into a run's output directory.
+"""Write the results contract (README, "Results") into a run's output directory.
 
 - `config.yaml`: the resolved configuration (written before round 1);
 - `results.json`: `{"rounds": [...], "final": {...}}`, rewritten after every round so a run

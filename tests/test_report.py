@@ -14,7 +14,7 @@ from app.report import ReportError, build_report, write_report
 
 
 def run_dir(path, privacy=True, rounds=4):
-    """A run's output directory as the ServerApp writes it (results contract of DESIGN.md)."""
+    """A run's output directory as the ServerApp writes it (the results contract of the README)."""
     path.mkdir(parents=True)
     records = []
     for r in range(1, rounds + 1):
