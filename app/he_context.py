@@ -52,6 +52,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -61,7 +62,12 @@ from pathlib import Path
 import numpy as np
 import tenseal.sealapi as seal
 
-ALGORITHM = "bfv-batch-seeded/v1"
+ALGORITHM = "bfv-batch-seeded/v1"  # the context files' format (unchanged)
+# The payload format: v2 adds three slots after the model values (weight, two MAC tags), see
+# `encode_slots`. A v1 payload is refused (its divisor was a claim, not a decrypted value).
+PAYLOAD_ALGORITHM = "bfv-batch-seeded-mac/v2"
+WEIGHT_SLOT, TAG_SLOT, WEIGHT_TAG_SLOT = 0, 1, 2  # offsets after the num_values model values
+EXTRA_SLOTS = 3
 MAGIC = b"flower-private-finetune HE context v1\n"
 SECRET_FILE = "secret.ctx"
 PUBLIC_FILE = "public.ctx"
@@ -141,6 +147,7 @@ class HEContext:
     seal_context: seal.SEALContext
     parms_bytes: bytes
     secret_key: seal.SecretKey | None = None
+    secret_bytes: bytes = b""  # the SecretKey's serialization as stored in secret.ctx
     _tools: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -190,6 +197,12 @@ class HEContext:
     def decryptor(self) -> seal.Decryptor:
         key = self._require_secret("Decryption")
         return self._tool("decryptor", lambda: seal.Decryptor(self.seal_context, key))
+
+    @property
+    def mac_master(self) -> bytes:
+        """32 bytes from the secret key (HKDF-SHA256): the MAC key only key holders derive."""
+        self._require_secret("The aggregate MAC")
+        return self._tool("mac_master", lambda: _hkdf(self.secret_bytes, b"mac-master|" + self.key_id.encode()))
 
     def public(self) -> HEContext:
         """The same parameters and key id without the secret key."""
@@ -250,12 +263,16 @@ def new_context(params: HEParams) -> HEContext:
     """Fresh keys: a secret context (parameters + a new secret key + a random key id)."""
     context, parms_bytes = make_seal_context(params)
     secret_key = seal.KeyGenerator(context).secret_key()
-    return HEContext(params, secrets.token_hex(16), context, parms_bytes, secret_key)
+    return HEContext(
+        params, secrets.token_hex(16), context, parms_bytes, secret_key, seal_to_bytes(secret_key)
+    )
 
 
 def write_context(ctx: HEContext, path: Path) -> Path:
     """Write a context file; the secret one is created readable by its owner only."""
-    secret = seal_to_bytes(ctx.secret_key) if ctx.secret_key is not None else b""
+    secret = b""
+    if ctx.secret_key is not None:
+        secret = ctx.secret_bytes or seal_to_bytes(ctx.secret_key)
     header = {
         "kind": "secret" if secret else "public",
         "key_id": ctx.key_id,
@@ -315,6 +332,7 @@ def _load_context(path: str, mtime_ns: int, size: int) -> HEContext:
     ctx = HEContext(params, str(header["key_id"]), context, parms_bytes)
     if secret_len:
         ctx.secret_key = seal_from_bytes(seal.SecretKey(), rest[parms_len:], context)
+        ctx.secret_bytes = rest[parms_len:]
     return ctx
 
 
@@ -325,7 +343,8 @@ def layout_hash(shapes: list[tuple[int, ...]]) -> str:
 
 
 def num_ciphertexts(num_values: int, slots: int) -> int:
-    return max(1, math.ceil(num_values / slots))
+    """Ciphertexts of a payload of `num_values` model values (plus the EXTRA_SLOTS)."""
+    return max(1, math.ceil((num_values + EXTRA_SLOTS) / slots))
 
 
 def pack_payload(header: dict, ciphertexts: list[bytes]) -> list[np.ndarray]:
@@ -374,7 +393,7 @@ def unpack_payload(arrays: list[np.ndarray]) -> tuple[dict, list[bytes]]:
 def payload_header(ctx: HEContext, kind: str, layout: str, num_values: int, server_round: int, **extra) -> dict:
     # "algorithm" first: is_payload() recognises a payload by it.
     return {
-        "algorithm": ALGORITHM,
+        "algorithm": PAYLOAD_ALGORITHM,
         "context": ctx.fingerprint,
         "kind": kind,  # "update" (client -> server) | "aggregate" (server -> clients)
         "layout": layout,
@@ -385,13 +404,113 @@ def payload_header(ctx: HEContext, kind: str, layout: str, num_values: int, serv
     }
 
 
+# SEAL's serialization header (seal/serialization.h): magic 0xA15E, header size 16, version
+# major/minor, compression mode (0 none, 1 zlib, 2 zstd), 2 reserved bytes, total size.
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")
+_SEAL_MAGIC = 0xA15E
+
+
+def _ciphertext_byte_limit(ctx: HEContext) -> int:
+    """Bytes of an uncompressed two-polynomial ciphertext at these parameters, plus headers;
+    a payload larger than this is refused before SEAL decompresses anything."""
+    n, levels = ctx.params.poly_modulus_degree, len(ctx.params.coeff_mod_bit_sizes)
+    return 2 * n * levels * 8 + 512
+
+
 def load_ciphertext(ctx: HEContext, data: bytes) -> seal.Ciphertext:
-    """Deserialize and validate one ciphertext against `ctx` (SEAL checks sizes and
-    parameter ids); a ciphertext under other parameters or a truncated one is an HEError."""
+    """Deserialize and validate one ciphertext against `ctx`; anything else is an HEError.
+
+    Checked against the installed SEAL 4.x (tests/test_he.py builds each case by hand):
+    SEAL's `load(context, ...)` itself refuses a wrong scale, a correction factor other than 1,
+    a size that does not match the buffer, and any coefficient >= its modulus. It does NOT
+    check the NTT-form flag (a BFV ciphertext with it set loads, and `add` then raises "NTT
+    form mismatch"), nor that the ciphertext is fresh (size 2) at the first level; nor does it
+    bound the declared size before decompressing. Those are checked here."""
+    if not isinstance(data, bytes | bytearray) or len(data) < _SEAL_HEADER.size:
+        raise HEError("ciphertext shorter than SEAL's header")
+    magic, hsize, major, _minor, compr, _reserved, total = _SEAL_HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or major != 4 or compr not in (0, 1, 2):
+        raise HEError("not a SEAL 4 serialization (magic, header size, version or compression)")
+    if total != len(data) or total > _ciphertext_byte_limit(ctx):
+        raise HEError(f"ciphertext declares {total} bytes, has {len(data)} (limit {_ciphertext_byte_limit(ctx)})")
     try:
-        ct = seal_from_bytes(seal.Ciphertext(), data, ctx.seal_context)
-    except (RuntimeError, ValueError, TypeError) as err:
+        ct = seal_from_bytes(seal.Ciphertext(), bytes(data), ctx.seal_context)
+    except Exception as err:  # noqa: BLE001 - SEAL raises RuntimeError/ValueError/logic_error
         raise HEError(f"ciphertext does not load under this context ({err})") from err
-    if ct.size() != 2 or ct.parms_id() != ctx.seal_context.first_parms_id():
-        raise HEError("ciphertext has the wrong size or parameter level for this context")
+    first = ctx.seal_context.first_context_data().parms()
+    problems = [
+        (ct.is_ntt_form(), "NTT form flag set (BFV ciphertexts are not in NTT form)"),
+        (ct.size() != 2, f"size {ct.size()}, a fresh ciphertext has 2 polynomials"),
+        (ct.parms_id() != ctx.seal_context.first_parms_id(), "parameter id of another level or context"),
+        (ct.poly_modulus_degree() != first.poly_modulus_degree(), "poly_modulus_degree differs"),
+        (ct.coeff_modulus_size() != len(first.coeff_modulus()), "coeff_modulus size differs"),
+        (ct.scale != 1.0, f"scale {ct.scale} (BFV: 1)"),
+        (ct.is_transparent(), "transparent (c1 = 0: the plaintext in the clear)"),
+        (not seal.is_valid_for(ct, ctx.seal_context), "SEAL's validity check fails"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise HEError(f"ciphertext refused: {why}")
     return ct
+
+
+def seed_id(ct: seal.Ciphertext) -> bytes:
+    """Identifies the randomness of a loaded ciphertext: its c1 polynomial is SEAL's PRNG
+    expansion of the seed that travelled in the seeded form, so equal leading c1 coefficients
+    (32 of them, ~1,800 bits) mean the same seed. A fresh encryption draws a fresh seed, so a
+    seen seed is a replay or a duplicate, whatever was edited in c0 or the header."""
+    n = ct.poly_modulus_degree() * ct.coeff_modulus_size()
+    return hashlib.sha256(struct.pack("<32Q", *(ct[n + i] for i in range(32)))).digest()[:16]
+
+
+# --------------------------------------------------------------------------- the MAC
+# A linear MAC over Z_t inside the plaintext. Each client appends to its values m_j (its
+# pre-weighted quantized model, then its weight w) the tags T = sum_j k_j m_j mod t and
+# T_w = k_w w mod t, with k = PRG(HKDF(secret key, round, layout)). Both are linear in m, so the
+# decrypted SUM of honest payloads satisfies the same equations; a key holder checks them on the
+# aggregate. The server holds no secret key, so it cannot compute k: any change it (or anyone
+# without the key) makes to the sum's plaintext -- bit flips, a ciphertext under other keys,
+# a replay from another round (other k), add_plain of a chosen delta -- passes with probability
+# 1/t (2^-40 at the defaults) per attempt. No library offers a linear MAC over the plaintext
+# modulus (HMAC cannot survive the homomorphic sum), hence this by hand; HKDF and the ChaCha20
+# PRG are `cryptography`'s. A key holder can always forge (it has the key): that is item 4's
+# bound check, not the MAC.
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
+
+
+def mac_keys(ctx: HEContext, server_round: int, layout: str, num_values: int) -> tuple[np.ndarray, int]:
+    """(k: num_values + 1 keys in [0, t) for values and weight, k_w) for this round."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    info = f"mac|{PAYLOAD_ALGORITHM}|{int(server_round)}|{layout}|{int(num_values)}".encode()
+    stream = Cipher(algorithms.ChaCha20(_hkdf(ctx.mac_master, info), bytes(16)), mode=None).encryptor()
+    raw = np.frombuffer(stream.update(bytes(8 * (num_values + 2))), dtype="<u8")
+    t = np.uint64(ctx.plain_modulus)
+    keys = raw % t  # bias < t / 2^64 (2^-24 at t = 2^40): negligible
+    return keys[: num_values + 1].copy(), int(keys[num_values + 1])
+
+
+def linear_tag(keys: np.ndarray, values: np.ndarray, t: int) -> int:
+    """sum_j keys_j * values_j mod t, exact in uint64 arithmetic (t < 2^60): each product by
+    Horner over chunks of `c` bits of the value so that no intermediate exceeds 2^63."""
+    b = int(t).bit_length()
+    c = 63 - b
+    tt = np.uint64(t)
+    m = np.mod(values.astype(np.int64), np.int64(t)).astype(np.uint64)
+    k = keys.astype(np.uint64)
+    acc = np.zeros_like(m)
+    for shift in range(((b + c - 1) // c - 1) * c, -1, -c):
+        chunk = (m >> np.uint64(shift)) & np.uint64((1 << c) - 1)
+        acc = ((acc << np.uint64(c)) % tt + (k * chunk) % tt) % tt
+    block = 1 << (63 - b)  # sums of this many values < t stay below 2^63
+    return int(sum(int(acc[i : i + block].sum() % tt) for i in range(0, acc.size, block)) % t)
+
+
+def centered(x: int, t: int) -> int:
+    """x mod t as the BatchEncoder's signed range (-t/2, t/2]."""
+    x %= t
+    return x - t if x > t // 2 else x

@@ -38,7 +38,13 @@ from app.privacy import (
     make_noise_source,
 )
 from clients.dpsgd import HISTORY_KEY, train_dpsgd
-from clients.he_encryption import decrypt_model, encrypt_update, rounding_slack
+from clients.he_encryption import (
+    BAD_AGGREGATE_METRIC,
+    BadAggregate,
+    decrypt_model,
+    encrypt_update,
+    rounding_slack,
+)
 from clients.ddp import train_ddp
 from clients.training import train
 
@@ -122,7 +128,12 @@ class TorchClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         ins = FitInstructions.from_config(config, self.training)
         he = self._he_context(config) if ins.he_round is not None else None
-        parameters = self._plaintext(parameters, he)
+        try:
+            parameters = self._plaintext(parameters, he)
+        except BadAggregate as err:
+            # The global model fails this key holder's check (tampered, overflowed, a weight
+            # lie): train nothing, tell the server, which rolls back when most clients agree.
+            return [], 0, {BAD_AGGREGATE_METRIC: str(err)}
         set_weights(self.model, parameters, self.wire_names)
         training = TrainingConfig(
             **{**vars(self.training), "local_epochs": ins.local_epochs, "lr": ins.lr}
@@ -203,7 +214,8 @@ class TorchClient(NumPyClient):
         if he is None:
             raise HEError("received an encrypted model without secagg=he instructions")
         shapes = [a.shape for a in get_weights(self.model, self.wire_names)]
-        return decrypt_model(he, parameters, shapes)
+        # Under client-level DP the server adds noise to the encrypted sum: expected here.
+        return decrypt_model(he, parameters, shapes, allow_noise=self.privacy.name == "client_fixed")
 
     def _he_clip_norm(self, clipping_norm: float, he: HEContext) -> float:
         """Clip to C minus what fixed-point rounding can add, so the encrypted update's
