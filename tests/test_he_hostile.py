@@ -460,3 +460,21 @@ def test_fuzz_no_exception_escapes_every_rejection_is_recorded_no_silent_corrupt
     for kind in ("forged", "out-of-range"):
         assert counts[kind]["detected by key holders"] == counts[kind]["cases"]
     assert counts["weight-lie"]["rejected by server"] + counts["weight-lie"]["detected by key holders"] == counts["weight-lie"]["cases"]
+
+
+def test_a_client_reports_a_bad_global_model_instead_of_training(keys, tmp_path):
+    """A real TorchClient handed an aggregate whose weight was edited: it trains nothing and
+    returns the fit metric the server rolls back on."""
+    from tests.test_he import he_client
+
+    client, secret, public, initial = he_client(tmp_path, "secagg=he")
+    update = encrypt_update(secret, initial, 3, 1)
+    bad = with_header(update, kind="aggregate", divisor=4)  # decrypts to weight 3
+    before = [a.copy() for a in initial]
+    payload, n, metrics = client.fit(bad, {"server_round": 2, "he_round": 2})
+    assert payload == [] and n == 0
+    assert "decrypted total weight 3 differs from the claimed 4" in metrics[BAD_AGGREGATE_METRIC]
+    good = with_header(update, kind="aggregate", divisor=3)
+    payload, n, metrics = client.fit(good, {"server_round": 2, "he_round": 2})
+    assert BAD_AGGREGATE_METRIC not in metrics and n > 0 and len(payload) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(before, initial))
