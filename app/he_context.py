@@ -32,16 +32,18 @@ decrypts exactly with 5 bits left).
 
 Range: the plaintext modulus t (a prime of `plain_modulus_bits` bits) must hold the sum of the
 clients' pre-weighted quantized values: sum_i w_i * max|value| * 2^scale_bits < t / 2. Clients
-refuse to encrypt a value above `max_abs_value`; the server refuses a round whose total weight
-would overflow (see `max_total_weight`).
+refuse to encrypt a value above `max_abs_value`; the server rejects a client whose weight would
+overflow the round's total (see `max_total_weight`) or exceeds `secagg.max_weight`, and key
+holders check that the decrypted mean is within `max_abs_value` (a wrapped sum is not).
 
 File and payload formats are ours (SEAL objects inside are SEAL's own serialization):
 - context file: magic line, one JSON line (kind, key id, parameters, blob lengths), then the
   SEAL `EncryptionParameters` and, in the secret context only, the `SecretKey`;
 - payload (what travels in Flower's `Parameters`, as two uint8 NumPy arrays so `NumPyClient`
   carries it unchanged): a JSON header with the tags the server checks (algorithm, context
-  fingerprint, tensor layout, round, weight or divisor, ciphertext lengths), and the
-  concatenated serialized ciphertexts.
+  fingerprint, tensor layout, round, claimed weight or divisor, ciphertext lengths), and the
+  concatenated serialized ciphertexts. Inside the plaintext, after the model's values: the
+  weight and two MAC tags (v2, see "the MAC" below).
 """
 
 from __future__ import annotations

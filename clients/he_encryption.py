@@ -151,8 +151,13 @@ def decrypt_model(
     allow_noise: bool = False,
 ) -> list[np.ndarray]:
     """Decrypt and check an aggregate payload into float64 arrays of `shapes`: sum / the
-    decrypted weight. BadAggregate when `check_aggregate` fails."""
-    header, ciphertexts = unpack_payload(payload)
+    decrypted weight. BadAggregate when `check_aggregate` fails or the payload is malformed;
+    a plain HEError for a configuration mismatch (other keys, another model layout)."""
+    try:
+        header, ciphertexts = unpack_payload(payload)
+        int(header["num_values"]), int(header["round"])
+    except (HEError, KeyError, TypeError, ValueError) as err:
+        raise BadAggregate(f"malformed aggregate ({err})") from err
     if header.get("context") != ctx.fingerprint:
         raise HEError(
             "the model was encrypted under other keys than this node's secret context: "
