@@ -349,7 +349,7 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
-        if server_round in self.strategy.rolled_back:
+        if self.strategy.rolled_back(server_round):
             # The clients refused the model and the HE layer restored an earlier one: nothing
             # new is released this round (the refused sum was accounted when it was made).
             return parameters, metrics

@@ -97,7 +97,7 @@ class HomomorphicAggregation(StrategyWrapper):
         self._seen: dict[bytes, int] = {}  # seed id -> the round it was summed in
         self._sent: dict[int, Parameters] = {}  # the global model sent each round
         self._last_good: Parameters | None = None  # the latest model clients accepted
-        self.rolled_back: dict[int, dict[str, Any]] = {}
+        self.rollbacks: dict[int, dict[str, Any]] = {}
         # Set per round by a DP layer above: std of the Gaussian added to the sum (model units).
         self.sum_noise_std = 0.0
         self.noise: NormalSource | None = None
@@ -289,7 +289,7 @@ class HomomorphicAggregation(StrategyWrapper):
             "reason": reports[0][1],
             "restored": "the last accepted global model" if target is not None else "none kept",
         }
-        self.rolled_back[server_round] = record
+        self.rollbacks[server_round] = record
         self.aggregated[server_round] = 0
         self._reports[server_round] = {"scheme": PAYLOAD_ALGORITHM, "rolled_back": record}
         log(ERROR, "Round %s: %d of %d clients refused the global model (%s): rolled back",
@@ -342,6 +342,9 @@ class HomomorphicAggregation(StrategyWrapper):
             plain = seal.Plaintext()
             encoder.encode(chunk.tolist(), plain)
             evaluator.add_plain_inplace(ct, plain)
+
+    def rolled_back(self, server_round: int) -> bool:
+        return server_round in self.rollbacks
 
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self.rejections.get(server_round, []) + super().rejected_updates(server_round)

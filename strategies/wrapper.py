@@ -47,6 +47,12 @@ class StrategyWrapper(Strategy):
         inner = self.strategy
         return inner.rejected_updates(server_round) if isinstance(inner, StrategyWrapper) else []
 
+    def rolled_back(self, server_round: int) -> bool:
+        """True when `server_round` aggregated nothing but restored an earlier global model
+        (the clients refused the one they were sent, see HomomorphicAggregation)."""
+        inner = self.strategy
+        return inner.rolled_back(server_round) if isinstance(inner, StrategyWrapper) else False
+
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 

@@ -20,6 +20,7 @@ from clients.he_encryption import BAD_AGGREGATE_METRIC, BadAggregate, decrypt_mo
 from strategies.dp_client_level import EncryptedClientSideClipping
 from strategies.he_aggregation import HomomorphicAggregation
 from tests.test_strategies import manager
+from tests.test_trust import InProcessProxy
 
 PARAMS = HEParams()
 SHAPES = [(20, 5), (7,)]  # 107 values: one ciphertext
@@ -263,7 +264,7 @@ def test_an_overflowing_value_is_detected_and_the_server_rolls_back_one_round(ke
     sent = strategy.configure_fit(3, bad, cm)
     r3 = [(p, fit_res([], 0, {BAD_AGGREGATE_METRIC: str(err.value)})) for p, _ in sent]
     restored, _ = strategy.aggregate_fit(3, r3, [])
-    assert restored is good  # the model of the last round the clients accepted
+    assert restored is good and strategy.rolled_back(3)  # the last model the clients accepted
     report = strategy.round_report(3)["secagg"]["rolled_back"]
     assert report["reports"] == 3 and "max_abs_value" in report["reason"]
     assert {node for node, _ in strategy.rejected_updates(3)} == {p.cid for p, _ in sent}
@@ -284,7 +285,7 @@ def test_a_minority_report_does_not_roll_back(keys):
     results = [(p, fit_res(encrypt_update(secret, m, 5, 1), 5)) for (p, _), m in zip(sent[:2], models)]
     results.append((sent[2][0], fit_res([], 0, {BAD_AGGREGATE_METRIC: "a lie"})))
     params, _ = strategy.aggregate_fit(1, results, [])
-    assert 1 not in strategy.rolled_back
+    assert not strategy.rolled_back(1)
     ((node, why),) = strategy.rejected_updates(1)
     assert node == sent[2][0].cid and "refused the global model: a lie" in why
     expected = (models[0][0].astype(np.float64) + models[1][0]) / 2
@@ -306,7 +307,7 @@ def test_a_rollback_under_client_level_dp_spends_no_budget(keys):
     eps = dp.round_report(1)["privacy"]["epsilon"]
     sent = dp.configure_fit(2, params, manager(2))
     restored, _ = dp.aggregate_fit(2, [(p, fit_res([], 0, {BAD_AGGREGATE_METRIC: "bad"})) for p, _ in sent], [])
-    assert restored is not None and dp.strategy.rolled_back[2]["reports"] == 2
+    assert restored is not None and dp.strategy.rollbacks[2]["reports"] == 2 and dp.rolled_back(2)
     assert dp.accountant is not None and dp.accountant.epsilon == pytest.approx(eps)  # nothing spent
 
 
@@ -493,3 +494,106 @@ def test_a_client_reports_a_bad_global_model_instead_of_training(keys, tmp_path)
     payload, n, metrics = client.fit(good, {"server_round": 2, "he_round": 2})
     assert BAD_AGGREGATE_METRIC not in metrics and n > 0 and len(payload) == 2
     assert all(np.array_equal(a, b) for a, b in zip(before, initial))
+
+
+# ------------------------------------------------------------------ a run with a hostile client
+class HostileProxy(InProcessProxy):
+    """A real node that trains honestly, then sends each round's attack instead (it holds
+    the secret key, as every SuperNode does)."""
+
+    def __init__(self, cid, client, secret_path):
+        from app.he_context import load_context
+
+        super().__init__(cid, client)
+        self.secret = load_context(secret_path)
+        self.sent: dict[int, list] = {}
+
+    def fit(self, ins, timeout, group_id):
+        from flwr.common import GetParametersIns
+
+        res = super().fit(ins, timeout, group_id)
+        r = int(ins.config["he_round"])
+        payload = parameters_to_ndarrays(res.parameters)
+        if not payload:  # it refused the model like everyone (the round after its overflow)
+            return res
+        attack = {1: "ntt", 2: "weight", 3: "overflow", 5: "replay"}.get(r)
+        header, (first, *rest) = unpack_payload(payload)
+        fields = {k: v for k, v in header.items() if k != "lengths"}
+        if attack == "ntt":
+            ct = load_ciphertext(self.secret.public(), first)
+            payload = pack_payload(fields, [uncompressed(ct, ntt=1), *rest])
+        elif attack == "weight":
+            payload, res.num_examples = with_header(payload, weight=10**7), 10**7
+        elif attack == "overflow":
+            shapes = [a.shape for a in parameters_to_ndarrays(self.client.get_parameters(GetParametersIns({})).parameters)]
+            big = [np.full(s, 0.999 * 2.0**39 / (res.num_examples * PARAMS.scale)) for s in shapes]
+            wide = relaxed(self.secret, max_abs_value=1e12)
+            payload = encrypt_update(wide, big, res.num_examples, r)
+        elif attack == "replay":
+            payload = with_header(self.sent[3], round=r)
+        self.sent[r] = payload
+        res.parameters = ndarrays_to_parameters(payload)
+        return res
+
+
+def test_a_run_with_one_hostile_client_completes_and_matches_a_clean_run(tmp_path):
+    """3 real clients, 6 rounds; node 102 sends an NTT-flagged ciphertext (round 1), a weight
+    of 10^7 (2), a value that overflows t (3), and replays round 3's ciphertext (5). The run
+    completes all rounds, round 4 rolls back, every rejection is in the records, and the final
+    model scores within 2 points of the run without the attacker (the two honest nodes)."""
+    import torch
+    from flwr.common import Context, RecordDict
+
+    from app.client_app import build_client
+    from app.config import he_params, load_config
+    from app.data import centralized_test_split, data_spec
+    from app.evaluation import evaluate
+    from app.experiment_server import ExperimentServer, NodeTrackingClientManager
+    from app.finetune import build_finetune_model
+    from app.he_context import HE_SECRET_PATH_KEY, load_context, provision
+    from app.models import get_weights, set_weights
+    from app.results import RunRecorder
+    from strategies.factory import build_strategy
+
+    overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
+    cfg = load_config(overrides)
+    spec = data_spec(cfg.dataset)
+    test = centralized_test_split(cfg.dataset, cfg.seed)
+
+    def run(out, hostile):
+        secret_path, public_path = provision(he_params(cfg), out / "keys")
+        model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+        strategy = build_strategy(
+            cfg, ndarrays_to_parameters(get_weights(model, wire)), None,
+            he_context=load_context(public_path), he_client_config={HE_SECRET_PATH_KEY: str(secret_path)},
+        )  # fmt: skip
+        recorder = RunRecorder(out, cfg, token="t")
+        cm = NodeTrackingClientManager()
+        for i in range(3 if hostile else 2):  # without it: the two honest nodes alone
+            ctx = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+                          node_config={"partition-id": i, "num-partitions": 3})  # fmt: skip
+            client = build_client(cfg, ctx)
+            hostile_node = hostile and i == 2
+            cm.register(HostileProxy(str(100 + i), client, secret_path) if hostile_node else InProcessProxy(str(100 + i), client))
+        server = ExperimentServer(client_manager=cm, strategy=strategy, recorder=recorder)
+        server.fit(num_rounds=6, timeout=None)
+        shapes = [a.shape for a in get_weights(model, wire)]
+        final = decrypt_model(load_context(secret_path), parameters_to_ndarrays(server.parameters), shapes)
+        set_weights(model, final, wire)
+        return recorder.rounds, evaluate(model, test, spec.task, torch.device("cpu"))["accuracy"]
+
+    rounds, hostile_acc = run(tmp_path / "hostile", True)
+    _, clean_acc = run(tmp_path / "clean", False)
+    print(f"final accuracy with the hostile node {hostile_acc:.4f}, without it {clean_acc:.4f}")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    failures = {r["round"]: r["clients"].get("failures", []) for r in rounds}
+    reasons = {r: " | ".join(f["reason"] for f in fs if f["node_id"] == "102") for r, fs in failures.items()}
+    assert "NTT form flag" in reasons[1]
+    assert "max_weight" in reasons[2]
+    assert failures[3] == []  # the overflow is accepted: the server cannot see it ...
+    assert rounds[3]["rolled_back"] and rounds[3]["secagg"]["rolled_back"]["reports"] == 3  # ... the key holders can
+    assert "max_abs_value" in rounds[3]["secagg"]["rolled_back"]["reason"]
+    assert {f["node_id"] for f in failures[4]} == {"100", "101", "102"}
+    assert "replayed" in reasons[5]
+    assert failures[6] == [] and all(r["aggregated"] for r in rounds if r["round"] != 4)
+    assert clean_acc >= 0.8 and abs(hostile_acc - clean_acc) <= 0.02, (hostile_acc, clean_acc)
