@@ -248,7 +248,9 @@ def _round_line(record: dict[str, Any], num_rounds: int, total: float) -> str:
         parts.append(f"train loss {record['train']['train_loss']:.4f}")
     clients = record["clients"]
     parts.append(f"clients {clients['trained']} ok {clients['failed']} failed")
-    if not record.get("aggregated", True):
+    if record.get("rolled_back"):
+        parts.append("clients refused the model: rolled back to the last accepted one")
+    elif not record.get("aggregated", True):
         parts.append("no update aggregated: model unchanged")
     kib = (record["comm"]["bytes_down"] + record["comm"]["bytes_up"]) / 1024
     parts.append(f"{kib:.0f} KiB")
