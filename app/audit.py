@@ -142,6 +142,9 @@ def audit_config(name: str, sampling: str, z: float, q: float, clients: int, ove
         f"strategy.fraction_train={q}", "strategy.min_train_clients=1",
         f"strategy.min_available_clients={clients}", "strategy.fraction_evaluate=0",
         f"secagg={secagg}",
+        # The canaries replace the data; a synthetic set big enough for N clients only keeps
+        # the federation checks (one example per SuperNode at least) satisfied.
+        "dataset=linear", f"dataset.n_samples={4 * clients}",
     ]  # fmt: skip
     return load_config(tokens + list(overrides))
 
@@ -234,7 +237,8 @@ def audit_client_level(
         trials=int(sum(len(p) + len(n) for p, n in zip(pos, neg))),
         delta=delta,
         seconds=time.perf_counter() - started,
-        notes={"z": z, "q": q, "clients": clients, "epsilon_pld": report.get("epsilon_pld")},
+        notes={"z": z, "q": q, "clients": clients, "epsilon_pld": report.get("epsilon_pld"),
+               "update_noise_multiplier": report.get("update_noise_multiplier")},  # fmt: skip
     )
 
 
@@ -269,6 +273,7 @@ def _dpsgd_setup(z: float, canaries: int, fillers: int, overrides):
 
     cfg = load_config(
         ["privacy=dpsgd", f"privacy.noise_multiplier={z}", "training.local_epochs=1",
+         "privacy.sample_rate=1.0",
          f"training.batch_size={canaries + fillers}", "training.lr=1.0", "training.momentum=0",
          "training.weight_decay=0", "training.optimizer=sgd", *overrides]
     )  # fmt: skip
@@ -290,11 +295,11 @@ def _dpsgd_data(present: np.ndarray, fillers: int):
     return ArraySplit(x, np.zeros(len(x), np.int64))
 
 
-def _canary_scores(weight: np.ndarray, n: int, cfg) -> np.ndarray:
-    """Step along canary i's clipped gradient, in units of C / expected batch (Opacus divides
-    the noised sum by the expected batch size, here n)."""
-    c, lr = cfg.privacy.max_grad_norm, cfg.training.lr
-    return (weight[0] - weight[1]) / math.sqrt(2) * n / (lr * c)
+def _canary_scores(weight: np.ndarray, cfg) -> np.ndarray:
+    """Step along canary i's clipped gradient, in units of C (the noised sum is divided by
+    training.batch_size, a public constant)."""
+    c, lr, b = cfg.privacy.max_grad_norm, cfg.training.lr, cfg.training.batch_size
+    return (weight[0] - weight[1]) / math.sqrt(2) * b / (lr * c)
 
 
 def audit_dpsgd(*, z: float, canaries: int, runs: int, fillers: int = 64, overrides=(),
@@ -315,7 +320,7 @@ def audit_dpsgd(*, z: float, canaries: int, runs: int, fillers: int = 64, overri
         _, epsilon, _ = train_dpsgd(
             m, data, cfg.training, cfg.privacy, "classification", device, run, "[]", 1
         )
-        scores = _canary_scores(m.weight.detach().numpy().astype(np.float64), len(data), cfg)
+        scores = _canary_scores(m.weight.detach().numpy().astype(np.float64), cfg)
         pos.append(scores[present])
         neg.append(scores[~present])
     return AuditResult(
@@ -380,9 +385,10 @@ def default_audits(scale: float, overrides) -> dict[str, Callable[[], AuditResul
     def n(x: int) -> int:
         return max(2, int(round(x * scale)))
 
-    def client(name, sampling, z, q, clients, rounds, he=False):
+    def client(name, sampling, z, q, clients, rounds, he=False, extra=()):
         return lambda: audit_client_level(name, sampling=sampling, z=z, q=q, clients=clients,
-                                          rounds=n(rounds), overrides=overrides, he=he)  # fmt: skip
+                                          rounds=n(rounds), overrides=[*extra, *overrides],
+                                          he=he)  # fmt: skip
 
     return {
         "server_fixed/poisson": client("server_fixed", "poisson", 1.0, 1.0, 4000, 50),
@@ -391,7 +397,10 @@ def default_audits(scale: float, overrides) -> dict[str, Callable[[], AuditResul
             "server_fixed", "without_replacement", 1.0, 1.0, 4000, 50
         ),
         "client_fixed/poisson": client("client_fixed", "poisson", 1.0, 1.0, 4000, 50),
-        "adaptive/poisson": client("adaptive", "poisson", 1.0, 1.0, 4000, 50),
+        # A count noise of 0.6 (not cohort/20 = 200, which would leave the update noise at
+        # z) raises the update noise to z_u = 1.81: the audit sees the split, not server_fixed.
+        "adaptive/poisson": client("adaptive", "poisson", 1.0, 1.0, 4000, 50,
+                                   extra=("privacy.clipped_count_stddev=0.6",)),  # fmt: skip
         "client_fixed/he": client("client_fixed", "without_replacement", 1.0, 1.0, 1024, 60, True),
         "local": lambda: audit_local(z=1.0, trials=n(200_000), overrides=overrides),
         "dpsgd": lambda: audit_dpsgd(z=1.0, canaries=2000, runs=n(100), overrides=overrides),

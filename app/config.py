@@ -156,6 +156,10 @@ class PrivacyConfig:
     clipped_count_stddev: float | None = None  # null: sampled clients / 20 (Flower's default)
     # dpsgd (sample level, Opacus)
     max_grad_norm: float = 1.0  # per-sample gradient clipping
+    # Each example joins a DP-SGD step with this probability (int(1/q) steps per epoch; the
+    # noised sum is divided by training.batch_size): public, so nothing released depends on
+    # a client's data-set size except through the clipped gradients.
+    sample_rate: float = 0.1
     target_epsilon: float | None = None  # per client over the whole run; sets the noise
 
 
@@ -222,6 +226,8 @@ class ExperimentConfig:
     num_rounds: int = 10
     seed: int = 0
     output_dir: str | None = None
+    # Continue the run in output_dir from its last checkpoint (app/checkpoint.py).
+    resume: bool = False
 
 
 def _register_schema() -> None:
@@ -441,6 +447,11 @@ def _check_privacy(cfg: ExperimentConfig, require) -> None:
         )
     if p.name == "dpsgd":
         require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        require(
+            0 < p.sample_rate <= 1,
+            "privacy.sample_rate",
+            "must be in (0, 1]: the probability that an example joins a DP-SGD step",
+        )
         require(
             p.target_epsilon is None or p.target_epsilon > 0,
             "privacy.target_epsilon",
@@ -721,6 +732,11 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "must be an absolute path: the ServerApp runs from Flower's app folder, "
             "not from your checkout (e.g. output_dir=$PWD/outputs/run1)",
         )
+    require(
+        not cfg.resume or cfg.output_dir is not None,
+        "resume",
+        "resume=true continues the run in output_dir: set output_dir to that run's folder",
+    )
 
 
 # --------------------------------------------------------------------------- ranges

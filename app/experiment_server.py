@@ -27,6 +27,7 @@ import time
 from logging import INFO, WARNING
 from typing import Any
 
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -123,10 +124,21 @@ def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
 
 class ExperimentServer(Server):
     def __init__(
-        self, *, client_manager: ClientManager, strategy: StrategyWrapper, recorder: RunRecorder
+        self,
+        *,
+        client_manager: ClientManager,
+        strategy: StrategyWrapper,
+        recorder: RunRecorder,
+        checkpoint_fn=None,
+        resume=None,
     ) -> None:
+        """`checkpoint_fn(round, global arrays, strategy state)`: called after every round
+        (app/checkpoint.py). `resume`: a Checkpoint to continue from (its strategy state is
+        loaded here; rounds continue after its round)."""
         super().__init__(client_manager=client_manager, strategy=strategy)
         self.recorder = recorder
+        self.checkpoint_fn = checkpoint_fn
+        self.resume = resume
         self.rounds_completed = 0
         self.rounds_aggregated = 0
         self.first_failure: str | None = None
@@ -145,15 +157,26 @@ class ExperimentServer(Server):
         # Every measurement goes to results.json; the History stays empty, so Flower's
         # run_fl prints no History dump (one line per metric and round) after the run.
         history = History()
-        self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
-        initial = self.strategy.evaluate(0, parameters=self.parameters)
-        if initial is not None:
-            self.recorder.set_initial(_metrics(*initial))
-            log(INFO, "initial model | central %s", _fmt(_metrics(*initial)))
+        first = 1
+        if self.resume is not None:
+            self.parameters = ndarrays_to_parameters(self.resume.parameters)
+            self.strategy.load_state_dict(self.resume.strategy_state)
+            first = self.resume.server_round + 1
+            self.rounds_completed = self.resume.server_round
+            self.rounds_aggregated = sum(
+                1 for r in self.recorder.rounds if r.get("aggregated", True)
+            )
+            log(INFO, "Resuming after round %d from the checkpoint", self.resume.server_round)
+        else:
+            self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
+            initial = self.strategy.evaluate(0, parameters=self.parameters)
+            if initial is not None:
+                self.recorder.set_initial(_metrics(*initial))
+                log(INFO, "initial model | central %s", _fmt(_metrics(*initial)))
 
         start = time.perf_counter()
         self.stop_reason = f"completed {num_rounds} rounds"
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first, num_rounds + 1):
             reason = self.strategy.stop_reason()
             if reason:
                 self.stop_reason = reason
@@ -211,6 +234,10 @@ class ExperimentServer(Server):
             record["seconds"] = time.perf_counter() - round_start
             self.recorder.add_round(record)
             self.rounds_completed = server_round
+            if self.checkpoint_fn is not None:
+                self.checkpoint_fn(
+                    server_round, parameters_to_ndarrays(self.parameters), self.strategy.state_dict()
+                )
             log(INFO, _round_line(record, num_rounds, time.perf_counter() - start))
         return history, time.perf_counter() - start
 

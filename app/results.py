@@ -40,7 +40,7 @@ PREVIOUS_DIR = "previous"
 # files are inputs a run may be pointed at, not results.
 RUN_ARTIFACTS = (
     CONFIG_FILE, RESULTS_FILE, PLOT_FILE, MODEL_FILE, ENCRYPTED_MODEL_FILE, LOG_FILE,
-    "model_int8.pt", "report.html",
+    "model_int8.pt", "report.html", "checkpoint",
 )  # fmt: skip
 
 
@@ -78,17 +78,26 @@ class RunRecorder:
         cfg: ExperimentConfig,
         token: str = "",
         flwr_run_id: int | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
         """`token`: set by a launcher that wrote this run's flwr.log into `output_dir`
-        already (so that log is kept); without one, an old flwr.log is archived too."""
+        already (so that log is kept); without one, an old flwr.log is archived too.
+        `resumed`: the results of the checkpoint this run continues (app/checkpoint.py): its
+        rounds are kept, nothing is archived (it is the same experiment)."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.archived = archive_previous_run(self.output_dir, keep=(LOG_FILE,) if token else ())
-        self.results: dict[str, Any] = {
-            "run": {"token": token, "flwr_run_id": flwr_run_id, "status": "running"},
-            "rounds": [],
-            "final": {},
-        }
+        self.archived = None
+        if resumed is None:
+            self.archived = archive_previous_run(
+                self.output_dir, keep=(LOG_FILE,) if token else ()
+            )
+        run = {"token": token, "flwr_run_id": flwr_run_id, "status": "running"}
+        self.results: dict[str, Any] = {"run": run, "rounds": [], "final": {}}
+        if resumed is not None:
+            for key in ("initial", "rounds"):
+                if key in resumed:
+                    self.results[key] = resumed[key]
+            run["resumed_after_round"] = len(self.results["rounds"])
         (self.output_dir / CONFIG_FILE).write_text(resolved_yaml(cfg))
         self._write()
 

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
-from app.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from app.config import ConfigError, ExperimentConfig, load_config, parse_overrides, resolved_yaml
 from app.he_context import (
     HE_SECRET_PATH_KEY,
     PUBLIC_FILE,
@@ -39,6 +39,9 @@ from app.edge_model import export_int8
 from app.experiment_server import ExperimentServer, NodeTrackingClientManager, RunFailed
 from app.finetune import build_finetune_model, merged_model
 from app.models import get_weights, num_parameters, set_weights
+from app.checkpoint import CheckpointError, check_resumable
+from app.checkpoint import load as load_checkpoint
+from app.checkpoint import save as save_checkpoint
 from app.results import RunRecorder
 from strategies.factory import build_strategy
 
@@ -111,15 +114,23 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "%s", err)
         raise
     output_dir = resolve_output_dir(cfg, context.run_id)
+    resume = None
+    if cfg.resume:
+        try:
+            resume = load_checkpoint(output_dir)
+            check_resumable(resume, cfg, resolved_yaml(cfg))
+        except CheckpointError as err:
+            log(ERROR, "%s", err)
+            raise
     recorder = RunRecorder(
         output_dir, cfg, token=str(context.run_config.get(RUN_TOKEN_KEY, "")),
-        flwr_run_id=context.run_id,
+        flwr_run_id=context.run_id, resumed=None if resume is None else resume.results,
     )  # fmt: skip
     if recorder.archived is not None:
         log(WARNING, "%s held an earlier run's results: moved them to %s",
             output_dir, recorder.archived)  # fmt: skip
     try:
-        run(grid, context, cfg, overrides, output_dir, recorder)
+        run(grid, context, cfg, overrides, output_dir, recorder, resume)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         recorder.fail(reason)
@@ -158,7 +169,7 @@ def wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> int:
     return nodes
 
 
-def run(grid, context, cfg, overrides, output_dir, recorder) -> None:
+def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> None:
     started = time.perf_counter()
     warn_if_runtime_environment()
     if cfg.training.torch_threads > 0:
@@ -205,9 +216,16 @@ def run(grid, context, cfg, overrides, output_dir, recorder) -> None:
         output_dir,
     )
 
+    config_yaml = resolved_yaml(cfg)
+
+    def checkpoint(server_round, arrays, strategy_state):
+        save_checkpoint(output_dir, server_round, arrays, strategy_state, recorder.results,
+                        config_yaml)  # fmt: skip
+
     server = ExperimentServer(
-        client_manager=NodeTrackingClientManager(), strategy=strategy, recorder=recorder
-    )
+        client_manager=NodeTrackingClientManager(), strategy=strategy, recorder=recorder,
+        checkpoint_fn=checkpoint, resume=resume,
+    )  # fmt: skip
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
     server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 

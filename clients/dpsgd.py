@@ -23,6 +23,7 @@ import os
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,7 +44,7 @@ def noise_multiplier_for(
     case, so no client can exceed its target however often it is sampled."""
     if privacy.target_epsilon is None:
         return privacy.noise_multiplier
-    steps = int(math.ceil(local_epochs / sample_rate)) * max(1, max_rounds)
+    steps = steps_per_epoch(sample_rate) * local_epochs * max(1, max_rounds)
     return get_noise_multiplier(
         target_epsilon=privacy.target_epsilon,
         target_delta=privacy.target_delta,
@@ -51,6 +52,11 @@ def noise_multiplier_for(
         steps=steps,
         accountant="rdp",
     )
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Opacus' Poisson sampler takes int(1 / q) steps per epoch: public, like q itself."""
+    return int(1 / sample_rate)
 
 
 def private_generator(device: torch.device) -> torch.Generator:
@@ -74,18 +80,20 @@ def train_dpsgd(
 ) -> tuple[TrainResult, float, str]:
     """Train with DP-SGD; returns (result, epsilon so far, accountant history as JSON)."""
     if privacy.target_delta >= 1 / len(data):
+        # No count in the message: failure reasons reach the server and results.json.
         raise ValueError(
-            f"privacy.target_delta={privacy.target_delta} is not below 1/n = 1/{len(data)} "
-            "training examples of this client: use a smaller delta"
+            f"privacy.target_delta={privacy.target_delta} is not below 1/n for this client's "
+            "number of training examples n: use a smaller delta"
         )
     torch.manual_seed(seed)  # public: nothing private is drawn from the global generator
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
-        batch_size=training.batch_size,
-        shuffle=True,
-        generator=private_generator(torch.device("cpu")),  # Opacus' Poisson sampler uses it
-    )
-    sample_rate = 1 / len(loader)  # what Opacus' Poisson DPDataLoader uses: 1 / batches per epoch
+    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    loader = DataLoader(dataset, batch_size=training.batch_size)  # make_private's input only
+    # Every quantity the released model depends on, other than the data through the clipped
+    # sum, is public: each example joins a step with probability q = privacy.sample_rate,
+    # int(1/q) steps per epoch, and the noised sum is divided by training.batch_size. Opacus'
+    # defaults (q = 1/ceil(n/B), divisor n*q) are functions of the client's data-set size n,
+    # which add/remove-one-example neighbours differ in: the noise scale alone told n.
+    sample_rate = privacy.sample_rate
     z = noise_multiplier_for(privacy, sample_rate, training.local_epochs, max_rounds)
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in json.loads(history_json or "[]")]
@@ -99,6 +107,11 @@ def train_dpsgd(
         poisson_sampling=True,
         noise_generator=private_generator(device),
     )
+    private_loader = DPDataLoader(
+        dataset, sample_rate=sample_rate, generator=private_generator(torch.device("cpu"))
+    )
+    optimizer.expected_batch_size = training.batch_size
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     criterion = loss_fn(task)
     steps, total_loss, seen, correct = 0, 0.0, 0, 0
     for _ in range(training.local_epochs):

@@ -153,20 +153,27 @@ class ClientLevelDP(StrategyWrapper):
                 self.accountant = ClientLevelAccountant(
                     population, m, self.target_delta, self.sampling, self.epsilon_budget
                 )
-            elif (population, m) != (
-                self.accountant.config.population_size,
-                self.accountant.sample_size,
-            ):
+            elif population != self.accountant.config.population_size:
+                n0, m0 = self.accountant.config.population_size, self.accountant.sample_size
+                if self.sampling != "poisson":
+                    # Sampling m of a different N changes the amplification the accountant
+                    # composed: no honest epsilon for this round, so no round.
+                    self._stop = (
+                        f"round {server_round}: {population} clients connected but the "
+                        f"accountant samples {m0} of {n0} (accounting=without_replacement "
+                        "assumes the same population every round)"
+                    )
+                    log(WARNING, "Stopping before round %s: %s", server_round, self._stop)
+                    return []
                 log(
-                    WARNING,
-                    "Round %s expects %d of %d clients, but the accountant assumes %d of %d "
-                    "every round: the reported epsilon does not describe this round",
-                    server_round,
-                    m,
-                    population,
-                    self.accountant.sample_size,
-                    self.accountant.config.population_size,
-                )
+                    INFO,
+                    "Round %s: %d clients connected (%d at round 1); Poisson sampling keeps "
+                    "q = %d/%d and the divisor %d, so the accounting still holds",
+                    server_round, population, n0, m0, n0, m0,
+                )  # fmt: skip
+            if self.accountant is not None:
+                # q and the divisor are fixed at round 1 and never follow the population.
+                population, m = self.accountant.config.population_size, self.accountant.sample_size
             exceeds, projected = self.accountant.would_exceed_budget(self.releases())
             if exceeds:
                 self._stop = (
@@ -198,6 +205,25 @@ class ClientLevelDP(StrategyWrapper):
 
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self._rejections.get(server_round, []) + super().rejected_updates(server_round)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["dp"] = {
+            "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "clipping_norm": self.clipping_norm,
+            "stop": self._stop,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        dp = state["dp"]
+        if dp["accountant"] is not None:
+            self.accountant = ClientLevelAccountant.from_state_dict(
+                dp["accountant"], self.target_delta, self.epsilon_budget
+            )
+        self.clipping_norm = float(dp["clipping_norm"])
+        self._stop = dp["stop"]
 
     def stop_reason(self) -> str | None:
         return self._stop or super().stop_reason()
@@ -265,8 +291,8 @@ class ClientLevelDP(StrategyWrapper):
             "clients_aggregated": received,
         }
         not_covered = [
-            "clients_aggregated and clients.trained/failed: the real cohort (an operator record; "
-            "the released model divides by cohort_divisor)"
+            "clients_aggregated, clients.trained/failed and comm bytes: the real cohort size (an "
+            "operator record; the released model divides by the public cohort_divisor)"
         ]
         if self.unprotected_metrics and clipped:
             report["clients_clipped"] = int(sum(clipped))
@@ -299,12 +325,11 @@ class ClientSideFixedClipping(ClientLevelDP):
     def bound_update(self, cid: str, update: NDArrays):
         norm = l2_norm(update)
         if norm > self.clipping_norm * (1 + NORM_TOLERANCE):
-            log(
+            log(  # not the norm itself: it is computed from the client's data, without noise
                 WARNING,
-                "Rejected update of node %s: norm %.4f exceeds clipping_norm %.4f (the client "
+                "Rejected update of node %s: its norm exceeds clipping_norm %.4f (the client "
                 "did not clip)",
                 cid,
-                norm,
                 self.clipping_norm,
             )
             return None
@@ -462,13 +487,8 @@ class ClientReportedPrivacy(StrategyWrapper):
             self._max_epsilon = max(self._max_epsilon, *epsilons)
             local = LOCAL_NOISE_KEY in self.client_config
             not_covered = [
-                "clients.trained/failed: who took part (an operator record)",
+                "clients.trained/failed and comm bytes: how many took part (an operator record)",
             ]
-            if not local:
-                not_covered.append(
-                    "each client's epsilon depends on its sampling rate 1/ceil(n/batch_size), "
-                    "so it reveals its data set size to within a batch"
-                )
             if self.unprotected_metrics:
                 not_covered.append(
                     "train metrics, example counts and federated evaluation (opted in)"

@@ -181,4 +181,20 @@ class ClientLevelAccountant:
         return report
 
     def state_dict(self) -> dict[str, object]:
-        return self._accountant.state_dict()
+        return {
+            "population_size": self.config.population_size,
+            "sample_size": self.sample_size,
+            "sampling": self.sampling,
+            "spent": list(self._spent),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, target_delta: float, epsilon_budget: float | None):
+        """The accountant of a checkpoint: the same releases composed again (replaying them
+        gives exactly the state they produced)."""
+        accountant = cls(
+            int(state["population_size"]), int(state["sample_size"]), target_delta,
+            str(state["sampling"]), epsilon_budget,
+        )  # fmt: skip
+        accountant.spend([Release(float(z)) for z in state["spent"]])
+        return accountant

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -53,6 +55,21 @@ class StrategyWrapper(Strategy):
         inner = self.strategy
         return inner.rolled_back(server_round) if isinstance(inner, StrategyWrapper) else False
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this stack must carry across a restart (app/checkpoint.py): each layer adds
+        its own part; the innermost Flower strategy's optimizer state is `base`."""
+        inner = self.strategy
+        if isinstance(inner, StrategyWrapper):
+            return {"inner": inner.state_dict()}
+        return {"base": base_strategy_state(inner)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        inner = self.strategy
+        if isinstance(inner, StrategyWrapper):
+            inner.load_state_dict(state["inner"])
+        else:
+            load_base_strategy_state(inner, state["base"])
+
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 
@@ -92,3 +109,32 @@ class StrategyWrapper(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         return self.strategy.evaluate(server_round, parameters)
+
+
+# Server optimizer state of Flower's strategies: FedOpt (FedAdam, FedYogi, FedAdagrad) keeps
+# its moments and current weights, FedAvgM its momentum and the weights it steps from.
+_BASE_ARRAYS = ("current_weights", "m_t", "v_t", "momentum_vector")
+
+
+def base_strategy_state(strategy: Strategy) -> dict[str, Any]:
+    from flwr.common import parameters_to_ndarrays
+
+    state: dict[str, Any] = {}
+    for name in _BASE_ARRAYS:
+        value = getattr(strategy, name, None)
+        if value is not None:
+            state[name] = [np.asarray(a) for a in value]
+    initial = getattr(strategy, "initial_parameters", None)
+    if initial is not None and hasattr(strategy, "momentum_vector"):
+        state["initial_parameters"] = parameters_to_ndarrays(initial)
+    return state
+
+
+def load_base_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    from flwr.common import ndarrays_to_parameters
+
+    for name in _BASE_ARRAYS:
+        if name in state:
+            setattr(strategy, name, list(state[name]))
+    if "initial_parameters" in state:
+        strategy.initial_parameters = ndarrays_to_parameters(list(state["initial_parameters"]))

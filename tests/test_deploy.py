@@ -414,9 +414,9 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
     for r in results["rounds"]:
         assert r["clients"] == {"trained": 2, "failed": 0}  # fraction_train 0.5 of 3 nodes
         assert r["secagg"]["clients_aggregated"] == 2
-        # clients decrypted the aggregate and evaluated it: well above chance (0.1), although
-        # DP clips updates of norm ~8 to 1 and adds unseeded noise (measured: 0.36-0.67)
-        assert r["federated"]["accuracy"] >= 0.25
+        # under privacy= no metric computed on the sites' data leaves them (no federated
+        # evaluation): the key holder's decrypted model below is what shows it learned
+        assert "federated" not in r and "train" not in r
     eps = [r["privacy"]["epsilon"] for r in results["rounds"]]
     assert 0 < eps[0] < eps[1]
     assert results["final"]["num_supernodes"] == 3

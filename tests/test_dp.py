@@ -348,7 +348,7 @@ def test_dpsgd_epsilon_grows_across_rounds_and_matches_opacus():
         epsilons.append(metrics["epsilon"])
     assert epsilons[0] < epsilons[1] < epsilons[2]
     reference = RDPAccountant()
-    q = 1 / math.ceil(n / cfg.training.batch_size)  # Opacus: 1 / batches per epoch
+    q = cfg.privacy.sample_rate  # public, not 1 / ceil(n / batch_size)
     reference.history = [(1.1, q, steps_total)]
     assert epsilons[2] == pytest.approx(reference.get_epsilon(1e-5), rel=0.02)
 
@@ -361,7 +361,7 @@ def test_dpsgd_target_epsilon_sets_the_noise():
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    acc.history = [(z, 0.1, 20 * 5)]
+    acc.history = [(z, 0.1, 10 * 2 * 5)]  # int(1/q) steps per epoch
     assert acc.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.05)
 
 
@@ -575,3 +575,41 @@ def test_an_update_the_server_rejects_is_recorded_with_its_node():
     run_round(wrapper, manager(2), zeros(), [zeros(), big])
     [(node, reason)] = wrapper.rejected_updates(1)
     assert node in {"0", "1"} and "exceeds clipping_norm 0.5" in reason
+
+
+@pytest.mark.parametrize("n", [100, 60])
+def test_dpsgd_model_does_not_reveal_the_data_set_size(n):
+    """Review finding: Opacus divided the noised sum by n*q and took ceil(n/B) steps, so the
+    noise scale of the released model told n. Now q, the steps and the divisor are public:
+    on zero-gradient data the weights' spread is z*C*lr*sqrt(steps)/B whatever n is."""
+    from torch import nn
+
+    from app.data import ArraySplit
+    from clients.dpsgd import train_dpsgd
+
+    cfg = load_config("privacy=dpsgd training.local_epochs=1 training.lr=1.0 training.momentum=0")
+    model = nn.Linear(2000, 2, bias=False)
+    nn.init.zeros_(model.weight)
+    data = ArraySplit(np.zeros((n, 2000), np.float32), np.zeros(n, np.int64))
+    train_dpsgd(model, data, cfg.training, cfg.privacy, "classification", "cpu", 0, "[]", 1)
+    steps = int(1 / cfg.privacy.sample_rate)
+    expected = cfg.privacy.noise_multiplier * cfg.privacy.max_grad_norm * math.sqrt(steps) / 16
+    assert float(model.weight.detach().std()) == pytest.approx(expected, rel=0.05)
+
+
+def test_a_population_change_keeps_poisson_q_and_stops_fixed_size_sampling():
+    """Review finding: q and the divisor followed the live population while the accountant
+    kept round 1's: 90 of 100 clients leaving made the real q 10x the accounted one."""
+    wrapper = dp(ServerSideFixedClipping, m=2, z=1.0)
+    wrapper.strategy = FedAvg(fraction_fit=0.02, min_fit_clients=2, min_available_clients=2)
+    run_round(wrapper, manager(100), zeros(), None, 1)
+    sizes = [len(wrapper.configure_fit(r, ndarrays_to_parameters(zeros()), manager(10)))
+             for r in range(2, 402)]  # fmt: skip
+    assert np.mean(sizes) == pytest.approx(10 * 0.02, abs=0.08)  # q stays 2/100
+    assert wrapper._sampled[401] == 2 and wrapper.accountant.sampling_rate == 0.02
+
+    fixed = dp(ServerSideFixedClipping, m=2, z=1.0, sampling="without_replacement")
+    fixed.strategy = FedAvg(fraction_fit=0.02, min_fit_clients=2, min_available_clients=2)
+    run_round(fixed, manager(100), zeros(), None, 1)
+    assert fixed.configure_fit(2, ndarrays_to_parameters(zeros()), manager(10)) == []
+    assert "10 clients connected but the accountant samples 2 of 100" in fixed.stop_reason()

@@ -1,0 +1,125 @@
+"""Checkpoint after every round and resume: the state of every layer survives a restart, and
+what cannot be restored honestly is refused."""
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+from app.checkpoint import CheckpointError, check_resumable, load, save
+from app.config import ConfigError, load_config, resolved_yaml
+from strategies.factory import build_strategy
+from tests.test_strategies import fit_res, manager
+
+SHAPES = [(3, 4), (4,)]
+
+
+def zeros():
+    return [np.zeros(s, np.float32) for s in SHAPES]
+
+
+def run_round(stack, r, cm, global_arrays, rng):
+    sent = stack.configure_fit(r, ndarrays_to_parameters(global_arrays), cm)
+    results = [(p, fit_res([g + rng.normal(0, 1, g.shape).astype(np.float32) for g in global_arrays]))
+               for p, _ in sent]  # fmt: skip
+    params, _ = stack.aggregate_fit(r, results, [])
+    return parameters_to_ndarrays(params)
+
+
+@pytest.mark.parametrize("overrides", [
+    "strategy=fedadam privacy=adaptive privacy.noise_multiplier=0.2 privacy.clipped_count_stddev=1",
+    "strategy=fedavgm privacy=server_fixed",
+])  # fmt: skip
+def test_a_resumed_stack_continues_exactly_where_the_first_stopped(tmp_path, overrides):
+    """Two rounds, checkpoint, a fresh stack loaded from it: round 3 on the resumed stack
+    equals round 3 on the original (same noise draws injected into both): the accountant,
+    the adaptive clipping norm and the server optimizer's moments all carried over."""
+    from strategies.dp_client_level import ClientLevelDP
+
+    cfg = load_config(overrides + " strategy.fraction_train=1.0")
+    cm = manager(10)
+
+    def fresh():
+        return build_strategy(cfg, ndarrays_to_parameters(zeros()), None)
+
+    def dp_layer(stack):
+        while not isinstance(stack, ClientLevelDP):
+            stack = stack.strategy
+        return stack
+
+    first, g = fresh(), zeros()
+    for r in (1, 2):
+        g = run_round(first, r, cm, g, np.random.default_rng(r))
+    save(tmp_path, 2, g, first.state_dict(), {"rounds": [{}, {}]}, resolved_yaml(cfg))
+    checkpoint = load(tmp_path)
+    resumed = fresh()
+    resumed.load_state_dict(checkpoint.strategy_state)
+    assert dp_layer(resumed).clipping_norm == dp_layer(first).clipping_norm
+    outputs = []
+    for stack in (first, resumed):
+        dp_layer(stack).noise = np.random.default_rng(7)
+        outputs.append(run_round(stack, 3, cm, checkpoint.parameters, np.random.default_rng(3)))
+    for a, b in zip(*outputs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+    a, b = (s.round_report(3)["privacy"] for s in (first, resumed))
+    assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9) and b["releases"] == 3
+    # and it is not what a fresh optimizer would do from the same model
+    restarted = build_strategy(cfg, ndarrays_to_parameters(checkpoint.parameters), None)
+    dp_layer(restarted).noise = np.random.default_rng(7)
+    restarted = run_round(restarted, 1, cm, checkpoint.parameters, np.random.default_rng(3))
+    assert max(float(np.abs(x - y).max()) for x, y in zip(restarted, outputs[1])) > 1e-4
+
+
+def test_checkpoint_write_is_atomic_and_replaces_the_previous(tmp_path):
+    cfg = load_config("")
+    for r in (1, 2):
+        save(tmp_path, r, [np.full(3, r, np.float32)], {"base": {}}, {"rounds": []}, resolved_yaml(cfg))
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert files == ["arrays-2.npz", "state.json"]
+    assert load(tmp_path).parameters[0].tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("overrides,says", [
+    ("privacy=dpsgd", "each client's accountant lives in the first run's Flower contexts"),
+    ("privacy=local", "restart their epsilon at 0"),
+    ("secagg=he", "encrypted under the first run's keys"),
+    ("model=cnn", "model.name"),
+    ("num_rounds=2", "nothing left to run; raise num_rounds"),
+])  # fmt: skip
+def test_resume_refuses_what_it_cannot_restore(tmp_path, overrides, says):
+    first = load_config(f"output_dir={tmp_path}")
+    save(tmp_path, 2, zeros(), {"base": {}}, {"rounds": []}, resolved_yaml(first))
+    cfg = load_config(f"{overrides} output_dir={tmp_path} resume=true")
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(load(tmp_path), cfg, resolved_yaml(cfg))
+    assert says in str(err.value)
+
+
+def test_resume_needs_a_checkpoint_and_an_output_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist: resume needs the output_dir"):
+        load(tmp_path)
+    with pytest.raises(ConfigError, match="resume=true continues the run in output_dir"):
+        load_config("resume=true")
+
+
+@pytest.mark.slow
+def test_a_run_resumes_from_its_checkpoint_end_to_end(flower, tmp_path):
+    """`flwr run` for 2 rounds, then `resume=true num_rounds=4` into the same folder: rounds 3
+    and 4 run on the checkpointed model and accountant; results.json holds all four."""
+    import json
+
+    out = tmp_path / "run"
+    common = f"privacy=server_fixed privacy.noise_multiplier=0.5 output_dir={out}"
+    proc = flower.run(f"{common} num_rounds=2", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads((out / "results.json").read_text())
+    assert load(out).server_round == 2
+    proc = flower.run(f"{common} num_rounds=4 resume=true", num_supernodes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["status"] == "completed" and results["run"]["resumed_after_round"] == 2
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
+    assert results["rounds"][:2] == first["rounds"]
+    epsilons = [r["privacy"]["epsilon"] for r in results["rounds"]]
+    assert epsilons == sorted(epsilons) and epsilons[3] > epsilons[1]  # accountant carried on
+    assert results["rounds"][3]["privacy"]["releases"] == 4
+    assert results["final"]["rounds_completed"] == 4 and (out / "model.pt").exists()
