@@ -169,6 +169,9 @@ def decrypt_model(
     if header.get("layout") != layout_hash(shapes):
         raise HEError("the encrypted model's tensor layout differs from this node's model")
     n = int(header["num_values"])
+    expected = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)
+    if n != expected:
+        raise BadAggregate(f"aggregate says {n} values, this node's model has {expected}")
     if len(ciphertexts) != num_ciphertexts(n, ctx.slots):
         raise BadAggregate(f"aggregate has {len(ciphertexts)} ciphertexts, {num_ciphertexts(n, ctx.slots)} expected")
     decryptor, encoder = ctx.decryptor, ctx.encoder

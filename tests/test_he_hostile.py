@@ -597,3 +597,17 @@ def test_a_run_with_one_hostile_client_completes_and_matches_a_clean_run(tmp_pat
     assert "replayed" in reasons[5]
     assert failures[6] == [] and all(r["aggregated"] for r in rounds if r["round"] != 4)
     assert clean_acc >= 0.8 and abs(hostile_acc - clean_acc) <= 0.02, (hostile_acc, clean_acc)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [dict(num_values=-3), dict(num_values=10**9), dict(num_values="x"), dict(round=None),
+     dict(divisor=0), dict(divisor="11"), dict(noised=True)],
+)  # fmt: skip
+def test_a_malformed_aggregate_header_is_a_bad_aggregate_never_another_error(keys, edit):
+    secret, public = keys
+    models = models_for(2, seed=13)
+    params, _, _, _ = round_with(strategy_for(public, 2), public, secret, (encrypt_update(secret, models[1], 1, 1), 1), models=models)
+    edited = with_header(parameters_to_ndarrays(params), **edit)
+    with pytest.raises(BadAggregate):
+        decrypt_model(secret, edited, SHAPES)
