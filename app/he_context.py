@@ -533,3 +533,55 @@ def centered(x: int, t: int) -> int:
     """x mod t as the BatchEncoder's signed range (-t/2, t/2]."""
     x %= t
     return x - t if x > t // 2 else x
+
+
+# --------------------------------------------------------------------------- pairwise masks
+# Collusion resistance (issue 14, the core only: not yet wired into the round, see README).
+# Each pair of clients (i, j) agrees on a seed by X25519 (`cryptography`) and HKDF, expands it
+# with ChaCha20 into a vector uniform in Z_t, and i adds it while j subtracts it inside the
+# BFV plaintext (values and weight slots), so the masks cancel in the sum and the MAC, being
+# linear, still verifies. A key holder colluding with the server then decrypts one client's
+# ciphertext to its update plus a uniform vector: independent of the update unless every
+# other client of the cohort colludes too. Uniform sampling mod t is by hand (rejection from
+# b-bit draws, exact), because no library draws a NumPy vector uniform mod an arbitrary prime.
+def mask_keypair():
+    """A new X25519 key pair for pairwise masks: (private key, raw 32-byte public key)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _uniform_mod(seed: bytes, count: int, t: int) -> np.ndarray:
+    """`count` values exactly uniform in [0, t) from a ChaCha20 stream keyed by `seed`."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    mask = np.uint64((1 << int(t).bit_length()) - 1)
+    out = np.empty(0, dtype=np.uint64)
+    while out.size < count:  # acceptance >= 1/2 per draw (t has as many bits as the mask)
+        need = count - out.size
+        draw = np.frombuffer(stream.update(bytes(8 * (2 * need + 64))), dtype="<u8") & mask
+        out = np.concatenate([out, draw[draw < np.uint64(t)]])
+    return out[:count]
+
+
+def pairwise_mask(
+    ctx: HEContext, private, public: bytes, peers: list[bytes], server_round: int, layout: str, count: int
+) -> np.ndarray:
+    """Sum over the cohort's other public keys of +-PRG(seed_ij), mod t, for `count` slots."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    t = ctx.plain_modulus
+    tt = np.uint64(t)
+    total = np.zeros(count, dtype=np.uint64)
+    for peer in peers:
+        if peer == public:
+            continue
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer))
+        low, high = sorted((public, peer))
+        info = f"mask|{PAYLOAD_ALGORITHM}|{int(server_round)}|{layout}|{int(count)}|".encode() + low + high
+        vector = _uniform_mod(_hkdf(shared, info), count, t)
+        total = (total + (vector if public == low else (tt - vector) % tt)) % tt
+    return total

@@ -52,9 +52,16 @@ def rounding_slack(num_values: int, params_scale: float) -> float:
 
 
 def encrypt_update(
-    ctx: HEContext, arrays: list[np.ndarray], weight: int, server_round: int
+    ctx: HEContext,
+    arrays: list[np.ndarray],
+    weight: int,
+    server_round: int,
+    *,
+    mask: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Encrypt `weight * arrays` (fixed point) into a tagged payload for the server."""
+    """Encrypt `weight * arrays` (fixed point) into a tagged payload for the server.
+    `mask` (num_values + 1 values mod t, `app.he_context.pairwise_mask`) is added to the
+    values and the weight before the MAC tags are computed; the cohort's masks cancel."""
     if weight <= 0:
         raise HEError(f"aggregation weight {weight} must be > 0")
     flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
@@ -76,8 +83,15 @@ def encrypt_update(
     # by the MAC tags over (values, weight) and over the weight alone.
     keys, weight_key = mac_keys(ctx, server_round, layout, n)
     padded[n + WEIGHT_SLOT] = int(weight)
+    if mask is not None:
+        if mask.shape != (n + 1,):
+            raise HEError(f"mask of {mask.shape} values, expected {n + 1}")
+        tt = np.uint64(t)
+        plain = np.where(padded[: n + 1] < 0, padded[: n + 1] + t, padded[: n + 1]).astype(np.uint64)
+        masked = ((plain + mask.astype(np.uint64) % tt) % tt).astype(np.int64)
+        padded[: n + 1] = np.where(masked > t // 2, masked - t, masked)
     padded[n + TAG_SLOT] = centered(linear_tag(keys, padded[: n + 1], t), t)
-    padded[n + WEIGHT_TAG_SLOT] = centered(weight_key * int(weight), t)
+    padded[n + WEIGHT_TAG_SLOT] = centered(weight_key * int(padded[n + WEIGHT_SLOT]), t)
     encoder, encryptor = ctx.encoder, ctx.encryptor
     ciphertexts = []
     for chunk in padded.reshape(count, slots):

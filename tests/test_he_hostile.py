@@ -611,3 +611,45 @@ def test_a_malformed_aggregate_header_is_a_bad_aggregate_never_another_error(key
     edited = with_header(parameters_to_ndarrays(params), **edit)
     with pytest.raises(BadAggregate):
         decrypt_model(secret, edited, SHAPES)
+
+
+# ------------------------------------------------------------------ pairwise masks (core)
+def test_pairwise_masks_cancel_in_the_sum_and_hide_one_update_from_a_colluding_key_holder(keys):
+    """Three clients mask with X25519 pairwise seeds: the decrypted sum is the exact weighted
+    mean (the MAC still verifies); one client's ciphertext, decrypted alone by a key holder
+    colluding with the server, is uniform mod t whatever the update (chi-square, 32 bins)."""
+    from app.he_context import layout_hash, mask_keypair, pairwise_mask
+
+    secret, public = keys
+    t = public.plain_modulus
+    shapes = [(3000,)]
+    n = 3000
+    layout = layout_hash(shapes)
+    pairs = [mask_keypair() for _ in range(3)]
+    peers = [pk for _, pk in pairs]
+    strategy = HomomorphicAggregation(FedAvg(fraction_fit=1.0, min_fit_clients=3, min_available_clients=3), public)
+    updates = [np.zeros(n, np.float32), np.full(n, 7.9, np.float32), np.linspace(-8, 8, n).astype(np.float32)]
+    sent = strategy.configure_fit(1, ndarrays_to_parameters([updates[0]]), manager(3))
+    payloads = [
+        encrypt_update(secret, [u], w, 1, mask=pairwise_mask(secret, sk, pk, peers, 1, layout, n + 1))
+        for u, (sk, pk), w in zip(updates, pairs, (2, 3, 5))
+    ]
+    params, _ = strategy.aggregate_fit(1, [(p, fit_res(x, w)) for (p, _), x, w in zip(sent, payloads, (2, 3, 5))], [])
+    mean = decrypt_model(secret, parameters_to_ndarrays(params), shapes)[0]
+    expected = sum(w * u.astype(np.float64) for u, w in zip(updates, (2, 3, 5))) / 10
+    assert np.max(np.abs(mean - expected)) <= 0.5 / PARAMS.scale + 1e-12
+    # the colluding key holder's view of one client: decrypt its ciphertext alone
+    for u, payload in zip(updates, payloads):
+        header, (data,) = unpack_payload(payload)
+        plain = seal.Plaintext()
+        secret.decryptor.decrypt(load_ciphertext(public, data), plain)
+        slots = np.mod(np.asarray(secret.encoder.decode_int64(plain), np.int64)[: n + 1], t)
+        counts = np.bincount((slots.astype(np.float64) / t * 32).astype(int), minlength=32)
+        chi2 = float(np.sum((counts - (n + 1) / 32) ** 2 / ((n + 1) / 32)))
+        assert chi2 < 61.1  # p = 0.001 at 31 degrees of freedom: uniform
+        assert abs(np.corrcoef(slots.astype(np.float64), np.append(u, 0))[0, 1] if u.std() else 0.0) < 0.06
+    # without masks the same view is the update itself
+    header, (data,) = unpack_payload(encrypt_update(secret, [updates[1]], 3, 1))
+    plain = seal.Plaintext()
+    secret.decryptor.decrypt(load_ciphertext(public, data), plain)
+    assert np.allclose(np.asarray(secret.encoder.decode_int64(plain))[:n] / (3 * PARAMS.scale), 7.9, atol=1e-4)
