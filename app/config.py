@@ -177,6 +177,9 @@ class SecAggConfig:
     # The most one client may weigh (its example count under FedAvg); a claim above it rejects
     # that client. 100,000 x 10 clients fits the default plaintext modulus (2^20 in total).
     max_weight: int = 100_000
+    # Collusion resistance: clients add pairwise masks (X25519 + ChaCha20) that cancel in the
+    # sum; one get_properties round trip per round collects the cohort's keys.
+    pairwise_masks: bool = False
     # Deployment: key files (simulation provisions fresh keys into <output_dir>/keys).
     public_context: str | None = None  # the server's context (no secret key)
 

@@ -78,6 +78,9 @@ PUBLIC_FILE = "public.ctx"
 HE_ROUND_KEY = "he_round"  # the round the client tags its encrypted update with
 HE_WEIGHTING_KEY = "he_weighting"  # "examples" (FedAvg) | "uniform" (client-level DP)
 HE_SECRET_PATH_KEY = "he_secret_context"  # simulation only: where the run's keys were written
+HE_MASK_PEERS_KEY = "he_mask_peers"  # JSON list of the cohort's X25519 public keys (hex)
+HE_MASK_PK_PROPERTY = "he_mask_pk"  # get_properties: this node's mask public key (hex)
+MASK_STATE = "he_mask_key"  # the node's X25519 private key, in its Flower context state
 # Node config key (deployment): path of the SuperNode's secret context.
 NODE_SECRET_CONTEXT = "he-secret-context"
 

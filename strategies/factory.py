@@ -118,6 +118,7 @@ def build_strategy(
             metrics_fn=weighted_metrics,
             client_config=he_client_config,
             max_weight=cfg.secagg.max_weight,
+            pairwise_masks=cfg.secagg.pairwise_masks,
         )
         return TrafficMeter(Workload(with_privacy(he, cfg), cfg.workload.name))
     plain = RejectMalformedUpdates(with_privacy(base, cfg))

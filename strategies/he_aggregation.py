@@ -40,6 +40,8 @@ from flwr.common.logger import log
 from app.he_context import (
     ALGORITHM,
     PAYLOAD_ALGORITHM,
+    HE_MASK_PEERS_KEY,
+    HE_MASK_PK_PROPERTY,
     HE_ROUND_KEY,
     HE_WEIGHTING_KEY,
     HEContext,
@@ -78,6 +80,7 @@ class HomomorphicAggregation(StrategyWrapper):
         client_config: dict | None = None,
         uniform_weights: bool = False,
         max_weight: int = 100_000,
+        pairwise_masks: bool = False,
     ) -> None:
         super().__init__(strategy)
         if context.is_secret:
@@ -94,6 +97,7 @@ class HomomorphicAggregation(StrategyWrapper):
         if not 1 <= int(max_weight) <= limit:
             raise HEError(f"secagg.max_weight={max_weight} must be in [1, {limit}] (the total the plaintext modulus holds)")
         self.max_weight = int(max_weight)
+        self.pairwise_masks = pairwise_masks
         self._seen: dict[bytes, int] = {}  # seed id -> the round it was summed in
         self._sent: dict[int, Parameters] = {}  # the global model sent each round
         self._last_good: Parameters | None = None  # the latest model clients accepted
@@ -134,7 +138,35 @@ class HomomorphicAggregation(StrategyWrapper):
         instructions = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config.update(self._instructions(server_round))
+        if self.pairwise_masks:
+            instructions = self._mask_cohort(server_round, instructions)
         return instructions
+
+    def _mask_cohort(self, server_round, instructions):
+        """Ask each sampled node for its mask public key (one get_properties round trip) and
+        name the cohort's keys to all; a node that does not answer is left out of the round
+        (its masks would not cancel)."""
+        from flwr.common import GetPropertiesIns
+
+        cohort = []
+        for proxy, ins in instructions:
+            try:
+                res = proxy.get_properties(GetPropertiesIns({HE_MASK_PK_PROPERTY: ""}), None, server_round)
+                key = bytes.fromhex(str(res.properties[HE_MASK_PK_PROPERTY]))
+                if len(key) != 32:
+                    raise ValueError(f"{len(key)}-byte key")
+            except Exception as err:  # noqa: BLE001 - a node's answer is client input
+                log(WARNING, "Round %s: node %s left out: no mask key (%s)", server_round, proxy.cid, err)
+                continue
+            cohort.append((proxy, ins, key))
+        keys = [key for _, _, key in cohort]
+        if len(set(keys)) != len(keys):
+            log(WARNING, "Round %s: two nodes announced the same mask key: no round", server_round)
+            return []
+        peers = json.dumps([key.hex() for key in keys])
+        for _, ins, _ in cohort:
+            ins.config[HE_MASK_PEERS_KEY] = peers
+        return [(proxy, ins) for proxy, ins, _ in cohort]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         instructions = super().configure_evaluate(server_round, parameters, client_manager)

@@ -23,6 +23,7 @@ from tests.test_strategies import manager
 from tests.test_trust import InProcessProxy
 
 PARAMS = HEParams()
+PARAMS_T = {"t": new_context(PARAMS).plain_modulus}  # t depends on the parameters only
 SHAPES = [(20, 5), (7,)]  # 107 values: one ciphertext
 
 
@@ -536,11 +537,10 @@ class HostileProxy(InProcessProxy):
         return res
 
 
-def test_a_run_with_one_hostile_client_completes_and_matches_a_clean_run(tmp_path):
-    """3 real clients, 6 rounds; node 102 sends an NTT-flagged ciphertext (round 1), a weight
-    of 10^7 (2), a value that overflows t (3), and replays round 3's ciphertext (5). The run
-    completes all rounds, round 4 rolls back, every rejection is in the records, and the final
-    model scores within 2 points of the run without the attacker (the two honest nodes)."""
+def in_process_run(overrides, out, nodes, hostile_cls=None, num_rounds=6):
+    """ExperimentServer + the configured strategy stack over `nodes` real clients (node 10x,
+    partition x of 3), in this process; the last node is `hostile_cls` when given. Returns the
+    recorded rounds and the decrypted final model's centralized accuracy."""
     import torch
     from flwr.common import Context, RecordDict
 
@@ -555,35 +555,43 @@ def test_a_run_with_one_hostile_client_completes_and_matches_a_clean_run(tmp_pat
     from app.results import RunRecorder
     from strategies.factory import build_strategy
 
-    overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
     cfg = load_config(overrides)
     spec = data_spec(cfg.dataset)
     test = centralized_test_split(cfg.dataset, cfg.seed)
+    secret_path, public_path = provision(he_params(cfg), out / "keys")
+    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+    strategy = build_strategy(
+        cfg, ndarrays_to_parameters(get_weights(model, wire)), None,
+        he_context=load_context(public_path), he_client_config={HE_SECRET_PATH_KEY: str(secret_path)},
+    )  # fmt: skip
+    recorder = RunRecorder(out, cfg, token="t")
+    cm = NodeTrackingClientManager()
+    proxies = []
+    for i in range(nodes):
+        ctx = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+                      node_config={"partition-id": i, "num-partitions": 3})  # fmt: skip
+        client = build_client(cfg, ctx)
+        if hostile_cls is not None and i == nodes - 1:
+            proxies.append(hostile_cls(str(100 + i), client, secret_path))
+        else:
+            proxies.append(InProcessProxy(str(100 + i), client))
+        cm.register(proxies[-1])
+    server = ExperimentServer(client_manager=cm, strategy=strategy, recorder=recorder)
+    server.fit(num_rounds=num_rounds, timeout=None)
+    shapes = [a.shape for a in get_weights(model, wire)]
+    final = decrypt_model(load_context(secret_path), parameters_to_ndarrays(server.parameters), shapes)
+    set_weights(model, final, wire)
+    return recorder.rounds, evaluate(model, test, spec.task, torch.device("cpu"))["accuracy"]
 
-    def run(out, hostile):
-        secret_path, public_path = provision(he_params(cfg), out / "keys")
-        model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
-        strategy = build_strategy(
-            cfg, ndarrays_to_parameters(get_weights(model, wire)), None,
-            he_context=load_context(public_path), he_client_config={HE_SECRET_PATH_KEY: str(secret_path)},
-        )  # fmt: skip
-        recorder = RunRecorder(out, cfg, token="t")
-        cm = NodeTrackingClientManager()
-        for i in range(3 if hostile else 2):  # without it: the two honest nodes alone
-            ctx = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                          node_config={"partition-id": i, "num-partitions": 3})  # fmt: skip
-            client = build_client(cfg, ctx)
-            hostile_node = hostile and i == 2
-            cm.register(HostileProxy(str(100 + i), client, secret_path) if hostile_node else InProcessProxy(str(100 + i), client))
-        server = ExperimentServer(client_manager=cm, strategy=strategy, recorder=recorder)
-        server.fit(num_rounds=6, timeout=None)
-        shapes = [a.shape for a in get_weights(model, wire)]
-        final = decrypt_model(load_context(secret_path), parameters_to_ndarrays(server.parameters), shapes)
-        set_weights(model, final, wire)
-        return recorder.rounds, evaluate(model, test, spec.task, torch.device("cpu"))["accuracy"]
 
-    rounds, hostile_acc = run(tmp_path / "hostile", True)
-    _, clean_acc = run(tmp_path / "clean", False)
+def test_a_run_with_one_hostile_client_completes_and_matches_a_clean_run(tmp_path):
+    """3 real clients, 6 rounds; node 102 sends an NTT-flagged ciphertext (round 1), a weight
+    of 10^7 (2), a value that overflows t (3), and replays round 3's ciphertext (5). The run
+    completes all rounds, round 4 rolls back, every rejection is in the records, and the final
+    model scores within 2 points of the run without the attacker (the two honest nodes)."""
+    overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
+    rounds, hostile_acc = in_process_run(overrides, tmp_path / "hostile", 3, HostileProxy)
+    _, clean_acc = in_process_run(overrides, tmp_path / "clean", 2)
     print(f"final accuracy with the hostile node {hostile_acc:.4f}, without it {clean_acc:.4f}")
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     failures = {r["round"]: r["clients"].get("failures", []) for r in rounds}
@@ -653,3 +661,53 @@ def test_pairwise_masks_cancel_in_the_sum_and_hide_one_update_from_a_colluding_k
     plain = seal.Plaintext()
     secret.decryptor.decrypt(load_ciphertext(public, data), plain)
     assert np.allclose(np.asarray(secret.encoder.decode_int64(plain))[:n] / (3 * PARAMS.scale), 7.9, atol=1e-4)
+
+
+class EavesdroppedProxy(InProcessProxy):
+    """An honest node whose every payload a colluding key holder decrypts alone."""
+
+    def __init__(self, cid, client, secret_path):
+        from app.he_context import load_context
+
+        super().__init__(cid, client)
+        self.secret = load_context(secret_path)
+        self.views: list[np.ndarray] = []
+        self.weights: list[int] = []
+
+    def fit(self, ins, timeout, group_id):
+        res = super().fit(ins, timeout, group_id)
+        header, cts = unpack_payload(parameters_to_ndarrays(res.parameters))
+        slots = []
+        for data in cts:
+            plain = seal.Plaintext()
+            self.secret.decryptor.decrypt(load_ciphertext(self.secret.public(), data), plain)
+            slots.append(np.asarray(self.secret.encoder.decode_int64(plain), np.int64))
+        self.views.append(np.concatenate(slots)[: header["num_values"]])  # centered, mod t
+        self.weights.append(res.num_examples)
+        return res
+
+
+def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
+    """secagg.pairwise_masks=true over 3 real clients: each round collects the keys
+    (get_properties), the masks cancel (the run trains as well as without them), and what a
+    colluding key holder decrypts from one client's payload is no model (values spread over
+    the whole plaintext range instead of within max_abs_value)."""
+    overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
+    spies = []
+
+    def spying(cid, client, secret_path):
+        spies.append(EavesdroppedProxy(cid, client, secret_path))
+        return spies[-1]
+
+    rounds, masked_acc = in_process_run(overrides + " secagg.pairwise_masks=true", tmp_path / "m", 3, spying, num_rounds=3)
+    assert all(r["aggregated"] and r["clients"]["trained"] == 3 for r in rounds)
+    _, plain_acc = in_process_run(overrides, tmp_path / "p", 3, spying, num_rounds=3)
+    assert masked_acc == plain_acc  # the masks cancel exactly: the same training, bit for bit
+    t = PARAMS_T["t"]
+    masked, plain = spies
+    for view, w in zip(masked.views, masked.weights):  # uniform mod t: chi-square, 32 bins
+        counts = np.bincount((np.mod(view, t) / t * 32).astype(int), minlength=32)
+        chi2 = float(np.sum((counts - view.size / 32) ** 2 / (view.size / 32)))
+        assert chi2 < 61.1, chi2  # p = 0.001 at 31 degrees of freedom
+    for view, w in zip(plain.views, plain.weights):  # without masks: the model itself
+        assert np.max(np.abs(view / (w * PARAMS.scale))) <= PARAMS.max_abs_value
