@@ -711,3 +711,24 @@ def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
         assert chi2 < 61.1, chi2  # p = 0.001 at 31 degrees of freedom
     for view, w in zip(plain.views, plain.weights):  # without masks: the model itself
         assert np.max(np.abs(view / (w * PARAMS.scale))) <= PARAMS.max_abs_value
+
+
+def test_a_dropout_under_masks_is_caught_by_key_holders_not_silently_wrong(keys):
+    """Without dropout recovery, a masked client that never returns leaves its masks in the
+    sum: the decrypted weight is then noise, key holders refuse the model (rollback)."""
+    from app.he_context import layout_hash, mask_keypair, pairwise_mask
+
+    secret, public = keys
+    models = models_for(3, seed=14)
+    layout, n = layout_hash(SHAPES), sum(int(np.prod(s)) for s in SHAPES)
+    pairs = [mask_keypair() for _ in range(3)]
+    peers = [pk for _, pk in pairs]
+    strategy = strategy_for(public, 3)
+    sent = strategy.configure_fit(1, ndarrays_to_parameters(models[0]), manager(3))
+    results = [
+        (p, fit_res(encrypt_update(secret, m, 4, 1, mask=pairwise_mask(secret, sk, pk, peers, 1, layout, n + 1)), 4))
+        for (p, _), m, (sk, pk) in list(zip(sent, models, pairs))[:2]  # the third dropped
+    ]
+    params, _ = strategy.aggregate_fit(1, results, [RuntimeError("node dropped")])
+    with pytest.raises(BadAggregate, match="weight"):
+        decrypt(secret, params)
