@@ -174,6 +174,12 @@ class SecAggConfig:
     plain_modulus_bits: int = 40  # t: must hold the sum of pre-weighted quantized values
     scale_bits: int = 16  # fixed-point scale 2^16: weighted-mean error <= 0.5 / 2^16
     max_abs_value: float = 8.0  # clients refuse to encrypt a model value beyond this
+    # The most one client may weigh (its example count under FedAvg); a claim above it rejects
+    # that client. 100,000 x 10 clients fits the default plaintext modulus (2^20 in total).
+    max_weight: int = 100_000
+    # Collusion resistance: clients add pairwise masks (X25519 + ChaCha20) that cancel in the
+    # sum; one get_properties round trip per round collects the cohort's keys.
+    pairwise_masks: bool = False
     # Deployment: key files (simulation provisions fresh keys into <output_dir>/keys).
     public_context: str | None = None  # the server's context (no secret key)
 
@@ -551,6 +557,7 @@ def _check_secagg(cfg: ExperimentConfig, require) -> None:
     )
     require(cfg.secagg.scale_bits >= 1, "secagg.scale_bits", "must be >= 1")
     require(cfg.secagg.max_abs_value > 0, "secagg.max_abs_value", "must be > 0")
+    require(cfg.secagg.max_weight >= 1, "secagg.max_weight", "must be >= 1")
     from app.he_context import HEError
 
     params = he_params(cfg)
@@ -559,6 +566,14 @@ def _check_secagg(cfg: ExperimentConfig, require) -> None:
         params.check_range()
     except HEError as err:
         raise ConfigError(f"Invalid experiment configuration: {err}") from err
+    t = 2 ** (params.plain_modulus_bits - 1)  # t > 2^(bits-1): a lower bound on what fits
+    most = params.max_total_weight(2 * t)
+    require(
+        cfg.secagg.max_weight <= most,
+        "secagg.max_weight",
+        f"{cfg.secagg.max_weight} exceeds {most}, the total weight the plaintext modulus holds "
+        "at these settings: lower it or raise secagg.plain_modulus_bits",
+    )
     if cfg.privacy.name == "client_fixed" and cfg.dataset.source != "hub":
         from app.data import data_spec
         from app.models import build_model, num_parameters

@@ -194,14 +194,17 @@ class ExperimentServer(Server):
             parameters, fit_metrics, (results, failures) = res_fit
             # Updates the strategy refused (non-finite, malformed, foreign ciphertext) failed.
             rejected = self.strategy.rejected_updates(server_round)
+            restored = parameters is not None and self.strategy.rolled_back(server_round)
             if parameters is not None:
                 self.parameters = parameters
-                self.rounds_aggregated += 1
+                self.rounds_aggregated += 0 if restored else 1
             record["clients"] = {
                 "trained": len(results) - len(rejected),
                 "failed": len(failures) + len(rejected),
             }
-            record["aggregated"] = parameters is not None
+            record["aggregated"] = parameters is not None and not restored
+            if restored:  # the clients refused the model: an earlier one is the global model
+                record["rolled_back"] = True
             round_failures = describe_failures(failures, "train") + [
                 {"node_id": node, "stage": "train", "reason": clean_reason(f"rejected update: {why}")}
                 for node, why in rejected
@@ -272,7 +275,9 @@ def _round_line(record: dict[str, Any], num_rounds: int, total: float) -> str:
         parts.append(f"train loss {record['train']['train_loss']:.4f}")
     clients = record["clients"]
     parts.append(f"clients {clients['trained']} ok {clients['failed']} failed")
-    if not record.get("aggregated", True):
+    if record.get("rolled_back"):
+        parts.append("clients refused the model: rolled back to the last accepted one")
+    elif not record.get("aggregated", True):
         parts.append("no update aggregated: model unchanged")
     kib = (record["comm"]["bytes_down"] + record["comm"]["bytes_up"]) / 1024
     parts.append(f"{kib:.0f} KiB")

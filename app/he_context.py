@@ -32,16 +32,18 @@ decrypts exactly with 5 bits left).
 
 Range: the plaintext modulus t (a prime of `plain_modulus_bits` bits) must hold the sum of the
 clients' pre-weighted quantized values: sum_i w_i * max|value| * 2^scale_bits < t / 2. Clients
-refuse to encrypt a value above `max_abs_value`; the server refuses a round whose total weight
-would overflow (see `max_total_weight`).
+refuse to encrypt a value above `max_abs_value`; the server rejects a client whose weight would
+overflow the round's total (see `max_total_weight`) or exceeds `secagg.max_weight`, and key
+holders check that the decrypted mean is within `max_abs_value` (a wrapped sum is not).
 
 File and payload formats are ours (SEAL objects inside are SEAL's own serialization):
 - context file: magic line, one JSON line (kind, key id, parameters, blob lengths), then the
   SEAL `EncryptionParameters` and, in the secret context only, the `SecretKey`;
 - payload (what travels in Flower's `Parameters`, as two uint8 NumPy arrays so `NumPyClient`
   carries it unchanged): a JSON header with the tags the server checks (algorithm, context
-  fingerprint, tensor layout, round, weight or divisor, ciphertext lengths), and the
-  concatenated serialized ciphertexts.
+  fingerprint, tensor layout, round, claimed weight or divisor, ciphertext lengths), and the
+  concatenated serialized ciphertexts. Inside the plaintext, after the model's values: the
+  weight and two MAC tags (v2, see "the MAC" below).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -61,7 +64,12 @@ from pathlib import Path
 import numpy as np
 import tenseal.sealapi as seal
 
-ALGORITHM = "bfv-batch-seeded/v1"
+ALGORITHM = "bfv-batch-seeded/v1"  # the context files' format (unchanged)
+# The payload format: v2 adds three slots after the model values (weight, two MAC tags), see
+# `encode_slots`. A v1 payload is refused (its divisor was a claim, not a decrypted value).
+PAYLOAD_ALGORITHM = "bfv-batch-seeded-mac/v2"
+WEIGHT_SLOT, TAG_SLOT, WEIGHT_TAG_SLOT = 0, 1, 2  # offsets after the num_values model values
+EXTRA_SLOTS = 3
 MAGIC = b"flower-private-finetune HE context v1\n"
 SECRET_FILE = "secret.ctx"
 PUBLIC_FILE = "public.ctx"
@@ -70,6 +78,9 @@ PUBLIC_FILE = "public.ctx"
 HE_ROUND_KEY = "he_round"  # the round the client tags its encrypted update with
 HE_WEIGHTING_KEY = "he_weighting"  # "examples" (FedAvg) | "uniform" (client-level DP)
 HE_SECRET_PATH_KEY = "he_secret_context"  # simulation only: where the run's keys were written
+HE_MASK_PEERS_KEY = "he_mask_peers"  # JSON list of the cohort's X25519 public keys (hex)
+HE_MASK_PK_PROPERTY = "he_mask_pk"  # get_properties: this node's mask public key (hex)
+MASK_STATE = "he_mask_key"  # the node's X25519 private key, in its Flower context state
 # Node config key (deployment): path of the SuperNode's secret context.
 NODE_SECRET_CONTEXT = "he-secret-context"
 
@@ -141,6 +152,7 @@ class HEContext:
     seal_context: seal.SEALContext
     parms_bytes: bytes
     secret_key: seal.SecretKey | None = None
+    secret_bytes: bytes = b""  # the SecretKey's serialization as stored in secret.ctx
     _tools: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -190,6 +202,12 @@ class HEContext:
     def decryptor(self) -> seal.Decryptor:
         key = self._require_secret("Decryption")
         return self._tool("decryptor", lambda: seal.Decryptor(self.seal_context, key))
+
+    @property
+    def mac_master(self) -> bytes:
+        """32 bytes from the secret key (HKDF-SHA256): the MAC key only key holders derive."""
+        self._require_secret("The aggregate MAC")
+        return self._tool("mac_master", lambda: _hkdf(self.secret_bytes, b"mac-master|" + self.key_id.encode()))
 
     def public(self) -> HEContext:
         """The same parameters and key id without the secret key."""
@@ -250,12 +268,16 @@ def new_context(params: HEParams) -> HEContext:
     """Fresh keys: a secret context (parameters + a new secret key + a random key id)."""
     context, parms_bytes = make_seal_context(params)
     secret_key = seal.KeyGenerator(context).secret_key()
-    return HEContext(params, secrets.token_hex(16), context, parms_bytes, secret_key)
+    return HEContext(
+        params, secrets.token_hex(16), context, parms_bytes, secret_key, seal_to_bytes(secret_key)
+    )
 
 
 def write_context(ctx: HEContext, path: Path) -> Path:
     """Write a context file; the secret one is created readable by its owner only."""
-    secret = seal_to_bytes(ctx.secret_key) if ctx.secret_key is not None else b""
+    secret = b""
+    if ctx.secret_key is not None:
+        secret = ctx.secret_bytes or seal_to_bytes(ctx.secret_key)
     header = {
         "kind": "secret" if secret else "public",
         "key_id": ctx.key_id,
@@ -315,6 +337,7 @@ def _load_context(path: str, mtime_ns: int, size: int) -> HEContext:
     ctx = HEContext(params, str(header["key_id"]), context, parms_bytes)
     if secret_len:
         ctx.secret_key = seal_from_bytes(seal.SecretKey(), rest[parms_len:], context)
+        ctx.secret_bytes = rest[parms_len:]
     return ctx
 
 
@@ -325,7 +348,8 @@ def layout_hash(shapes: list[tuple[int, ...]]) -> str:
 
 
 def num_ciphertexts(num_values: int, slots: int) -> int:
-    return max(1, math.ceil(num_values / slots))
+    """Ciphertexts of a payload of `num_values` model values (plus the EXTRA_SLOTS)."""
+    return max(1, math.ceil((num_values + EXTRA_SLOTS) / slots))
 
 
 def pack_payload(header: dict, ciphertexts: list[bytes]) -> list[np.ndarray]:
@@ -374,7 +398,7 @@ def unpack_payload(arrays: list[np.ndarray]) -> tuple[dict, list[bytes]]:
 def payload_header(ctx: HEContext, kind: str, layout: str, num_values: int, server_round: int, **extra) -> dict:
     # "algorithm" first: is_payload() recognises a payload by it.
     return {
-        "algorithm": ALGORITHM,
+        "algorithm": PAYLOAD_ALGORITHM,
         "context": ctx.fingerprint,
         "kind": kind,  # "update" (client -> server) | "aggregate" (server -> clients)
         "layout": layout,
@@ -385,13 +409,182 @@ def payload_header(ctx: HEContext, kind: str, layout: str, num_values: int, serv
     }
 
 
+# SEAL's serialization header (seal/serialization.h): magic 0xA15E, header size 16, version
+# major/minor, compression mode (0 none, 1 zlib, 2 zstd), 2 reserved bytes, total size.
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")
+_SEAL_MAGIC = 0xA15E
+
+
+def _ciphertext_byte_limit(ctx: HEContext) -> int:
+    """Bytes of an uncompressed two-polynomial ciphertext at these parameters, plus headers;
+    a payload larger than this is refused before SEAL decompresses anything."""
+    n, levels = ctx.params.poly_modulus_degree, len(ctx.params.coeff_mod_bit_sizes)
+    return 2 * n * levels * 8 + 512
+
+
 def load_ciphertext(ctx: HEContext, data: bytes) -> seal.Ciphertext:
-    """Deserialize and validate one ciphertext against `ctx` (SEAL checks sizes and
-    parameter ids); a ciphertext under other parameters or a truncated one is an HEError."""
+    """Deserialize and validate one ciphertext against `ctx`; anything else is an HEError.
+
+    Checked against the installed SEAL 4.x (tests/test_he.py builds each case by hand):
+    SEAL's `load(context, ...)` itself refuses a wrong scale, a correction factor other than 1,
+    a size that does not match the buffer, and any coefficient >= its modulus. It does NOT
+    check the NTT-form flag (a BFV ciphertext with it set loads, and `add` then raises "NTT
+    form mismatch"), nor that the ciphertext is fresh (size 2) at the first level; nor does it
+    bound the declared size before decompressing. Those are checked here."""
+    if not isinstance(data, bytes | bytearray) or len(data) < _SEAL_HEADER.size:
+        raise HEError("ciphertext shorter than SEAL's header")
+    magic, hsize, major, _minor, compr, _reserved, total = _SEAL_HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or major != 4 or compr not in (0, 1, 2):
+        raise HEError("not a SEAL 4 serialization (magic, header size, version or compression)")
+    if total != len(data) or total > _ciphertext_byte_limit(ctx):
+        raise HEError(f"ciphertext declares {total} bytes, has {len(data)} (limit {_ciphertext_byte_limit(ctx)})")
     try:
-        ct = seal_from_bytes(seal.Ciphertext(), data, ctx.seal_context)
-    except (RuntimeError, ValueError, TypeError) as err:
+        ct = seal_from_bytes(seal.Ciphertext(), bytes(data), ctx.seal_context)
+    except Exception as err:  # noqa: BLE001 - SEAL raises RuntimeError/ValueError/logic_error
         raise HEError(f"ciphertext does not load under this context ({err})") from err
-    if ct.size() != 2 or ct.parms_id() != ctx.seal_context.first_parms_id():
-        raise HEError("ciphertext has the wrong size or parameter level for this context")
+    first = ctx.seal_context.first_context_data().parms()
+    problems = [
+        (ct.is_ntt_form(), "NTT form flag set (BFV ciphertexts are not in NTT form)"),
+        (ct.size() != 2, f"size {ct.size()}, a fresh ciphertext has 2 polynomials"),
+        (ct.parms_id() != ctx.seal_context.first_parms_id(), "parameter id of another level or context"),
+        (ct.poly_modulus_degree() != first.poly_modulus_degree(), "poly_modulus_degree differs"),
+        (ct.coeff_modulus_size() != len(first.coeff_modulus()), "coeff_modulus size differs"),
+        (ct.scale != 1.0, f"scale {ct.scale} (BFV: 1)"),
+        (ct.is_transparent(), "transparent (c1 = 0: the plaintext in the clear)"),
+        (not seal.is_valid_for(ct, ctx.seal_context), "SEAL's validity check fails"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise HEError(f"ciphertext refused: {why}")
     return ct
+
+
+def seed_id(ct: seal.Ciphertext) -> bytes:
+    """Identifies the randomness of a loaded ciphertext: its c1 polynomial is SEAL's PRNG
+    expansion of the seed that travelled in the seeded form, so equal leading c1 coefficients
+    (32 of them, ~1,800 bits) mean the same seed. A fresh encryption draws a fresh seed, so a
+    seen seed is a replay or a duplicate, whatever was edited in c0 or the header."""
+    n = ct.poly_modulus_degree() * ct.coeff_modulus_size()
+    return hashlib.sha256(struct.pack("<32Q", *(ct[n + i] for i in range(32)))).digest()[:16]
+
+
+# --------------------------------------------------------------------------- the MAC
+# A linear MAC over Z_t inside the plaintext. Each client appends to its values m_j (its
+# pre-weighted quantized model, then its weight w) the tags T = sum_j k_j m_j mod t and
+# T_w = k_w w mod t, with k = PRG(HKDF(secret key, round, layout)). Both are linear in m, so the
+# decrypted SUM of honest payloads satisfies the same equations; a key holder checks them on the
+# aggregate. The server holds no secret key, so it cannot compute k: any change it (or anyone
+# without the key) makes to the sum's plaintext -- bit flips, a ciphertext under other keys,
+# a replay from another round (other k), add_plain of a chosen delta -- passes with probability
+# at most 2^-(b-1) per attempt (b = bits of t: 2^-39 at the defaults). No library offers a linear MAC over the plaintext
+# modulus (HMAC cannot survive the homomorphic sum), hence this by hand; HKDF and the ChaCha20
+# PRG are `cryptography`'s. A key holder can always forge (it has the key): that is item 4's
+# bound check, not the MAC.
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
+
+
+def mac_keys(ctx: HEContext, server_round: int, layout: str, num_values: int) -> tuple[np.ndarray, int]:
+    """(k: num_values + 1 keys for values and weight, k_w) for this round: uniform in
+    [0, 2^(b-1)) with b the bits of t, a subset of Z_t (so a forgery passes w.p. <= 2^-(b-1))."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    info = f"mac|{PAYLOAD_ALGORITHM}|{int(server_round)}|{layout}|{int(num_values)}".encode()
+    stream = Cipher(algorithms.ChaCha20(_hkdf(ctx.mac_master, info), bytes(16)), mode=None).encryptor()
+    raw = np.frombuffer(stream.update(bytes(8 * (num_values + 2))), dtype="<u8")
+    keys = raw & np.uint64((1 << (ctx.plain_modulus.bit_length() - 1)) - 1)
+    return keys[: num_values + 1], int(keys[num_values + 1])
+
+
+def linear_tag(keys: np.ndarray, values: np.ndarray, t: int) -> int:
+    """sum_j keys_j * values_j mod t, exact: keys and values (mod t, < 2^b) are split into
+    halves of h = ceil(b/2) bits, so every partial product is < 2^(2h) and blocks of them sum
+    exactly (float64 BLAS dots in blocks where 2h <= 44, else uint64); Python ints combine the
+    partial sums. No per-element modular reduction: numpy's uint64 % took 0.66 s at 1M
+    values, this about 0.03 s."""
+    b = int(t).bit_length()
+    h = (b + 1) // 2
+    v = values.astype(np.int64)
+    m = np.where(v < 0, v + np.int64(t), v).astype(np.uint64)  # values lie in (-t/2, t/2]
+    k = keys.astype(np.uint64)
+    mask, sh = np.uint64((1 << h) - 1), np.uint64(h)
+    k0, k1, m0, m1 = k & mask, k >> sh, m & mask, m >> sh
+    if 2 * h <= 44:
+        # float64 BLAS dots, exact: products < 2^(2h) are integers float64 holds, and so is
+        # every partial sum of a block of 2^(52-2h) of them (< 2^53), whatever the order.
+        block = 1 << (52 - 2 * h)
+        k0, k1, m0, m1 = (x.astype(np.float64) for x in (k0, k1, m0, m1))
+
+        def dot(x: np.ndarray, y: np.ndarray) -> int:
+            return sum(int(np.dot(x[i : i + block], y[i : i + block])) for i in range(0, x.size, block))
+    else:
+        block = 1 << max(0, 62 - 2 * h)  # a sum of `block` terms < 2^(2h+1) stays < 2^63
+
+        def dot(x: np.ndarray, y: np.ndarray) -> int:
+            z = x * y
+            return sum(int(z[i : i + block].sum()) for i in range(0, z.size, block))
+
+    s11, s00 = dot(k1, m1), dot(k0, m0)
+    s10 = dot(k1, m0) + dot(k0, m1)
+    return ((s11 << (2 * h)) + (s10 << h) + s00) % t
+
+
+def centered(x: int, t: int) -> int:
+    """x mod t as the BatchEncoder's signed range (-t/2, t/2]."""
+    x %= t
+    return x - t if x > t // 2 else x
+
+
+# --------------------------------------------------------------------------- pairwise masks
+# Collusion resistance (issue 14, the core only: not yet wired into the round, see README).
+# Each pair of clients (i, j) agrees on a seed by X25519 (`cryptography`) and HKDF, expands it
+# with ChaCha20 into a vector uniform in Z_t, and i adds it while j subtracts it inside the
+# BFV plaintext (values and weight slots), so the masks cancel in the sum and the MAC, being
+# linear, still verifies. A key holder colluding with the server then decrypts one client's
+# ciphertext to its update plus a uniform vector: independent of the update unless every
+# other client of the cohort colludes too. Uniform sampling mod t is by hand (rejection from
+# b-bit draws, exact), because no library draws a NumPy vector uniform mod an arbitrary prime.
+def mask_keypair():
+    """A new X25519 key pair for pairwise masks: (private key, raw 32-byte public key)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _uniform_mod(seed: bytes, count: int, t: int) -> np.ndarray:
+    """`count` values exactly uniform in [0, t) from a ChaCha20 stream keyed by `seed`."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    mask = np.uint64((1 << int(t).bit_length()) - 1)
+    out = np.empty(0, dtype=np.uint64)
+    while out.size < count:  # acceptance >= 1/2 per draw (t has as many bits as the mask)
+        need = count - out.size
+        draw = np.frombuffer(stream.update(bytes(8 * (2 * need + 64))), dtype="<u8") & mask
+        out = np.concatenate([out, draw[draw < np.uint64(t)]])
+    return out[:count]
+
+
+def pairwise_mask(
+    ctx: HEContext, private, public: bytes, peers: list[bytes], server_round: int, layout: str, count: int
+) -> np.ndarray:
+    """Sum over the cohort's other public keys of +-PRG(seed_ij), mod t, for `count` slots."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    t = ctx.plain_modulus
+    tt = np.uint64(t)
+    total = np.zeros(count, dtype=np.uint64)
+    for peer in peers:
+        if peer == public:
+            continue
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer))
+        low, high = sorted((public, peer))
+        info = f"mask|{PAYLOAD_ALGORITHM}|{int(server_round)}|{layout}|{int(count)}|".encode() + low + high
+        vector = _uniform_mod(_hkdf(shared, info), count, t)
+        total = (total + (vector if public == low else (tt - vector) % tt)) % tt
+    return total

@@ -15,6 +15,12 @@ from app.config import PrivacyConfig, TrainingConfig
 from app.data import ArraySplit
 from app.evaluation import evaluate
 from app.he_context import (
+    HE_MASK_PEERS_KEY,
+    HE_MASK_PK_PROPERTY,
+    MASK_STATE,
+    layout_hash,
+    mask_keypair,
+    pairwise_mask,
     HE_ROUND_KEY,
     HE_SECRET_PATH_KEY,
     HE_WEIGHTING_KEY,
@@ -38,7 +44,13 @@ from app.privacy import (
     make_noise_source,
 )
 from clients.dpsgd import HISTORY_KEY, train_dpsgd
-from clients.he_encryption import decrypt_model, encrypt_update, rounding_slack
+from clients.he_encryption import (
+    BAD_AGGREGATE_METRIC,
+    BadAggregate,
+    decrypt_model,
+    encrypt_update,
+    rounding_slack,
+)
 from clients.ddp import train_ddp
 from clients.training import train
 
@@ -122,7 +134,12 @@ class TorchClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         ins = FitInstructions.from_config(config, self.training)
         he = self._he_context(config) if ins.he_round is not None else None
-        parameters = self._plaintext(parameters, he)
+        try:
+            parameters = self._plaintext(parameters, he)
+        except BadAggregate as err:
+            # The global model fails this key holder's check (tampered, overflowed, a weight
+            # lie): train nothing, tell the server, which rolls back when most clients agree.
+            return [], 0, {BAD_AGGREGATE_METRIC: str(err)}
         set_weights(self.model, parameters, self.wire_names)
         training = TrainingConfig(
             **{**vars(self.training), "local_epochs": ins.local_epochs, "lr": ins.lr}
@@ -170,7 +187,8 @@ class TorchClient(NumPyClient):
             num_examples = 1
         if he is not None:
             weight = 1 if ins.he_uniform_weight or self.protected else result.num_examples
-            weights = encrypt_update(he, weights, weight, ins.he_round)
+            mask = self._he_mask(he, config, weights, ins.he_round)
+            weights = encrypt_update(he, weights, weight, ins.he_round, mask=mask)
         elif ins.compression is not None:
             weights = compress_update(parameters, weights, ins.compression, np.random.default_rng(seed))
         return weights, num_examples, metrics
@@ -195,6 +213,46 @@ class TorchClient(NumPyClient):
             raise HEError(f"{path} is a public context: SuperNodes need the secret one")
         return ctx
 
+    def _mask_key(self):
+        """This node's X25519 key pair for pairwise masks, kept in its Flower context state
+        (created on first use)."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        if self.state_context is None:
+            raise HEError("pairwise masks need the client's Context (its key lives there)")
+        state = self.state_context.state
+        if MASK_STATE in state:
+            private = X25519PrivateKey.from_private_bytes(bytes.fromhex(str(state[MASK_STATE]["key"])))
+        else:
+            private, _ = mask_keypair()
+            raw = private.private_bytes_raw()
+            state[MASK_STATE] = ConfigRecord({"key": raw.hex()})
+        return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        if HE_MASK_PK_PROPERTY in config:
+            return {HE_MASK_PK_PROPERTY: self._mask_key()[1].hex()}
+        return {}
+
+    def _he_mask(self, he: HEContext, config: dict[str, Scalar], weights: NDArrays, he_round: int):
+        """The sum of this node's pairwise masks with the cohort the server named, or None
+        when the server asks for none (secagg.pairwise_masks=false)."""
+        if HE_MASK_PEERS_KEY not in config:
+            return None
+        import json
+
+        peers = [bytes.fromhex(p) for p in json.loads(str(config[HE_MASK_PEERS_KEY]))]
+        private, public = self._mask_key()
+        if public not in peers or len(set(peers)) != len(peers) or len(peers) < 2:
+            raise HEError(
+                "the server's pairwise-mask cohort omits this node, repeats a key or has one "
+                "member: refusing to send an unmasked update"
+            )
+        layout = layout_hash([np.shape(a) for a in weights])
+        count = sum(int(np.size(a)) for a in weights) + 1
+        return pairwise_mask(he, private, public, peers, he_round, layout, count)
+
     def _plaintext(self, parameters: NDArrays, he: HEContext | None) -> NDArrays:
         """The global model in the clear: decrypted (float64, so the update this client
         encrypts is measured from the exact global model) or as received."""
@@ -203,7 +261,8 @@ class TorchClient(NumPyClient):
         if he is None:
             raise HEError("received an encrypted model without secagg=he instructions")
         shapes = [a.shape for a in get_weights(self.model, self.wire_names)]
-        return decrypt_model(he, parameters, shapes)
+        # Under client-level DP the server adds noise to the encrypted sum: expected here.
+        return decrypt_model(he, parameters, shapes, allow_noise=self.privacy.name == "client_fixed")
 
     def _he_clip_norm(self, clipping_norm: float, he: HEContext) -> float:
         """Clip to C minus what fixed-point rounding can add, so the encrypted update's

@@ -374,6 +374,10 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
+        if self.strategy.rolled_back(server_round):
+            # The clients refused the model and the HE layer restored an earlier one: nothing
+            # new is released this round (the refused sum was accounted when it was made).
+            return parameters, metrics
         if self.accountant is not None:
             self.accountant.spend(self.releases())
         received = self.strategy.aggregated[server_round]

@@ -113,7 +113,12 @@ def build_strategy(
         if he_context is None:
             raise ValueError("secagg=he needs the server's public HE context")
         he = HomomorphicAggregation(
-            base, he_context, metrics_fn=weighted_metrics, client_config=he_client_config
+            base,
+            he_context,
+            metrics_fn=weighted_metrics,
+            client_config=he_client_config,
+            max_weight=cfg.secagg.max_weight,
+            pairwise_masks=cfg.secagg.pairwise_masks,
         )
         return TrafficMeter(Workload(with_privacy(he, cfg), cfg.workload.name))
     plain = RejectMalformedUpdates(with_privacy(base, cfg))

@@ -4,17 +4,26 @@
 client instructions stay theirs) and replaces only the aggregation:
 
 1. every encrypted update is checked against what this round expects (algorithm, key
-   fingerprint, tensor layout, round, weight, ciphertext count) and each ciphertext is
-   deserialized with the *public* context, which SEAL validates; a mismatch or a malformed,
-   truncated or foreign ciphertext is rejected with a log line naming the node, and the round
-   goes on with the others (NVFlare's HE aggregator `accept()` does the same checks);
-2. the accepted ciphertexts are summed (BFV addition: no key needed);
+   fingerprint, tensor layout, round, weight <= secagg.max_weight, ciphertext count) and each
+   ciphertext is deserialized with the *public* context and validated (SEAL's checks plus
+   the NTT flag, size, level, scale: `load_ciphertext`); a ciphertext whose seed was seen
+   before (a replay from an earlier round, or a duplicate in this one) is refused, and so is a
+   client whose weight would overflow the plaintext modulus. Each refusal is recorded with
+   the node and the reason (`rejected_updates`) and the round goes on with the others; no
+   client input raises out of `aggregate_fit` (anything unexpected rejects that client);
+2. the accepted ciphertexts are summed (BFV addition: no key needed), client by client, so
+   a ciphertext that still fails to add rejects its client only;
 3. with client-level DP, calibrated Gaussian noise is added to the encrypted sum as a plaintext
    (ct + pt), see `EncryptedClientSideClipping` in dp_client_level.py;
 4. the sum travels back as the next global model, with the total weight in the clear; clients
    decrypt and divide by it. The server never holds a secret key, so it never decrypts:
    centralized evaluation is impossible after round 1 (federated evaluation reports instead),
    and the final model is saved encrypted.
+5. key holders check each aggregate they decrypt (MAC, decrypted weight, range: see
+   clients/he_encryption.py `check_aggregate`) and report a failure as a fit metric instead of
+   an update. When most of a round's clients report the model they received bad, this layer
+   rolls back: the round's result is the last global model the clients accepted, so one bad
+   round (a tampered sum, an overflow, a weight lie) costs one round, and it is recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from flwr.common.logger import log
 
 from app.he_context import (
     ALGORITHM,
+    PAYLOAD_ALGORITHM,
+    HE_MASK_PEERS_KEY,
+    HE_MASK_PK_PROPERTY,
     HE_ROUND_KEY,
     HE_WEIGHTING_KEY,
     HEContext,
@@ -41,8 +53,10 @@ from app.he_context import (
     pack_payload,
     payload_header,
     seal_to_bytes,
+    seed_id,
     unpack_payload,
 )
+from clients.he_encryption import BAD_AGGREGATE_METRIC
 from app.privacy import NormalSource
 from strategies.wrapper import StrategyWrapper
 
@@ -65,6 +79,8 @@ class HomomorphicAggregation(StrategyWrapper):
         metrics_fn=None,
         client_config: dict | None = None,
         uniform_weights: bool = False,
+        max_weight: int = 100_000,
+        pairwise_masks: bool = False,
     ) -> None:
         super().__init__(strategy)
         if context.is_secret:
@@ -77,6 +93,15 @@ class HomomorphicAggregation(StrategyWrapper):
         self.client_config = dict(client_config or {})
         # FedAvg weighs by examples; client-level DP needs every client to count once.
         self.uniform_weights = uniform_weights
+        limit = context.params.max_total_weight(context.plain_modulus)
+        if not 1 <= int(max_weight) <= limit:
+            raise HEError(f"secagg.max_weight={max_weight} must be in [1, {limit}] (the total the plaintext modulus holds)")
+        self.max_weight = int(max_weight)
+        self.pairwise_masks = pairwise_masks
+        self._seen: dict[bytes, int] = {}  # seed id -> the round it was summed in
+        self._sent: dict[int, Parameters] = {}  # the global model sent each round
+        self._last_good: Parameters | None = None  # the latest model clients accepted
+        self.rollbacks: dict[int, dict[str, Any]] = {}
         # Set per round by a DP layer above: std of the Gaussian added to the sum (model units).
         self.sum_noise_std = 0.0
         self.noise: NormalSource | None = None
@@ -107,10 +132,41 @@ class HomomorphicAggregation(StrategyWrapper):
 
     def configure_fit(self, server_round, parameters, client_manager):
         self._remember_layout(parameters)
+        self._sent[server_round] = parameters
+        for old in [r for r in self._sent if r < server_round - 2]:
+            del self._sent[old]
         instructions = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config.update(self._instructions(server_round))
+        if self.pairwise_masks:
+            instructions = self._mask_cohort(server_round, instructions)
         return instructions
+
+    def _mask_cohort(self, server_round, instructions):
+        """Ask each sampled node for its mask public key (one get_properties round trip) and
+        name the cohort's keys to all; a node that does not answer is left out of the round
+        (its masks would not cancel)."""
+        from flwr.common import GetPropertiesIns
+
+        cohort = []
+        for proxy, ins in instructions:
+            try:
+                res = proxy.get_properties(GetPropertiesIns({HE_MASK_PK_PROPERTY: ""}), None, server_round)
+                key = bytes.fromhex(str(res.properties[HE_MASK_PK_PROPERTY]))
+                if len(key) != 32:
+                    raise ValueError(f"{len(key)}-byte key")
+            except Exception as err:  # noqa: BLE001 - a node's answer is client input
+                log(WARNING, "Round %s: node %s left out: no mask key (%s)", server_round, proxy.cid, err)
+                continue
+            cohort.append((proxy, ins, key))
+        keys = [key for _, _, key in cohort]
+        if len(set(keys)) != len(keys):
+            log(WARNING, "Round %s: two nodes announced the same mask key: no round", server_round)
+            return []
+        peers = json.dumps([key.hex() for key in keys])
+        for _, ins, _ in cohort:
+            ins.config[HE_MASK_PEERS_KEY] = peers
+        return [(proxy, ins) for proxy, ins, _ in cohort]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         instructions = super().configure_evaluate(server_round, parameters, client_manager)
@@ -125,8 +181,8 @@ class HomomorphicAggregation(StrategyWrapper):
         return super().evaluate(server_round, parameters)
 
     # ------------------------------------------------------------------ aggregation
-    def check_update(self, server_round: int, res) -> tuple[int, list[seal.Ciphertext]]:
-        """(weight, ciphertexts) of a valid update; HEError says why one is not."""
+    def check_update(self, server_round: int, res) -> tuple[int, list[seal.Ciphertext], list[bytes]]:
+        """(weight, ciphertexts, their seed ids) of a valid update; HEError says why not."""
         if self._layout is None:
             raise HEError("no model was sent this round")
         layout, num_values = self._layout
@@ -136,8 +192,15 @@ class HomomorphicAggregation(StrategyWrapper):
             raise HEError(f"undecodable payload ({type(err).__name__}: {err})") from err
         header, ciphertexts = unpack_payload(arrays)
         expected_weight = 1 if self.uniform_weights else res.num_examples
+        if not isinstance(header, dict):
+            raise HEError("payload header is not a JSON object")
+        claimed = header.get("weight")
+        if type(claimed) is not int or claimed <= 0:
+            raise HEError(f"weight {claimed!r} is not a positive integer")
+        if claimed > self.max_weight:
+            raise HEError(f"claimed weight {claimed} exceeds secagg.max_weight={self.max_weight}")
         checks = [
-            ("algorithm", header.get("algorithm"), ALGORITHM),
+            ("algorithm", header.get("algorithm"), PAYLOAD_ALGORITHM),
             ("key fingerprint", header.get("context"), self.context.fingerprint),
             ("kind", header.get("kind"), "update"),
             ("round", header.get("round"), server_round),
@@ -150,61 +213,79 @@ class HomomorphicAggregation(StrategyWrapper):
         for what, got, want in checks:
             if got != want:
                 raise HEError(f"{what} is {got!r}, expected {want!r}")
-        if expected_weight <= 0:
-            raise HEError(f"weight {expected_weight} must be > 0")
-        return expected_weight, [load_ciphertext(self.context, c) for c in ciphertexts]
+        loaded = [load_ciphertext(self.context, c) for c in ciphertexts]
+        ids = [seed_id(ct) for ct in loaded]
+        if len(set(ids)) != len(ids):
+            raise HEError("the same ciphertext (seed) appears twice in this update")
+        for i in ids:
+            if i in self._seen:
+                raise HEError(
+                    f"replayed ciphertext: its seed was already summed in round {self._seen[i]}"
+                )
+        return claimed, loaded, ids
+
+    def _reject(self, server_round: int, cid: str, err: Exception) -> None:
+        why = str(err) if isinstance(err, HEError) else f"{type(err).__name__}: {err}"
+        log(WARNING, "Round %s: rejected encrypted update of node %s: %s", server_round, cid, why)
+        self.rejected.setdefault(server_round, []).append(f"node {cid}: {why}")
+        self.rejections.setdefault(server_round, []).append((str(cid), why))
 
     def aggregate_fit(self, server_round, results, failures):
+        """Never raises on client input: each bad update, report or addition rejects its node."""
         failures = list(failures)
-        accepted: list[tuple[int, list[seal.Ciphertext], Any]] = []
-        bytes_up = 0
+        accepted: list[tuple[int, list[seal.Ciphertext], Any, Any]] = []
+        reports: list[tuple[Any, str]] = []
+        round_ids: set[bytes] = set()
+        limit = self.context.params.max_total_weight(self.context.plain_modulus)
+        total_weight = bytes_up = 0
         for proxy, res in results:
+            cid = str(getattr(proxy, "cid", "?"))
             try:
-                weight, ciphertexts = self.check_update(server_round, res)
-            except HEError as err:
-                log(
-                    WARNING,
-                    "Round %s: rejected encrypted update of node %s: %s",
-                    server_round,
-                    proxy.cid,
-                    err,
-                )
-                self.rejected.setdefault(server_round, []).append(f"node {proxy.cid}: {err}")
-                self.rejections.setdefault(server_round, []).append((str(proxy.cid), str(err)))
+                metrics = res.metrics if isinstance(res.metrics, dict) else {}
+                if BAD_AGGREGATE_METRIC in metrics:
+                    reports.append((proxy, str(metrics[BAD_AGGREGATE_METRIC])[:500]))
+                    continue
+                weight, ciphertexts, ids = self.check_update(server_round, res)
+                if round_ids.intersection(ids):
+                    raise HEError("duplicate ciphertext: another update of this round has its seed")
+                if total_weight + weight > limit:
+                    raise HEError(
+                        f"weight {weight} would bring the round's total to {total_weight + weight}"
+                        f", beyond {limit}, the most the plaintext modulus holds (raise "
+                        "secagg.plain_modulus_bits or lower secagg.max_weight)"
+                    )
+            except Exception as err:  # noqa: BLE001 - no client input may abort the round
+                self._reject(server_round, cid, err)
                 failures.append(err)
                 continue
-            accepted.append((weight, ciphertexts, res))
+            round_ids.update(ids)
+            total_weight += weight
+            accepted.append((weight, ciphertexts, res, (proxy, ids)))
             bytes_up += sum(len(t) for t in res.parameters.tensors)
+        if reports and 2 * len(reports) > len(results):
+            return self._rollback(server_round, reports, accepted)
+        for proxy, why in reports:  # a minority: those nodes' own problem (or a lie)
+            self._reject(server_round, str(proxy.cid), HEError(f"refused the global model: {why}"))
+        total, accepted = self._sum(server_round, accepted)
         if not accepted:
             log(WARNING, "Round %s: no valid encrypted update; the model is kept", server_round)
+            self._reports[server_round] = {"scheme": PAYLOAD_ALGORITHM, "skipped": "no valid encrypted update"}
             return None, {}
-        divisor = sum(weight for weight, _, _ in accepted)
-        limit = self.context.params.max_total_weight(self.context.plain_modulus)
-        if divisor > limit:
-            log(
-                ERROR,
-                "Round %s skipped: the total weight %d of %d clients exceeds %d, the most the "
-                "plaintext modulus holds at secagg.scale_bits=%d and max_abs_value=%g; raise "
-                "secagg.plain_modulus_bits or lower secagg.scale_bits",
-                server_round,
-                divisor,
-                len(accepted),
-                limit,
-                self.context.params.scale_bits,
-                self.context.params.max_abs_value,
-            )
-            return None, {}
-        total = self._sum([ciphertexts for _, ciphertexts, _ in accepted])
+        for _, _, _, (_, ids) in accepted:
+            self._seen.update(dict.fromkeys(ids, server_round))
+        divisor = sum(weight for weight, _, _, _ in accepted)
         layout, num_values = self._layout
-        if self.sum_noise_std > 0:
+        noised = self.sum_noise_std > 0
+        if noised:
             self._add_noise(total, num_values)
         header = payload_header(
-            self.context, "aggregate", layout, num_values, server_round, divisor=divisor
+            self.context, "aggregate", layout, num_values, server_round, divisor=divisor, noised=noised
         )
         payload = pack_payload(header, [seal_to_bytes(ct) for ct in total])
+        self._last_good = self._sent.get(server_round)  # the clients trained from it
         self.aggregated[server_round] = len(accepted)
         self._reports[server_round] = {
-            "scheme": ALGORITHM,
+            "scheme": PAYLOAD_ALGORITHM,
             "clients_aggregated": len(accepted),
             "ciphertexts_per_model": len(total),
             "bytes_per_parameter_up": bytes_up / (len(accepted) * num_values),
@@ -212,7 +293,10 @@ class HomomorphicAggregation(StrategyWrapper):
         }
         metrics = {}
         if self.metrics_fn is not None:
-            metrics = self.metrics_fn([(res.num_examples, res.metrics) for _, _, res in accepted])
+            try:
+                metrics = self.metrics_fn([(res.num_examples, res.metrics) for _, _, res, _ in accepted])
+            except Exception as err:  # noqa: BLE001 - client metrics are client input
+                log(WARNING, "Round %s: client metrics not aggregated (%s)", server_round, err)
         log(
             INFO,
             "Round %s: summed %d encrypted updates (%d ciphertexts each), divisor %d",
@@ -223,14 +307,55 @@ class HomomorphicAggregation(StrategyWrapper):
         )
         return ndarrays_to_parameters(payload), metrics
 
-    def _sum(self, updates: list[list[seal.Ciphertext]]) -> list[seal.Ciphertext]:
+    def _rollback(self, server_round, reports, accepted):
+        """Most clients refused the model they were sent: return the last model they accepted
+        (its aggregate, or the initial model), recorded; the refused model costs one round."""
+        for proxy, why in reports:
+            self._reject(server_round, str(proxy.cid), HEError(f"refused the global model: {why}"))
+        for _, _, _, (proxy, _) in accepted:  # trained from the refused model
+            self._reject(server_round, str(proxy.cid), HEError("discarded: trained from the refused model (rollback)"))
+        target = self._last_good
+        record = {
+            "reports": len(reports),
+            "of_clients": len(reports) + len(accepted),
+            "reason": reports[0][1],
+            "restored": "the last accepted global model" if target is not None else "none kept",
+        }
+        self.rollbacks[server_round] = record
+        self.aggregated[server_round] = 0
+        self._reports[server_round] = {"scheme": PAYLOAD_ALGORITHM, "rolled_back": record}
+        log(ERROR, "Round %s: %d of %d clients refused the global model (%s): rolled back",
+            server_round, len(reports), record["of_clients"], record["reason"])  # fmt: skip
+        if target is None:
+            return None, {}
+        self._remember_layout(target)
+        return target, {}
+
+    def _sum(self, server_round, accepted):
+        """Sum client by client: a client whose ciphertexts SEAL still refuses to add is
+        rejected (recorded) and the sum goes on without it."""
         evaluator = self.context.evaluator
-        total = []
-        for parts in zip(*updates):
-            acc = seal.Ciphertext()
-            evaluator.add_many(list(parts), acc)
-            total.append(acc)
-        return total
+        total: list[seal.Ciphertext] | None = None
+        kept = []
+        for entry in accepted:
+            ciphertexts, (proxy, _) = entry[1], entry[3]
+            try:
+                if total is None:  # the first: probe that SEAL adds it (x + x), keep x
+                    for ct in ciphertexts:
+                        evaluator.add(ct, ct, seal.Ciphertext())
+                    trial = list(ciphertexts)
+                else:
+                    trial = []
+                    for acc, ct in zip(total, ciphertexts, strict=True):
+                        out = seal.Ciphertext()
+                        evaluator.add(acc, ct, out)
+                        trial.append(out)
+            except Exception as err:  # noqa: BLE001 - SEAL's refusal of this client's input
+                self._reject(server_round, str(proxy.cid), HEError(f"ciphertexts do not add ({err})"))
+                continue
+            total = trial
+            kept.append(entry)
+        return total or [], kept
 
     def _add_noise(self, total: list[seal.Ciphertext], num_values: int) -> None:
         """Add round(scale * N(0, std^2)) to every real (non-padding) value of the sum.
@@ -249,6 +374,9 @@ class HomomorphicAggregation(StrategyWrapper):
             plain = seal.Plaintext()
             encoder.encode(chunk.tolist(), plain)
             evaluator.add_plain_inplace(ct, plain)
+
+    def rolled_back(self, server_round: int) -> bool:
+        return server_round in self.rollbacks
 
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self.rejections.get(server_round, []) + super().rejected_updates(server_round)

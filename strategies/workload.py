@@ -35,11 +35,14 @@ class Workload(StrategyWrapper):
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
-        clients = [
-            (float(m[COMPUTE_METRIC]), int(m[STEPS_METRIC]), int(m[FULL_STEPS_METRIC]))
-            for _, res in results
-            if all(k in (m := res.metrics) for k in (COMPUTE_METRIC, STEPS_METRIC, FULL_STEPS_METRIC))
-        ]
+        clients = []
+        for _, res in results:
+            m = res.metrics
+            if all(k in m for k in (COMPUTE_METRIC, STEPS_METRIC, FULL_STEPS_METRIC)):
+                try:  # client input: a value that is no number is left out, never raised
+                    clients.append((float(m[COMPUTE_METRIC]), int(m[STEPS_METRIC]), int(m[FULL_STEPS_METRIC])))
+                except (TypeError, ValueError):
+                    continue
         if clients:
             self._reports[server_round] = {
                 "name": self.name,

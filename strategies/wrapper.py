@@ -49,6 +49,12 @@ class StrategyWrapper(Strategy):
         inner = self.strategy
         return inner.rejected_updates(server_round) if isinstance(inner, StrategyWrapper) else []
 
+    def rolled_back(self, server_round: int) -> bool:
+        """True when `server_round` aggregated nothing but restored an earlier global model
+        (the clients refused the one they were sent, see HomomorphicAggregation)."""
+        inner = self.strategy
+        return inner.rolled_back(server_round) if isinstance(inner, StrategyWrapper) else False
+
     def state_dict(self) -> dict[str, Any]:
         """What this stack must carry across a restart (app/checkpoint.py): each layer adds
         its own part; the innermost Flower strategy's optimizer state is `base`."""
