@@ -3,12 +3,13 @@
 import logging
 
 
-def _import_opacus_without_its_root_handler() -> None:
+def import_opacus_quietly() -> None:
     """Opacus' `opacus/utils/module_utils.py` calls `logging.basicConfig()` at import, which
     gives the root logger a stderr handler: every Flower log line (Flower's logger propagates)
-    then prints twice, once with Flower's format and once with a timestamp. Import it here,
-    before any module of this package does, and remove the handler it added (only that one:
-    handlers configured before stay)."""
+    then prints twice, once with Flower's format and once with a timestamp. clients/dpsgd.py
+    (the only module that uses Opacus, imported only for DP-SGD: Opacus costs seconds of
+    start-up) calls this before its own imports; it removes the handler Opacus added (only
+    that one: handlers configured before stay)."""
     root = logging.getLogger()
     before = list(root.handlers)
     import opacus.utils.module_utils  # noqa: F401
@@ -16,5 +17,3 @@ def _import_opacus_without_its_root_handler() -> None:
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
 
-
-_import_opacus_without_its_root_handler()

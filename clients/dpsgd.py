@@ -22,9 +22,13 @@ import math
 import os
 
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.accountants.utils import get_noise_multiplier
+from clients import import_opacus_quietly
+
+import_opacus_quietly()  # before any opacus import: no duplicated log lines
+
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.data_loader import DPDataLoader  # noqa: E402
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

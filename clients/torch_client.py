@@ -43,7 +43,6 @@ from app.privacy import (
     local_dp_release,
     make_noise_source,
 )
-from clients.dpsgd import HISTORY_KEY, train_dpsgd
 from clients.he_encryption import (
     BAD_AGGREGATE_METRIC,
     BadAggregate,
@@ -301,6 +300,10 @@ class TorchClient(NumPyClient):
         return releases
 
     def _train_dpsgd(self, training: TrainingConfig, seed: int):
+        # Imported here: Opacus takes about 1.2 s to import, which every client process (each
+        # simulation's Ray actors) would otherwise pay at start, DP-SGD or not.
+        from clients.dpsgd import HISTORY_KEY, train_dpsgd
+
         if self.state_context is None:
             raise RuntimeError("DP-SGD accounting needs the client's Context")
         state = self.state_context.state

@@ -60,6 +60,7 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
     )
 
 
+@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
 @pytest.mark.parametrize(
     "overrides,mu,max_steps",
     [
@@ -135,6 +136,7 @@ class HangOnRank1(RaiseOnRank1):
         return self.fc(x)
 
 
+@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
 def test_a_failing_worker_raises_its_traceback_and_leaves_no_process():
     cfg, data, spec = digits_client(overrides="training.world_size=2")
     started = time.monotonic()
@@ -145,6 +147,7 @@ def test_a_failing_worker_raises_its_traceback_and_leaves_no_process():
     assert child_pids() == [] and multiprocessing.active_children() == []
 
 
+@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
 def test_a_hung_worker_hits_the_timeout_and_leaves_no_process():
     cfg, data, spec = digits_client(overrides="training.world_size=2 training.ddp_timeout_s=10")
     started = time.monotonic()
@@ -154,6 +157,7 @@ def test_a_hung_worker_hits_the_timeout_and_leaves_no_process():
     assert child_pids() == [] and multiprocessing.active_children() == []
 
 
+@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
 def test_concurrent_clients_get_their_own_rendezvous_ports():
     """Two clients of one machine train at once (as Ray runs them): each gets its own
     store port, and both produce their single-process weights."""

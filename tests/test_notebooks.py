@@ -1,5 +1,6 @@
-"""Every notebook runs top to bottom (an error in any cell fails), with its small settings, in
-an isolated Flower home; notebooks are committed without outputs."""
+"""Every notebook runs top to bottom (an error in any cell fails), in an isolated Flower home, with
+NOTEBOOK_QUICK=1: notebooks 02-04 then run every cell with fewer runs and rounds (each notebook's
+introduction says which; a user's defaults are unchanged). Notebooks are committed without outputs."""
 
 import json
 import time
@@ -40,6 +41,7 @@ def test_notebook_runs_top_to_bottom(flower, path: Path, tmp_path, monkeypatch):
         if key.startswith("FLWR_"):
             monkeypatch.setenv(key, value)
     monkeypatch.setenv("NOTEBOOK_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("NOTEBOOK_QUICK", "1")
     notebook = nbformat.read(path, as_version=4)
     started = time.monotonic()
     NotebookClient(
