@@ -76,6 +76,7 @@ PUBLIC_FILE = "public.ctx"
 
 # Fit/evaluate config keys the server sends and clients read.
 HE_ROUND_KEY = "he_round"  # the round the client tags its encrypted update with
+BAD_AGGREGATE_METRIC = "he_bad_aggregate"  # fit metric: why this key holder refused the model
 HE_WEIGHTING_KEY = "he_weighting"  # "examples" (FedAvg) | "uniform" (client-level DP)
 HE_SECRET_PATH_KEY = "he_secret_context"  # simulation only: where the run's keys were written
 HE_MASK_PEERS_KEY = "he_mask_peers"  # JSON list of the cohort's X25519 public keys (hex)

@@ -18,7 +18,8 @@ import math
 import numpy as np
 import tenseal.sealapi as seal
 
-from app.he_context import (
+from app.he_context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exported for the client)
+    BAD_AGGREGATE_METRIC,
     EXTRA_SLOTS,
     TAG_SLOT,
     WEIGHT_SLOT,
@@ -38,7 +39,6 @@ from app.he_context import (
 )
 
 
-BAD_AGGREGATE_METRIC = "he_bad_aggregate"  # fit metric: why this key holder refused the model
 
 
 class BadAggregate(HEError):

@@ -39,6 +39,7 @@ from flwr.common.logger import log
 
 from app.he_context import (
     ALGORITHM,
+    BAD_AGGREGATE_METRIC,
     PAYLOAD_ALGORITHM,
     HE_MASK_PEERS_KEY,
     HE_MASK_PK_PROPERTY,
@@ -56,7 +57,6 @@ from app.he_context import (
     seed_id,
     unpack_payload,
 )
-from clients.he_encryption import BAD_AGGREGATE_METRIC
 from app.privacy import NormalSource
 from strategies.wrapper import StrategyWrapper
 

@@ -38,6 +38,9 @@ from conftest import PROJECT_DIR
 from app.processes import free_port as _free_port
 from app.processes import processes_with_env, stop_processes
 
+# One xdist worker runs this whole file: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("deploy")
+
 README_STEPS = ("credentials", "data", "superlink", "connection", "register", "supernode", "run",
                 "run-he", "decrypt")
 

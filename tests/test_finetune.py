@@ -24,6 +24,9 @@ from app.he_context import provision
 from app.models import get_weights
 from app.pretrain import pretrain
 
+# One xdist worker runs this whole file: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("finetune")
+
 PUBLIC = "dataset.public_fraction=0.2"
 
 

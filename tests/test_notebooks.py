@@ -31,7 +31,12 @@ def test_notebook_is_committed_without_outputs(path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    # each notebook its own xdist group: the two workers share them
+    [pytest.param(p, marks=pytest.mark.xdist_group(p.stem)) for p in NOTEBOOKS],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_top_to_bottom(flower, path: Path, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
