@@ -268,7 +268,6 @@ def audit_local(*, z: float, trials: int, overrides=(), coins=None) -> AuditResu
 
 # ---------------------------------------------------------------------- DP-SGD
 def _dpsgd_setup(z: float, canaries: int, fillers: int, overrides):
-    import torch
     from torch import nn
 
     cfg = load_config(
@@ -283,7 +282,7 @@ def _dpsgd_setup(z: float, canaries: int, fillers: int, overrides):
         nn.init.zeros_(m.weight)  # p = (1/2, 1/2): every canary's gradient has norm 10/sqrt 2
         return m
 
-    return cfg, model, torch
+    return cfg, model
 
 
 def _dpsgd_data(present: np.ndarray, fillers: int):
@@ -308,7 +307,7 @@ def audit_dpsgd(*, z: float, canaries: int, runs: int, fillers: int = 64, overri
     from clients.dpsgd import train_dpsgd
 
     started = time.perf_counter()
-    cfg, model, torch = _dpsgd_setup(z, canaries, fillers, overrides)
+    cfg, model = _dpsgd_setup(z, canaries, fillers, overrides)
     delta = cfg.privacy.target_delta
     device = resolve_device("cpu")
     coins = coins if coins is not None else np.random.default_rng(2)
@@ -344,7 +343,7 @@ def seed_replay_attack(*, z: float, trials: int, overrides=(), coins=None,
     started = time.perf_counter()
     train = train or train_dpsgd
     fillers = 16
-    cfg, model, torch = _dpsgd_setup(z, 1, fillers, overrides)
+    cfg, model = _dpsgd_setup(z, 1, fillers, overrides)
     delta = cfg.privacy.target_delta
     device = resolve_device("cpu")
     coins = coins if coins is not None else np.random.default_rng(3)

@@ -18,7 +18,6 @@ every message), so the accountant is restored, never restarted.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch

@@ -51,10 +51,8 @@ def test_every_reported_epsilon_survives_its_audit(name):
     assert result.lower_bound >= MIN_BOUND.get(name, 0.5), result
 
 
-@pytest.mark.slow
-def test_a_broken_accountant_fails_the_audit(monkeypatch):
-    """Test the test: an accountant that believes z is twice what the server adds reports
-    2.17 instead of 4.73 for one round at z = 1, q = 1; the audit's bound lands above it."""
+def double_z(monkeypatch):
+    """An accountant that believes z is twice what the server adds."""
     events = ClientLevelAccountant._events
 
     def doubled(self, releases):
@@ -62,22 +60,32 @@ def test_a_broken_accountant_fails_the_audit(monkeypatch):
                 for e in events(self, releases)]  # fmt: skip
 
     monkeypatch.setattr(ClientLevelAccountant, "_events", doubled)
-    result = audit.audit_client_level(
-        "server_fixed", sampling="poisson", z=1.0, q=1.0, clients=4000, rounds=40
-    )
-    assert result.reported_epsilon == pytest.approx(2.166, abs=0.01)
-    assert not result.holds and result.lower_bound > result.reported_epsilon
 
 
-@pytest.mark.slow
-def test_the_old_replace_one_accounting_fails_the_audit(monkeypatch):
-    """The audit catches the defect it was built for: replace-one accounted with sensitivity
-    C instead of 2C reports 2.17 at z = 2 for a mechanism whose true epsilon is 4.38."""
+def old_replace_one(monkeypatch):
+    """The defect the audit was built for: replace-one accounted with sensitivity C, not 2C."""
     import strategies.privacy_accounting as accounting
 
     monkeypatch.setitem(accounting.SENSITIVITY, accounting.NeighboringRelation.REPLACE_ONE, 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "break_it, sampling, z",
+    [
+        # reports 2.17 instead of 4.73 for one round at z = 1, q = 1
+        (double_z, "poisson", 1.0),
+        # reports 2.17 at z = 2 for a mechanism whose true epsilon is 4.38
+        (old_replace_one, "without_replacement", 2.0),
+    ],
+    ids=["z_doubled", "old_replace_one"],
+)
+def test_a_broken_accountant_fails_the_audit(monkeypatch, break_it, sampling, z):
+    """Test the test: a wrong accountant reports less than the mechanism leaks, and the
+    audit's bound lands above what it reports."""
+    break_it(monkeypatch)
     result = audit.audit_client_level(
-        "server_fixed", sampling="without_replacement", z=2.0, q=1.0, clients=4000, rounds=40
+        "server_fixed", sampling=sampling, z=z, q=1.0, clients=4000, rounds=40
     )
     assert result.reported_epsilon == pytest.approx(2.166, abs=0.01)
     assert not result.holds and result.lower_bound > result.reported_epsilon
