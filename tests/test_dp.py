@@ -613,3 +613,19 @@ def test_a_population_change_keeps_poisson_q_and_stops_fixed_size_sampling():
     run_round(fixed, manager(100), zeros(), None, 1)
     assert fixed.configure_fit(2, ndarrays_to_parameters(zeros()), manager(10)) == []
     assert "10 clients connected but the accountant samples 2 of 100" in fixed.stop_reason()
+
+
+def test_the_cohort_cannot_be_replayed_by_seeding_the_global_generators():
+    """README: nobody can predict or replay who was sampled. Flower's own sampling uses
+    Python's global `random`; seeding it (and NumPy's) must not reproduce our cohorts."""
+    import random
+
+    from strategies.sampling import PrivateCohort
+
+    draws = []
+    for _ in range(2):
+        random.seed(0)
+        np.random.seed(0)
+        cohort = PrivateCohort(manager(200), poisson_rate=0.5)
+        draws.append(sorted(int(p.cid) for p in cohort.sample(100, 1)))
+    assert draws[0] != draws[1]
