@@ -6,7 +6,7 @@
 
 For each mechanism the audit plays the DP distinguishing game many times against the code
 that runs in a real experiment (the strategy stack from `strategies.factory.build_strategy`,
-the client's local-DP release, `clients.dpsgd.train_dpsgd` with Opacus) and prints:
+the client's local-DP release, `protections.dp.dpsgd.train_dpsgd` with Opacus) and prints:
 the epsilon the accountant reports for one round, an empirical lower bound on the true
 epsilon (Clopper-Pearson, 95%), the trials, and their ratio. A lower bound above the reported
 epsilon means the printed number is false; a ratio far below 1 means the accounting is loose
@@ -20,7 +20,7 @@ Attacks (a "trial" is one independent guess):
   Each canary flips a coin: add/remove neighbours: it sends 10 C e_i or nothing; replace-one:
   +10 C e_i or -10 C e_i (the clipped difference is the full 2C). The attacker thresholds
   coordinate i of the released model.
-- Local DP: one client's release (app.privacy.local_dp_release) of +10 C or -10 C.
+- Local DP: one client's release (protections.dp.mechanisms.local_dp_release) of +10 C or -10 C.
 - DP-SGD: canary examples with crafted gradients. A bias-free linear model starting at 0;
   canary i is the input 10 e_i (label 0), so its clipped per-sample gradient lies in column i
   only; filler examples are 0 inputs (zero gradient). Each canary is in the client's data set
@@ -48,8 +48,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from app.config import ConfigError, ExperimentConfig, load_config
-from app.privacy import SecureGaussian, clip_update, local_dp_epsilon, local_dp_release
+from core.config import ConfigError, ExperimentConfig, load_config
+from protections.dp.mechanisms import SecureGaussian, clip_update, local_dp_epsilon, local_dp_release
 
 CANARY_SCALE = 10.0  # canaries send 10 C: the clipping, not the canary, bounds them
 CALIBRATION = 0.3
@@ -162,7 +162,7 @@ def audit_client_level(
     coins: np.random.Generator | None = None,
 ) -> AuditResult:
     """Canary clients against the real strategy stack, `rounds` rounds of `clients` trials."""
-    from strategies.dp_client_level import ClientLevelDP
+    from protections.dp.server import ClientLevelDP
     from strategies.factory import build_strategy
 
     started = time.perf_counter()
@@ -174,9 +174,9 @@ def audit_client_level(
     g = [np.zeros(d, np.float32)]
     secret = public = None
     if he:
-        from app.config import he_params
-        from app.he_context import new_context
-        from clients.he_encryption import decrypt_model, encrypt_update, rounding_slack
+        from core.config import he_params
+        from protections.he.context import new_context
+        from protections.he.client import decrypt_model, encrypt_update, rounding_slack
 
         secret = new_context(he_params(cfg))
         public = secret.public()
@@ -286,7 +286,7 @@ def _dpsgd_setup(z: float, canaries: int, fillers: int, overrides):
 
 
 def _dpsgd_data(present: np.ndarray, fillers: int):
-    from app.data import ArraySplit
+    from core.data import ArraySplit
 
     idx = np.flatnonzero(present)
     x = np.zeros((len(idx) + fillers, len(present)), np.float32)
@@ -303,8 +303,8 @@ def _canary_scores(weight: np.ndarray, cfg) -> np.ndarray:
 
 def audit_dpsgd(*, z: float, canaries: int, runs: int, fillers: int = 64, overrides=(),
                 coins=None) -> AuditResult:  # fmt: skip
-    from app.evaluation import resolve_device
-    from clients.dpsgd import train_dpsgd
+    from core.evaluation import resolve_device
+    from protections.dp.dpsgd import train_dpsgd
 
     started = time.perf_counter()
     cfg, model = _dpsgd_setup(z, canaries, fillers, overrides)
@@ -337,8 +337,8 @@ def seed_replay_attack(*, z: float, trials: int, overrides=(), coins=None,
                        train: Callable | None = None) -> AuditResult:  # fmt: skip
     """The server replays the client's DP-SGD with the public seed on both candidate data
     sets (one canary example in or out) and picks the closer replay."""
-    from app.evaluation import resolve_device
-    from clients.dpsgd import train_dpsgd
+    from core.evaluation import resolve_device
+    from protections.dp.dpsgd import train_dpsgd
 
     started = time.perf_counter()
     train = train or train_dpsgd

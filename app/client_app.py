@@ -8,12 +8,12 @@ import torch
 from flwr.client import Client, ClientApp
 from flwr.common import Context, log
 
-from app.config import ExperimentConfig, client_resources, load_config
-from app.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
-from app.evaluation import resolve_device
-from app.he_context import NODE_SECRET_CONTEXT
-from app.finetune import build_finetune_model
-from app.workload import node_capability
+from core.config import ExperimentConfig, client_resources, load_config
+from core.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
+from core.evaluation import resolve_device
+from protections.he.context import NODE_SECRET_CONTEXT
+from core.finetune import build_finetune_model
+from protections.workload.wire import node_capability
 from clients.torch_client import TorchClient
 
 

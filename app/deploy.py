@@ -165,7 +165,7 @@ def write_credentials(
         )
     he = None
     if he_overrides is not None:  # check the HE parameters before anything is written
-        from app.config import he_params, load_config
+        from core.config import he_params, load_config
 
         he = he_params(load_config(he_overrides))
         he.seal_parameters()
@@ -187,7 +187,7 @@ def write_credentials(
         paths[f"supernode_{i}_key"] = _write(supernode_dir(out, i) / AUTH_KEY, private, secret=True)
         paths[f"supernode_{i}_pub"] = _write(supernode_dir(out, i) / AUTH_PUB, public, secret=False)
     if he is not None:
-        from app.he_context import provision
+        from protections.he.context import provision
 
         secret, public = provision(he, out / HE_DIR)
         paths["he_secret"], paths["he_public"] = secret, public
@@ -200,8 +200,8 @@ def export_site_data(out: Path, supernodes: int, overrides: list[str]) -> list[P
     would hold in simulation), for deployments that test with the project's data sets."""
     import numpy as np
 
-    from app.config import load_config
-    from app.data import partition_arrays
+    from core.config import load_config
+    from core.data import partition_arrays
 
     if supernodes < 1:
         raise ValueError(f"--supernodes {supernodes}: export at least one site")

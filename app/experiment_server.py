@@ -33,8 +33,8 @@ from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from app.results import RunRecorder
-from strategies.wrapper import StrategyWrapper
+from core.results import RunRecorder
+from protections.base import StrategyWrapper
 
 
 MAX_REASON_CHARS = 1500

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from app.config import ExperimentConfig, he_params, load_config, to_experiment_config
-from app.he_context import SECRET_FILE, load_context, provision
-from app.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
+from core.config import ExperimentConfig, he_params, load_config, to_experiment_config
+from protections.he.context import SECRET_FILE, load_context, provision
+from core.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:
@@ -33,10 +33,10 @@ def run_config(run_dir: Path) -> ExperimentConfig:
 
 
 def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:
-    from app.data import data_spec
-    from app.finetune import build_finetune_model, merged_model
-    from app.models import get_weights, set_weights
-    from clients.he_encryption import decrypt_model
+    from core.data import data_spec
+    from core.finetune import build_finetune_model, merged_model
+    from core.models import get_weights, set_weights
+    from protections.he.client import decrypt_model
 
     cfg = run_config(run_dir)
     # Fine-tuning: frozen tensors come from the checkpoint, only the trainable ones were encrypted.

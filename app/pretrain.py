@@ -3,7 +3,7 @@
     python -m app.pretrain --out /abs/ckpt.pt [--epochs 20] dataset.public_fraction=0.2 [overrides]
 
 The public split is `dataset.public_fraction` of the non-test data, carved out before the
-clients' partitions (app/data.py), so no client holds any of it: the pretrained model has seen
+clients' partitions (core/data.py), so no client holds any of it: the pretrained model has seen
 nothing private. The federated run then uses the same overrides plus
 `model.pretrained=/abs/ckpt.pt` (and, e.g., `model.trainable=head`). The checkpoint stores the
 state_dict with the architecture and data shape, so a run with another model fails clearly.
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from app.config import ConfigError, load_config
-from app.data import centralized_test_split, data_spec, public_split
-from app.evaluation import evaluate, resolve_device
-from app.finetune import save_checkpoint
-from app.models import build_model
-from clients.training import train
+from core.config import ConfigError, load_config
+from core.data import centralized_test_split, data_spec, public_split
+from core.evaluation import evaluate, resolve_device
+from core.finetune import save_checkpoint
+from core.models import build_model
+from core.training import train
 
 
 def pretrain(overrides: list[str], out: Path, epochs: int) -> dict:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.results import CONFIG_FILE, RESULTS_FILE, plot_rounds
+from core.results import CONFIG_FILE, RESULTS_FILE, plot_rounds
 from app.sweep import SUMMARY_FILE
 
 REPORT_FILE = "report.html"

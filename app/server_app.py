@@ -23,8 +23,8 @@ from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
-from app.config import ConfigError, ExperimentConfig, load_config, parse_overrides, resolved_yaml
-from app.he_context import (
+from core.config import ConfigError, ExperimentConfig, load_config, parse_overrides, resolved_yaml
+from protections.he.context import (
     HE_SECRET_PATH_KEY,
     PUBLIC_FILE,
     SECRET_FILE,
@@ -33,16 +33,16 @@ from app.he_context import (
     is_payload,
     load_context,
 )
-from app.data import centralized_test_split, check_partition_count, data_spec
-from app.evaluation import evaluate, resolve_device
-from app.edge_model import export_int8
+from core.data import centralized_test_split, check_partition_count, data_spec
+from core.evaluation import evaluate, resolve_device
+from core.edge_model import export_int8
 from app.experiment_server import ExperimentServer, NodeTrackingClientManager, RunFailed
-from app.finetune import build_finetune_model, merged_model
-from app.models import get_weights, num_parameters, set_weights
+from core.finetune import build_finetune_model, merged_model
+from core.models import get_weights, num_parameters, set_weights
 from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
-from app.results import RunRecorder
+from core.results import RunRecorder
 from strategies.factory import build_strategy
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
@@ -181,7 +181,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     spec = data_spec(cfg.dataset)
     test_data = centralized_test_split(cfg.dataset, cfg.seed)
     device = resolve_device(cfg.training.device)
-    # Fine-tuning: both start from the checkpoint; only `wire` tensors travel (app/finetune.py).
+    # Fine-tuning: both start from the checkpoint; only `wire` tensors travel (core/finetune.py).
     model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
     eval_model = build_finetune_model(cfg.model, spec, seed=cfg.seed)[0].to(device)
 
@@ -233,7 +233,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     encrypted = final_arrays if is_payload(final_arrays) else None
     if encrypted is None:
         set_weights(model, final_arrays, wire)
-    # LoRA: the deployable model has the adapters merged into the base layers (app/finetune.py).
+    # LoRA: the deployable model has the adapters merged into the base layers (core/finetune.py).
     deployable = merged_model(model)
     rounds = recorder.rounds
     final: dict = {
@@ -256,7 +256,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         if last is not None:
             final[scope] = last
     if encrypted is None:
-        # Edge inference copy (app/edge_model.py); evaluated on CPU, where int8 kernels run.
+        # Edge inference copy (core/edge_model.py); evaluated on CPU, where int8 kernels run.
         cpu = torch.device("cpu")
         final["int8_model"] = export_int8(
             deployable,

@@ -14,7 +14,7 @@ and `results.json` carries this job's run token (a fresh one per job, passed thr
 config) with status `completed`. Anything else is a failed job: a one-line reason is printed,
 written to the job's `status.json` and its `summary.csv` row, and `python -m app.sweep` exits 1
 once every job has run. Artifacts an earlier run left in the job's directory are moved to
-`previous/` first (app/results.py), so they are never reported as this job's.
+`previous/` first (core/results.py), so they are never reported as this job's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from app.config import (
+from core.config import (
     CONF_DIR,
     ConfigError,
     ExperimentConfig,
@@ -43,7 +43,7 @@ from app.config import (
     parse_overrides,
     to_experiment_config,
 )
-from app.results import RESULTS_FILE, archive_previous_run
+from core.results import RESULTS_FILE, archive_previous_run
 
 PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
@@ -67,7 +67,7 @@ def flwr_run_command(cfg: ExperimentConfig, overrides: list[str], token: str = "
         f"num-supernodes={cfg.simulation.num_supernodes} "
         f"client-resources-num-cpus={cpus} client-resources-num-gpus={gpus:g}"
     )
-    # One TOML basic string; app.config.parse_overrides splits it back, keeping Hydra's quotes.
+    # One TOML basic string; core.config.parse_overrides splits it back, keeping Hydra's quotes.
     run_config = f"overrides={json.dumps(' '.join(overrides))}"
     return [
         "flwr", "run", str(PROJECT_DIR), "--stream",

@@ -4,7 +4,7 @@
     python benchmarks/client_training.py --device cuda   # GPU: a VGG-style CNN on 3x32x32
 
 Every setting trains the same model from the same initial weights through the product's own
-code paths (`clients.training.train`, `clients.ddp.train_ddp`). The time of one local epoch
+code paths (`core.training.train`, `clients.ddp.train_ddp`). The time of one local epoch
 is the training loop's own clock (`TrainResult.seconds`, rank 0's under DDP) divided by
 `--epochs`; start-up (spawning DDP workers, importing torch there, the rendezvous, copying
 the weights back) is the rest of the call's wall time. Ratios are to fp32 in one process
@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from app.config import load_config  # noqa: E402
-from app.data import ArraySplit, data_spec, load_client_data  # noqa: E402
-from app.models import build_model  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.data import ArraySplit, data_spec, load_client_data  # noqa: E402
+from core.models import build_model  # noqa: E402
 from clients.ddp import train_ddp  # noqa: E402
-from clients.training import train  # noqa: E402
+from core.training import train  # noqa: E402
 
 
 class VGGish(nn.Module):

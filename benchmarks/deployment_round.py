@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from app.processes import free_port, isolated_flower_env, stop_flower  # noqa: E402
+from tests.support.processes import free_port, isolated_flower_env, stop_flower  # noqa: E402
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ has seen only the public split. Measured:
 3. `secagg=he` bytes per round with all tensors vs only the head encrypted (2 rounds each);
 4. the int8 edge model of every plaintext run: size on disk and accuracy next to model.pt's;
 5. the capability workload (capabilities 1, 0.5, 0.25) vs uniform: simulated round time
-   (app/workload.py) and final accuracy.
+   (protections/workload/wire.py) and final accuracy.
 Runs in its own Flower home with its own ports and stops what it started.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from app.processes import isolated_flower_env, stop_flower  # noqa: E402
+from tests.support.processes import isolated_flower_env, stop_flower  # noqa: E402
 
 TARGET = 0.9
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from app.privacy import SecureGaussian
+from protections.dp.mechanisms import SecureGaussian
 
 
 def best_of(fn, repeats: int = 5) -> float:

@@ -97,9 +97,9 @@ def make_apps(cfg, mode: str, keys_dir: Path, stats_file: Path, num_shares: int)
     from flwr.server.workflow.default_workflows import default_fit_workflow
 
     from app.client_app import build_client
-    from app.data import data_spec
-    from app.he_context import HE_SECRET_PATH_KEY, PUBLIC_FILE, SECRET_FILE, load_context
-    from app.models import build_model, get_weights
+    from core.data import data_spec
+    from protections.he.context import HE_SECRET_PATH_KEY, PUBLIC_FILE, SECRET_FILE, load_context
+    from core.models import build_model, get_weights
     from strategies.factory import build_strategy
 
     server_app = ServerApp()
@@ -169,10 +169,10 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    from app.config import he_params, load_config
-    from app.he_context import provision
-    from app.models import build_model, num_parameters
-    from app.data import data_spec
+    from core.config import he_params, load_config
+    from protections.he.context import provision
+    from core.models import build_model, num_parameters
+    from core.data import data_spec
 
     rows, records = [], []
     with tempfile.TemporaryDirectory() as tmp:

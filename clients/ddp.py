@@ -43,9 +43,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from app.config import TrainingConfig
-from app.data import ArraySplit
-from clients.training import Shard, TrainResult, train
+from core.config import TrainingConfig
+from core.data import ArraySplit
+from core.training import Shard, TrainResult, train
 
 RESULT_FILE = "rank0.pt"
 HOST = "127.0.0.1"  # workers of one client always share its machine

@@ -10,11 +10,11 @@ from flwr.client import NumPyClient
 from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 from torch import nn
 
-from app.compression import COMPRESSION_KEY, compress_update
-from app.config import PrivacyConfig, TrainingConfig
-from app.data import ArraySplit
-from app.evaluation import evaluate
-from app.he_context import (
+from protections.compression.wire import COMPRESSION_KEY, compress_update
+from core.config import PrivacyConfig, TrainingConfig
+from core.data import ArraySplit
+from core.evaluation import evaluate
+from protections.he.context import (
     HE_MASK_PEERS_KEY,
     HE_MASK_PK_PROPERTY,
     MASK_STATE,
@@ -30,9 +30,9 @@ from app.he_context import (
     is_payload,
     load_context,
 )
-from app.models import get_weights, set_weights
-from app.workload import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
-from app.privacy import (
+from core.models import get_weights, set_weights
+from protections.workload.wire import COMPUTE_METRIC, FULL_STEPS_METRIC, WORKLOAD_KEY, full_local_steps, scaled_steps
+from protections.dp.mechanisms import (
     CLIP_NORM_KEY,
     EPSILON_METRIC,
     LOCAL_NOISE_KEY,
@@ -43,7 +43,7 @@ from app.privacy import (
     local_dp_release,
     make_noise_source,
 )
-from clients.he_encryption import (
+from protections.he.client import (
     BAD_AGGREGATE_METRIC,
     BadAggregate,
     decrypt_model,
@@ -51,7 +51,7 @@ from clients.he_encryption import (
     rounding_slack,
 )
 from clients.ddp import train_ddp
-from clients.training import train
+from core.training import train
 
 # Context.state keys: a client's privacy history survives between rounds there.
 LOCAL_DP_STATE = "local_dp"
@@ -70,7 +70,7 @@ class FitInstructions:
     local_noise_multiplier: float | None  # local DP noise (privacy=local)
     he_round: int | None  # secagg=he: encrypt the result, tagged with this round
     he_uniform_weight: bool  # secagg=he: weight 1 (client-level DP) instead of num_examples
-    compression: str | None = None  # fp16 | int8: return the quantized update (app/compression.py)
+    compression: str | None = None  # fp16 | int8: return the quantized update (protections/compression/wire.py)
     workload: str = "uniform"  # capability: scale local steps to this node's compute
 
     @classmethod
@@ -110,8 +110,8 @@ class TorchClient(NumPyClient):
         wire_names: list[str] | None = None,
         compute: float = 1.0,
     ) -> None:
-        self.compute = compute  # capability in (0, 1] (app/workload.py)
-        # Fine-tuning: only these tensors travel and train (None: all); app/finetune.py.
+        self.compute = compute  # capability in (0, 1] (protections/workload/wire.py)
+        # Fine-tuning: only these tensors travel and train (None: all); core/finetune.py.
         self.wire_names = wire_names
         self.he_secret_context = he_secret_context  # node config path (deployment)
         self.model = model.to(device)
@@ -302,7 +302,7 @@ class TorchClient(NumPyClient):
     def _train_dpsgd(self, training: TrainingConfig, seed: int):
         # Imported here: Opacus takes about 1.2 s to import, which every client process (each
         # simulation's Ray actors) would otherwise pay at start, DP-SGD or not.
-        from clients.dpsgd import HISTORY_KEY, train_dpsgd
+        from protections.dp.dpsgd import HISTORY_KEY, train_dpsgd
 
         if self.state_context is None:
             raise RuntimeError("DP-SGD accounting needs the client's Context")

@@ -16,21 +16,21 @@ from collections.abc import Callable
 from flwr.common import Metrics, Parameters, Scalar
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from app.config import ExperimentConfig
-from app.privacy import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
-from app.he_context import HEContext
-from strategies.dp_client_level import (
+from core.config import ExperimentConfig
+from protections.dp.mechanisms import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
+from protections.he.context import HEContext
+from protections.dp.server import (
     AdaptiveClipping,
     ClientReportedPrivacy,
     ClientSideFixedClipping,
     EncryptedClientSideClipping,
     ServerSideFixedClipping,
 )
-from strategies.compression import DecompressUpdates
-from strategies.he_aggregation import HomomorphicAggregation
+from protections.compression.server import DecompressUpdates
+from protections.he.server import HomomorphicAggregation
 from strategies.traffic import TrafficMeter
-from strategies.update_validation import RejectMalformedUpdates
-from strategies.workload import Workload
+from protections.validation.server import RejectMalformedUpdates
+from protections.workload.server import Workload
 
 EvaluateFn = Callable[[int, list, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 

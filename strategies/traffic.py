@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 from flwr.common import Parameters
 
-from strategies.wrapper import StrategyWrapper
-
-
-def payload_bytes(parameters: Parameters) -> int:
-    return sum(len(tensor) for tensor in parameters.tensors)
+from protections.base import StrategyWrapper, payload_bytes
 
 
 @dataclass

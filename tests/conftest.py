@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app.processes import isolated_flower_env, processes_with_env, stop_processes
+from tests.support.processes import isolated_flower_env, processes_with_env, stop_processes
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

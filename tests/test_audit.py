@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from app import audit
-from app.privacy import pld_epsilon
-from strategies.privacy_accounting import ClientLevelAccountant
+from protections.dp.mechanisms import pld_epsilon
+from protections.dp.accounting import ClientLevelAccountant
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def double_z(monkeypatch):
 
 def old_replace_one(monkeypatch):
     """The defect the audit was built for: replace-one accounted with sensitivity C, not 2C."""
-    import strategies.privacy_accounting as accounting
+    import protections.dp.accounting as accounting
 
     monkeypatch.setitem(accounting.SENSITIVITY, accounting.NeighboringRelation.REPLACE_ONE, 1.0)
 
@@ -98,7 +98,7 @@ def test_seed_replay_wins_against_a_public_seed_and_not_against_os_entropy(monke
     the OS-entropy generators it does no better than the epsilon allows."""
     import torch
 
-    import clients.dpsgd
+    import protections.dp.dpsgd
 
     honest = audit.seed_replay_attack(z=8.0, trials=30)
     assert honest.holds and honest.notes["correct"] <= 25
@@ -106,7 +106,7 @@ def test_seed_replay_wins_against_a_public_seed_and_not_against_os_entropy(monke
     def public(device):  # what the old client did: everything from torch.manual_seed(seed)
         return torch.default_generator if torch.device(device).type == "cpu" else None
 
-    monkeypatch.setattr(clients.dpsgd, "private_generator", public)
+    monkeypatch.setattr(protections.dp.dpsgd, "private_generator", public)
     replayable = audit.seed_replay_attack(z=8.0, trials=30)
     assert replayable.notes["correct"] == 30
     assert replayable.lower_bound > 3 * replayable.reported_epsilon

@@ -6,7 +6,7 @@ import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from app.checkpoint import CheckpointError, check_resumable, load, save
-from app.config import ConfigError, load_config, resolved_yaml
+from core.config import ConfigError, load_config, resolved_yaml
 from strategies.factory import build_strategy
 from tests.test_strategies import fit_res, manager
 
@@ -33,7 +33,7 @@ def test_a_resumed_stack_continues_exactly_where_the_first_stopped(tmp_path, ove
     """Two rounds, checkpoint, a fresh stack loaded from it: round 3 on the resumed stack
     equals round 3 on the original (same noise draws injected into both): the accountant,
     the adaptive clipping norm and the server optimizer's moments all carried over."""
-    from strategies.dp_client_level import ClientLevelDP
+    from protections.dp.server import ClientLevelDP
 
     cfg = load_config(overrides + " strategy.fraction_train=1.0")
     cm = manager(10)

@@ -1,5 +1,5 @@
-"""Compressed updates (app/compression.py, strategies/compression.py), the int8 edge model
-(app/edge_model.py) and the capability workload (app/workload.py)."""
+"""Compressed updates (protections/compression/wire.py, protections/compression/server.py), the int8 edge model
+(core/edge_model.py) and the capability workload (protections/workload/wire.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from app.client_app import build_client
-from app.compression import compress_update, decompress_update
-from app.config import ConfigError, load_config
-from app.data import centralized_test_split, data_spec, load_client_data
-from app.edge_model import export_int8
-from app.evaluation import evaluate
-from app.models import build_model, get_weights
-from app.workload import round_times
-from clients.training import train
+from protections.compression.wire import compress_update, decompress_update
+from core.config import ConfigError, load_config
+from core.data import centralized_test_split, data_spec, load_client_data
+from core.edge_model import export_int8
+from core.evaluation import evaluate
+from core.models import build_model, get_weights
+from protections.workload.wire import round_times
+from core.training import train
 from strategies.factory import build_strategy
 from test_strategies import manager
 

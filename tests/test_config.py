@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.config import CONF_DIR, ConfigError, ExperimentConfig, load_config, resolved_yaml
+from core.config import CONF_DIR, ConfigError, ExperimentConfig, load_config, resolved_yaml
 
 GROUP_OPTIONS = [
     (group.name, option.stem)
@@ -37,7 +37,7 @@ def test_overrides_reach_nested_keys_and_lists():
 
 
 def test_quoted_values_keep_their_spaces():
-    from app.config import parse_overrides
+    from core.config import parse_overrides
     from app.sweep import hydra_quote
 
     path = "/tmp/my runs/it's [x]=y"

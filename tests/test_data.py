@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from app.config import load_config
-from app.data import (
+from core.config import load_config
+from core.data import (
     centralized_test_split,
     data_spec,
     load_client_data,
@@ -106,8 +106,8 @@ def test_hub_data_set_without_network_fails_clearly(tmp_path):
     import sys
 
     code = (
-        "from app.config import load_config\n"
-        "from app.data import centralized_test_split\n"
+        "from core.config import load_config\n"
+        "from core.data import centralized_test_split\n"
         "cfg = load_config('dataset=mnist')\n"
         "centralized_test_split(cfg.dataset, 0)\n"
     )

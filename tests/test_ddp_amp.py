@@ -1,4 +1,4 @@
-"""DDP and AMP inside one client (clients/ddp.py, clients/training.py): the same weights
+"""DDP and AMP inside one client (clients/ddp.py, core/training.py): the same weights
 whatever the number of processes, bf16 as good as fp32, clean failures, no orphans."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from app.config import load_config
-from app.data import ArraySplit, centralized_test_split, data_spec, load_client_data
-from app.evaluation import evaluate
-from app.models import build_model
+from core.config import load_config
+from core.data import ArraySplit, centralized_test_split, data_spec, load_client_data
+from core.evaluation import evaluate
+from core.models import build_model
 from app.sweep import flwr_run_command
 from clients.ddp import DDPTimeoutError, DDPWorkerError, train_ddp
-from clients.training import check_precision, train
+from core.training import check_precision, train
 
 CPU = torch.device("cpu")
 

@@ -30,13 +30,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import deploy
-from app.config import load_config
-from app.data import load_client_data, load_file_data
-from app.he_context import load_context
+from core.config import load_config
+from core.data import load_client_data, load_file_data
+from protections.he.context import load_context
 from conftest import PROJECT_DIR
 
-from app.processes import free_port as _free_port
-from app.processes import processes_with_env, stop_processes
+from tests.support.processes import free_port as _free_port
+from tests.support.processes import processes_with_env, stop_processes
 
 # One xdist worker runs this whole file: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("deploy")
@@ -433,9 +433,9 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
     assert proc.returncode == 0, proc.stdout + proc.stderr
     import torch
 
-    from app.data import centralized_test_split, data_spec
-    from app.evaluation import evaluate
-    from app.models import build_model
+    from core.data import centralized_test_split, data_spec
+    from core.evaluation import evaluate
+    from core.models import build_model
 
     cfg = load_config("secagg=he privacy=client_fixed")
     model = build_model(cfg.model, data_spec(cfg.dataset))

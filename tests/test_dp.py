@@ -14,17 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from app.config import load_config
-from app.data import data_spec, load_client_data
-from app.models import build_model, get_weights
-from app.privacy import SecureGaussian, clip_update, l2_norm, local_dp_epsilon
+from core.config import load_config
+from core.data import data_spec, load_client_data
+from core.models import build_model, get_weights
+from protections.dp.mechanisms import SecureGaussian, clip_update, l2_norm, local_dp_epsilon
 from clients.torch_client import TorchClient
-from strategies.dp_client_level import (
+from protections.dp.server import (
     AdaptiveClipping,
     ClientSideFixedClipping,
     ServerSideFixedClipping,
 )
-from strategies.privacy_accounting import ClientLevelAccountant, Release
+from protections.dp.accounting import ClientLevelAccountant, Release
 from tests.test_strategies import LoopbackProxy
 
 SHAPES = [(50, 40), (40,)]
@@ -354,7 +354,7 @@ def test_dpsgd_epsilon_grows_across_rounds_and_matches_opacus():
 
 
 def test_dpsgd_target_epsilon_sets_the_noise():
-    from clients.dpsgd import noise_multiplier_for
+    from protections.dp.dpsgd import noise_multiplier_for
 
     cfg = load_config("privacy=dpsgd privacy.target_epsilon=3.0")
     z = noise_multiplier_for(cfg.privacy, sample_rate=0.1, local_epochs=2, max_rounds=5)
@@ -478,7 +478,7 @@ def test_fixed_size_sampling_draws_exactly_m():
 def test_an_empty_poisson_cohort_releases_noise_alone_and_is_accounted():
     """An empty cohort is a round of the analysed mechanism: the model moves by N(0, (zC/m)^2)
     with m = q*N, and the round costs budget like any other."""
-    from strategies.sampling import PrivateCohort
+    from protections.dp.sampling import PrivateCohort
 
     n, z, c = 20, 1.0, 1.0
     wrapper = dp(ServerSideFixedClipping, m=5, z=z, c=c, seed=4)
@@ -488,7 +488,7 @@ def test_an_empty_poisson_cohort_releases_noise_alone_and_is_accounted():
         def sample(self, num_clients, min_num_clients=None, criterion=None):
             return []
 
-    import strategies.dp_client_level as module
+    import protections.dp.server as module
 
     original = module.PrivateCohort
     module.PrivateCohort = Nobody
@@ -556,7 +556,7 @@ def test_default_noise_source_is_the_os_csprng():
     ],
 )  # fmt: skip
 def test_config_refuses_what_voids_the_guarantee(overrides, expected):
-    from app.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(overrides)
@@ -584,8 +584,8 @@ def test_dpsgd_model_does_not_reveal_the_data_set_size(n):
     on zero-gradient data the weights' spread is z*C*lr*sqrt(steps)/B whatever n is."""
     from torch import nn
 
-    from app.data import ArraySplit
-    from clients.dpsgd import train_dpsgd
+    from core.data import ArraySplit
+    from protections.dp.dpsgd import train_dpsgd
 
     cfg = load_config("privacy=dpsgd training.local_epochs=1 training.lr=1.0 training.momentum=0")
     model = nn.Linear(2000, 2, bias=False)
@@ -620,7 +620,7 @@ def test_the_cohort_cannot_be_replayed_by_seeding_the_global_generators():
     Python's global `random`; seeding it (and NumPy's) must not reproduce our cohorts."""
     import random
 
-    from strategies.sampling import PrivateCohort
+    from protections.dp.sampling import PrivateCohort
 
     draws = []
     for _ in range(2):

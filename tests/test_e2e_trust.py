@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from app.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE
+from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE
 from app.sweep import STARTED_RUN, TIMESTAMPED, run_experiment
 
 pytestmark = pytest.mark.slow

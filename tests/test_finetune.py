@@ -1,4 +1,4 @@
-"""Fine-tuning from a pretrained checkpoint with a trainable subset (app/finetune.py,
+"""Fine-tuning from a pretrained checkpoint with a trainable subset (core/finetune.py,
 app/pretrain.py): frozen tensors never travel, only trainable tensors change, a checkpoint
 that does not fit is a clear config error, the public split is no client's data."""
 
@@ -17,11 +17,11 @@ from flwr.common import (
 )
 
 from app.client_app import build_client
-from app.config import ConfigError, he_params, load_config
-from app.data import data_spec, partition_layout, public_split
-from app.finetune import build_finetune_model
-from app.he_context import provision
-from app.models import get_weights
+from core.config import ConfigError, he_params, load_config
+from core.data import data_spec, partition_layout, public_split
+from core.finetune import build_finetune_model
+from protections.he.context import provision
+from core.models import get_weights
 from app.pretrain import pretrain
 
 # One xdist worker runs this whole file: its module-scoped fixture is built once.
@@ -112,7 +112,7 @@ def test_frozen_tensors_never_travel_and_only_the_head_changes(checkpoint):
 
 
 def test_under_he_only_the_trainable_tensors_are_encrypted(checkpoint, tmp_path):
-    from strategies.he_aggregation import encrypted_header
+    from protections.he.server import encrypted_header
 
     path, _ = checkpoint
     cfg = load_config(f"{PUBLIC} model.pretrained={path} model.trainable=head secagg=he")

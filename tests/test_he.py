@@ -13,9 +13,9 @@ from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.config import ConfigError, he_params, load_config
-from app.data import data_spec, load_client_data
-from app.he_context import (
+from core.config import ConfigError, he_params, load_config
+from core.data import data_spec, load_client_data
+from protections.he.context import (
     HEError,
     HEParams,
     load_context,
@@ -24,11 +24,11 @@ from app.he_context import (
     provision,
     unpack_payload,
 )
-from app.models import build_model, get_weights
-from clients.he_encryption import decrypt_model, encrypt_update
+from core.models import build_model, get_weights
+from protections.he.client import decrypt_model, encrypt_update
 from clients.torch_client import TorchClient
-from strategies.dp_client_level import ClientSideFixedClipping, EncryptedClientSideClipping
-from strategies.he_aggregation import HomomorphicAggregation
+from protections.dp.server import ClientSideFixedClipping, EncryptedClientSideClipping
+from protections.he.server import HomomorphicAggregation
 from tests.test_strategies import manager
 
 PARAMS = HEParams()

@@ -15,10 +15,10 @@ import tenseal.sealapi as seal
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
-from app.he_context import HEParams, load_ciphertext, new_context, pack_payload, unpack_payload
-from clients.he_encryption import BAD_AGGREGATE_METRIC, BadAggregate, decrypt_model, encrypt_update
-from strategies.dp_client_level import EncryptedClientSideClipping
-from strategies.he_aggregation import HomomorphicAggregation
+from protections.he.context import HEParams, load_ciphertext, new_context, pack_payload, unpack_payload
+from protections.he.client import BAD_AGGREGATE_METRIC, BadAggregate, decrypt_model, encrypt_update
+from protections.dp.server import EncryptedClientSideClipping
+from protections.he.server import HomomorphicAggregation
 from tests.test_strategies import manager
 from tests.test_trust import InProcessProxy
 
@@ -150,7 +150,7 @@ def test_every_ciphertext_field_is_validated_and_the_round_goes_on(keys, field, 
 def test_an_error_while_summing_rejects_that_client_only(keys, monkeypatch):
     """A ciphertext that passes every check but that SEAL still refuses to add (here: one of
     other parameters, slipped past the loader) rejects its client; the round goes on."""
-    import strategies.he_aggregation as module
+    import protections.he.server as module
 
     secret, public = keys
     other = new_context(HEParams(poly_modulus_degree=2048, coeff_mod_bit_sizes=(54,)))
@@ -337,7 +337,7 @@ def test_a_sum_the_server_edits_is_detected(keys):
     delta[0] = 1  # one unit of 2^-16 on one weight
     public.encoder.encode(delta, plain)
     public.evaluator.add_plain_inplace(ct, plain)
-    from app.he_context import seal_to_bytes
+    from protections.he.context import seal_to_bytes
 
     edited = pack_payload({k: v for k, v in header.items() if k != "lengths"}, [seal_to_bytes(ct)])
     with pytest.raises(BadAggregate, match="MAC"):
@@ -503,7 +503,7 @@ class HostileProxy(InProcessProxy):
     the secret key, as every SuperNode does)."""
 
     def __init__(self, cid, client, secret_path):
-        from app.he_context import load_context
+        from protections.he.context import load_context
 
         super().__init__(cid, client)
         self.secret = load_context(secret_path)
@@ -545,14 +545,14 @@ def in_process_run(overrides, out, nodes, hostile_cls=None, num_rounds=6):
     from flwr.common import Context, RecordDict
 
     from app.client_app import build_client
-    from app.config import he_params, load_config
-    from app.data import centralized_test_split, data_spec
-    from app.evaluation import evaluate
+    from core.config import he_params, load_config
+    from core.data import centralized_test_split, data_spec
+    from core.evaluation import evaluate
     from app.experiment_server import ExperimentServer, NodeTrackingClientManager
-    from app.finetune import build_finetune_model
-    from app.he_context import HE_SECRET_PATH_KEY, load_context, provision
-    from app.models import get_weights, set_weights
-    from app.results import RunRecorder
+    from core.finetune import build_finetune_model
+    from protections.he.context import HE_SECRET_PATH_KEY, load_context, provision
+    from core.models import get_weights, set_weights
+    from core.results import RunRecorder
     from strategies.factory import build_strategy
 
     cfg = load_config(overrides)
@@ -626,7 +626,7 @@ def test_pairwise_masks_cancel_in_the_sum_and_hide_one_update_from_a_colluding_k
     """Three clients mask with X25519 pairwise seeds: the decrypted sum is the exact weighted
     mean (the MAC still verifies); one client's ciphertext, decrypted alone by a key holder
     colluding with the server, is uniform mod t whatever the update (chi-square, 32 bins)."""
-    from app.he_context import layout_hash, mask_keypair, pairwise_mask
+    from protections.he.context import layout_hash, mask_keypair, pairwise_mask
 
     secret, public = keys
     t = public.plain_modulus
@@ -667,7 +667,7 @@ class EavesdroppedProxy(InProcessProxy):
     """An honest node whose every payload a colluding key holder decrypts alone."""
 
     def __init__(self, cid, client, secret_path):
-        from app.he_context import load_context
+        from protections.he.context import load_context
 
         super().__init__(cid, client)
         self.secret = load_context(secret_path)
@@ -716,7 +716,7 @@ def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
 def test_a_dropout_under_masks_is_caught_by_key_holders_not_silently_wrong(keys):
     """Without dropout recovery, a masked client that never returns leaves its masks in the
     sum: the decrypted weight is then noise, key holders refuse the model (rollback)."""
-    from app.he_context import layout_hash, mask_keypair, pairwise_mask
+    from protections.he.context import layout_hash, mask_keypair, pairwise_mask
 
     secret, public = keys
     models = models_for(3, seed=14)

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (`model.lora.r`, app/finetune.py): every party builds the same
+"""LoRA adapters through peft (`model.lora.r`, core/finetune.py): every party builds the same
 adapters on the frozen pretrained base, only adapter tensors travel (and are encrypted under
 HE), the base never changes, and the saved model is the merged one."""
 
@@ -13,11 +13,11 @@ from flwr.common import Code, FitIns, ndarray_to_bytes, ndarrays_to_parameters, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.config import ConfigError, he_params, load_config
-from app.data import data_spec
-from app.finetune import build_finetune_model, merged_model
-from app.he_context import provision
-from app.models import build_model, get_weights
+from core.config import ConfigError, he_params, load_config
+from core.data import data_spec
+from core.finetune import build_finetune_model, merged_model
+from protections.he.context import provision
+from core.models import build_model, get_weights
 from tests.test_finetune import PUBLIC, checkpoint, client_for  # noqa: F401 - fixture
 
 DIGITS = data_spec(load_config("").dataset)
@@ -28,7 +28,7 @@ MLP_VALUES = 64 * 64 + 64 + 64 * 10 + 10  # 4810
 
 
 def wire_bytes(arrays) -> int:
-    """Bytes of the arrays as Flower serializes them into a message (app/results.py counts these)."""
+    """Bytes of the arrays as Flower serializes them into a message (core/results.py counts these)."""
     return sum(len(ndarray_to_bytes(a)) for a in arrays)
 
 
@@ -96,7 +96,7 @@ def test_lora_with_a_trainable_head_sends_the_head_too(checkpoint):
 
 
 def test_under_he_only_the_adapters_are_encrypted(checkpoint, tmp_path):
-    from strategies.he_aggregation import encrypted_header
+    from protections.he.server import encrypted_header
 
     path, _ = checkpoint
     cfg = lora_cfg(path, "secagg=he")
@@ -183,10 +183,10 @@ def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path, pretrained_chec
 def test_decrypt_model_writes_the_merged_model_of_the_encrypted_adapters(checkpoint, tmp_path):
     """`python -m app.he_keys decrypt-model` rebuilds the same adapters from the run's config,
     loads the decrypted ones and writes the merged model (base tensor names)."""
-    from app.he_context import load_context, pack_payload, unpack_payload
+    from protections.he.context import load_context, pack_payload, unpack_payload
     from app.he_keys import decrypt_run_model
-    from app.results import ENCRYPTED_MODEL_FILE, RunRecorder
-    from clients.he_encryption import encrypt_update
+    from core.results import ENCRYPTED_MODEL_FILE, RunRecorder
+    from protections.he.client import encrypt_update
 
     path, _ = checkpoint
     cfg = lora_cfg(path, "secagg=he")
@@ -203,7 +203,7 @@ def test_decrypt_model_writes_the_merged_model_of_the_encrypted_adapters(checkpo
     header, packed = pack_payload(header, ciphertexts)
     np.savez(tmp_path / ENCRYPTED_MODEL_FILE, header=header, ciphertexts=packed)
     out = decrypt_run_model(tmp_path, secret, tmp_path / "model.pt")
-    from app.models import set_weights
+    from core.models import set_weights
 
     set_weights(model, adapters, wire)
     expected = merged_model(model).state_dict()

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import load_config
-from app.data import centralized_test_split, data_spec, load_client_data
-from app.evaluation import evaluate
-from app.models import build_model, get_weights, num_parameters, set_weights
-from clients.training import train
+from core.config import load_config
+from core.data import centralized_test_split, data_spec, load_client_data
+from core.evaluation import evaluate
+from core.models import build_model, get_weights, num_parameters, set_weights
+from core.training import train
 
 CPU = torch.device("cpu")
 

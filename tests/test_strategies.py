@@ -5,10 +5,10 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from app.config import load_config
+from core.config import load_config
 from strategies.factory import build_strategy, weighted_metrics
 from strategies.traffic import TrafficMeter, payload_bytes
-from strategies.update_validation import RejectMalformedUpdates
+from protections.validation.server import RejectMalformedUpdates
 
 
 class LoopbackProxy(ClientProxy):

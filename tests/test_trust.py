@@ -15,9 +15,9 @@ from flwr.common import Context, RecordDict, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
 from app.client_app import build_client
-from app.config import load_config
-from app.data import data_spec, load_client_data
-from app.evaluation import evaluate
+from core.config import load_config
+from core.data import data_spec, load_client_data
+from core.evaluation import evaluate
 from app.experiment_server import (
     MAX_REASON_CHARS,
     ExperimentServer,
@@ -25,9 +25,9 @@ from app.experiment_server import (
     RunFailed,
     clean_reason,
 )
-from app.finetune import build_finetune_model
-from app.models import get_weights, set_weights
-from app.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
+from core.finetune import build_finetune_model
+from core.models import get_weights, set_weights
+from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
 from app.sweep import STATUS_FILE, job_outcome, write_summary
 from strategies.factory import build_strategy
 
@@ -229,7 +229,7 @@ def test_summary_has_a_row_for_a_failed_job_with_its_reason(tmp_path):
 def test_a_flower_log_line_prints_once_after_opacus_is_imported():
     code = (
         "import logging\n"
-        "import clients.dpsgd\n"  # imports opacus, whose module_utils calls basicConfig()
+        "import protections.dp.dpsgd\n"  # imports opacus, whose module_utils calls basicConfig()
         "from flwr.common.logger import log\n"
         "log(logging.INFO, 'marker-%s', 'once')\n"
     )

@@ -72,7 +72,7 @@ class PartitionerConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through peft (app/finetune.py; needs the `lora` extra)."""
+    """LoRA adapters through peft (core/finetune.py; needs the `lora` extra)."""
 
     r: int = 0  # LoRA rank; 0: no adapters
     alpha: float = 8.0  # peft's lora_alpha: the adapter's output is scaled by alpha / r
@@ -84,7 +84,7 @@ class ModelConfig:
     name: str = "mlp"  # linear | mlp | cnn
     hidden_sizes: list[int] = field(default_factory=lambda: [64])
     channels: list[int] = field(default_factory=lambda: [16, 32])
-    # Fine-tuning (app/finetune.py): a checkpoint of `python -m app.pretrain` to start from,
+    # Fine-tuning (core/finetune.py): a checkpoint of `python -m app.pretrain` to start from,
     # and which tensors train and travel: all | head (the last Linear layer) | module names,
     # comma separated (e.g. 'features.2,head.0'); the others stay frozen and are never sent.
     pretrained: str | None = None
@@ -94,14 +94,14 @@ class ModelConfig:
 
 @dataclass
 class CompressionConfig:
-    """Compressed client updates on the plaintext path (app/compression.py)."""
+    """Compressed client updates on the plaintext path (protections/compression/wire.py)."""
 
     name: str = "none"  # none | fp16 | int8
 
 
 @dataclass
 class WorkloadConfig:
-    """Local work per client (app/workload.py). `uniform`: every client runs the configured
+    """Local work per client (protections/workload/wire.py). `uniform`: every client runs the configured
     epochs; `capability`: a client with compute c in (0, 1] runs round(c * steps) steps.
     A SuperNode declares `compute` in its node config; in simulation node i gets
     capabilities[i % len(capabilities)]."""
@@ -131,14 +131,14 @@ class StrategyConfig:
 @dataclass
 class PrivacyConfig:
     """Differential privacy. Client level: server_fixed | client_fixed | adaptive | local;
-    sample level: dpsgd (Opacus). See strategies/dp_client_level.py and clients/dpsgd.py."""
+    sample level: dpsgd (Opacus). See protections/dp/server.py and protections/dp/dpsgd.py."""
 
     name: str = "none"
     noise_multiplier: float = 1.0  # z: noise std = z * clipping norm (dpsgd: * max_grad_norm)
     clipping_norm: float = 1.0  # C: L2 bound of a client's update (adaptive: initial value)
     target_delta: float = 1e-5
     epsilon_budget: float | None = None  # stop before a round that would exceed it
-    # How clients are sampled and accounted (strategies/privacy_accounting.py): poisson (each
+    # How clients are sampled and accounted (protections/dp/accounting.py): poisson (each
     # client joins with q = m/N; add/remove neighbours) | without_replacement (exactly m;
     # replace-one neighbours). auto: poisson, or without_replacement under secagg=he.
     accounting: str = "auto"
@@ -166,7 +166,7 @@ class PrivacyConfig:
 @dataclass
 class SecAggConfig:
     """Secure aggregation. `he`: BFV homomorphic encryption (TenSEAL's SEAL API); the server
-    adds ciphertexts it cannot decrypt. See app/he_context.py for the parameters and why."""
+    adds ciphertexts it cannot decrypt. See protections/he/context.py for the parameters and why."""
 
     name: str = "none"  # none | he
     poly_modulus_degree: int = 4096  # N: values per ciphertext
@@ -526,7 +526,7 @@ def client_resources(cfg: ExperimentConfig) -> tuple[int, float]:
 
 def he_params(cfg: ExperimentConfig):
     """The `secagg` group as the HE parameters every party shares."""
-    from app.he_context import HEParams
+    from protections.he.context import HEParams
 
     s = cfg.secagg
     return HEParams(
@@ -558,7 +558,7 @@ def _check_secagg(cfg: ExperimentConfig, require) -> None:
     require(cfg.secagg.scale_bits >= 1, "secagg.scale_bits", "must be >= 1")
     require(cfg.secagg.max_abs_value > 0, "secagg.max_abs_value", "must be > 0")
     require(cfg.secagg.max_weight >= 1, "secagg.max_weight", "must be >= 1")
-    from app.he_context import HEError
+    from protections.he.context import HEError
 
     params = he_params(cfg)
     try:
@@ -575,8 +575,8 @@ def _check_secagg(cfg: ExperimentConfig, require) -> None:
         "at these settings: lower it or raise secagg.plain_modulus_bits",
     )
     if cfg.privacy.name == "client_fixed" and cfg.dataset.source != "hub":
-        from app.data import data_spec
-        from app.models import build_model, num_parameters
+        from core.data import data_spec
+        from core.models import build_model, num_parameters
 
         d = num_parameters(build_model(cfg.model, data_spec(cfg.dataset)))
         slack = 0.5 * math.sqrt(d) / params.scale
@@ -615,8 +615,8 @@ def _check_finetune(cfg: ExperimentConfig, require) -> None:
             "folder, not from your checkout",
         )
     if d.source != "hub":
-        from app.data import data_spec
-        from app.finetune import FineTuneError, build_finetune_model
+        from core.data import data_spec
+        from core.finetune import FineTuneError, build_finetune_model
 
         try:
             build_finetune_model(m, data_spec(d))
@@ -827,7 +827,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         "must be >= 0",
     )
     if cfg.partitioner.name == "pathological" and d.source != "hub":
-        from app.data import data_spec
+        from core.data import data_spec
 
         classes = data_spec(d).num_outputs
         require(
@@ -857,7 +857,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         )
     n = cfg.simulation.num_supernodes
     if d.source != "hub":
-        from app.data import client_pool_size
+        from core.data import client_pool_size
 
         pool = client_pool_size(d, 0)  # the size does not depend on the seed
         require(

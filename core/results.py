@@ -4,7 +4,7 @@
 - `results.json`: `{"rounds": [...], "final": {...}}`, rewritten after every round so a run
   that dies still leaves what it measured (parts that were not measured are omitted);
 - `metrics.png`: accuracy and loss per round;
-- `model.pt`: the final global model's state_dict (LoRA: adapters merged, app/finetune.py);
+- `model.pt`: the final global model's state_dict (LoRA: adapters merged, core/finetune.py);
   under secagg=he the server cannot decrypt it and writes `model_encrypted.npz` (the payload)
   instead. Written atomically (temp file + rename), and only by a run that succeeded.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.config import ExperimentConfig, resolved_yaml
+from core.config import ExperimentConfig, resolved_yaml
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"

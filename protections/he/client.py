@@ -4,7 +4,7 @@ A client's contribution is its trained model's tensors, flattened in `state_dict
 multiplied by its aggregation weight (its example count under FedAvg, 1 under client-level DP),
 scaled by 2^scale_bits, rounded to integers and packed N values per BFV ciphertext (the last
 one zero-padded). After the values come three slots: the weight itself and two MAC tags
-(app/he_context.py, "the MAC"). The server adds the ciphertexts and returns the sum with the
+(protections/he/context.py, "the MAC"). The server adds the ciphertexts and returns the sum with the
 claimed total weight in its header; a client decrypts, checks the aggregate (`check_aggregate`:
 MAC, decrypted weight equals the claim, values finite and within max_abs_value) and divides by
 the DECRYPTED weight. A failed check raises `BadAggregate`; the client reports it to the server
@@ -18,7 +18,7 @@ import math
 import numpy as np
 import tenseal.sealapi as seal
 
-from app.he_context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exported for the client)
+from protections.he.context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exported for the client)
     BAD_AGGREGATE_METRIC,
     EXTRA_SLOTS,
     TAG_SLOT,
@@ -60,7 +60,7 @@ def encrypt_update(
     mask: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Encrypt `weight * arrays` (fixed point) into a tagged payload for the server.
-    `mask` (num_values + 1 values mod t, `app.he_context.pairwise_mask`) is added to the
+    `mask` (num_values + 1 values mod t, `protections.he.context.pairwise_mask`) is added to the
     values and the weight before the MAC tags are computed; the cohort's masks cancel."""
     if weight <= 0:
         raise HEError(f"aggregation weight {weight} must be > 0")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.config import DatasetConfig, PartitionerConfig
+from core.config import DatasetConfig, PartitionerConfig
 
 FEATURES = "x"
 LABEL = "label"

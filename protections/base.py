@@ -7,7 +7,7 @@ pairs with `NumPyClient`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,6 +15,18 @@ from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Sc
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+
+
+class NormalSource(Protocol):
+    """Where a DP layer draws Gaussian noise (protections/dp/mechanisms.py makes them); the HE
+    layer takes one to add noise to the encrypted sum, so the type lives here, below both."""
+
+    def normal(self, loc: float, scale: float, size: Any) -> np.ndarray: ...
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of a model payload's tensors as they cross the wire (headers included)."""
+    return sum(len(tensor) for tensor in parameters.tensors)
 
 
 class StrategyWrapper(Strategy):

@@ -21,7 +21,7 @@ import json
 import os
 
 import torch
-from clients import import_opacus_quietly
+from protections.dp.opacus_import import import_opacus_quietly
 
 import_opacus_quietly()  # before any opacus import: no duplicated log lines
 
@@ -31,10 +31,10 @@ from opacus.data_loader import DPDataLoader  # noqa: E402
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.config import PrivacyConfig, TrainingConfig
-from app.data import ArraySplit
-from app.evaluation import loss_fn
-from clients.training import TrainResult, make_optimizer
+from core.config import PrivacyConfig, TrainingConfig
+from core.data import ArraySplit
+from core.evaluation import loss_fn
+from core.training import TrainResult, make_optimizer
 
 HISTORY_KEY = "history"
 

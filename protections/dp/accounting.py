@@ -9,7 +9,7 @@ goes into results.json.
 
 The mechanism and its analysis match (the server samples the way it accounts):
 - `poisson` (default; add-or-remove-one client): every available client joins a round
-  independently with probability q (strategies/sampling.py), the sum of clipped updates has
+  independently with probability q (protections/dp/sampling.py), the sum of clipped updates has
   sensitivity C, and the mean divides by the expected cohort q*N, a public constant.
 - `without_replacement` (replace-one client): exactly m of N clients, uniformly. Replacing one
   client's data by anyone else's moves the sum by up to 2C, so the event is a Gaussian of
@@ -40,7 +40,7 @@ from flwr.serverapp import (
     SamplingMethod,
 )
 
-from app.privacy import pld_epsilon
+from protections.dp.mechanisms import pld_epsilon
 
 
 class _DropNonConvergedOrders(logging.Filter):

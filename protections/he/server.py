@@ -20,7 +20,7 @@ client instructions stay theirs) and replaces only the aggregation:
    centralized evaluation is impossible after round 1 (federated evaluation reports instead),
    and the final model is saved encrypted.
 5. key holders check each aggregate they decrypt (MAC, decrypted weight, range: see
-   clients/he_encryption.py `check_aggregate`) and report a failure as a fit metric instead of
+   protections/he/client.py `check_aggregate`) and report a failure as a fit metric instead of
    an update. When most of a round's clients report the model they received bad, this layer
    rolls back: the round's result is the last global model the clients accepted, so one bad
    round (a tampered sum, an overflow, a weight lie) costs one round, and it is recorded.
@@ -37,7 +37,7 @@ import tenseal.sealapi as seal
 from flwr.common import Parameters, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
-from app.he_context import (
+from protections.he.context import (
     ALGORITHM,
     BAD_AGGREGATE_METRIC,
     PAYLOAD_ALGORITHM,
@@ -57,8 +57,7 @@ from app.he_context import (
     seed_id,
     unpack_payload,
 )
-from app.privacy import NormalSource
-from strategies.wrapper import StrategyWrapper
+from protections.base import NormalSource, StrategyWrapper
 
 
 def encrypted_header(parameters: Parameters) -> dict | None:

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
-from strategies.wrapper import StrategyWrapper
+from protections.base import StrategyWrapper
 
 
 class MalformedUpdateError(ValueError):

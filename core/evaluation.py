@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from app.data import ArraySplit
+from core.data import ArraySplit
 
 
 def loss_fn(task: str):

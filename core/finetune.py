@@ -37,9 +37,9 @@ import re
 import torch
 from torch import nn
 
-from app.config import LoraConfig, ModelConfig
-from app.data import DataSpec
-from app.models import build_model
+from core.config import LoraConfig, ModelConfig
+from core.data import DataSpec
+from core.models import build_model
 
 CHECKPOINT_FORMAT = "flower-private-finetune checkpoint v1"
 HEAD = "head"

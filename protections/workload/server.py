@@ -1,4 +1,4 @@
-"""Tell clients which workload to run and report the simulated round time (app/workload.py).
+"""Tell clients which workload to run and report the simulated round time (protections/workload/wire.py).
 
 Clients scale their own local steps (they know their capability from their node config; the
 server learns it only from the metrics they report), so no extra message round is needed to
@@ -7,14 +7,14 @@ ask each node for its properties before a round.
 
 from __future__ import annotations
 
-from app.workload import (
+from protections.workload.wire import (
     COMPUTE_METRIC,
     FULL_STEPS_METRIC,
     STEPS_METRIC,
     WORKLOAD_KEY,
     round_times,
 )
-from strategies.wrapper import StrategyWrapper
+from protections.base import StrategyWrapper
 
 
 class Workload(StrategyWrapper):

@@ -12,7 +12,7 @@ A client sends its update u = trained - global instead of its model, quantized:
 Why unbiased rounding: FedAvg averages many updates, so independent rounding errors average
 out instead of adding a systematic drift as round-to-nearest's bias would for small updates.
 
-The server dequantizes (strategies/compression.py) against the global model it sent this
+The server dequantizes (protections/compression/server.py) against the global model it sent this
 round, before validation, DP clipping and aggregation, so every layer below sees float32
 models. Written by hand with NumPy: torch.ao's quantizers round to nearest (no stochastic
 rounding) and Flower ships no update compression.

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.config import ModelConfig
-from app.data import DataSpec
+from core.config import ModelConfig
+from core.data import DataSpec
 
 
 class CNN(nn.Module):
@@ -59,7 +59,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec, seed: int | None = None) -> nn
 
 def get_weights(model: nn.Module, names: list[str] | None = None) -> list[np.ndarray]:
     """The model's state as NumPy arrays, in `state_dict` order (the wire order); with `names`
-    only those tensors (fine-tuning: the trainable ones, app/finetune.py)."""
+    only those tensors (fine-tuning: the trainable ones, core/finetune.py)."""
     state = model.state_dict()
     keys = list(state) if names is None else names
     return [state[k].detach().cpu().numpy().copy() for k in keys]

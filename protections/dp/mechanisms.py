@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Protocol
+from typing import Any
+
+from protections.base import NormalSource
 
 import numpy as np
 
@@ -19,10 +21,6 @@ LOCAL_NOISE_KEY = "dp_local_noise_multiplier"  # clients add N(0, (z C)^2) thems
 # Fit-metric keys clients report.
 EPSILON_METRIC = "epsilon"  # the client's own epsilon so far (local DP, DP-SGD)
 UPDATE_NORM_METRIC = "update_norm"  # L2 norm of the update before clipping
-
-
-class NormalSource(Protocol):
-    def normal(self, loc: float, scale: float, size: Any) -> np.ndarray: ...
 
 
 class SecureGaussian:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from app.config import TrainingConfig
-from app.data import ArraySplit
+from core.config import TrainingConfig
+from core.data import ArraySplit
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,7 +68,7 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     """Each sample's loss in float32 (cross-entropy, or MSE averaged over output dims), so
-    its mean is `app.evaluation.loss_fn(task)`."""
+    its mean is `core.evaluation.loss_fn(task)`."""
     out = out.float()
     if task == "classification":
         return nn.functional.cross_entropy(out, y, reduction="none")
@@ -92,7 +92,7 @@ def train(
     w_global the weights the model had on entry. With `shard.world_size > 1`, `model` is
     this rank's DistributedDataParallel wrapper and `data` the client's whole train split
     (see the module docstring); the returned metrics are the client's, on every rank.
-    With `max_steps` (capability workload, app/workload.py) training stops after that many
+    With `max_steps` (capability workload, protections/workload/wire.py) training stops after that many
     steps; loss and accuracy then cover the examples of the last (partial) epoch.
     """
     device = torch.device(device)

@@ -3,7 +3,7 @@
 `DecompressUpdates` sits directly under the traffic meter, so `comm.bytes_up` counts the
 compressed arrays exactly as they arrived; every layer below (malformed-update checks, DP
 clipping, the base strategy's aggregation) sees float32 models, rebuilt as the global model
-this round sent plus the dequantized update (format: app/compression.py). An update that does
+this round sent plus the dequantized update (format: protections/compression/wire.py). An update that does
 not decode is moved to the failures with a log line naming the node, and the round goes on.
 """
 
@@ -15,9 +15,8 @@ from logging import WARNING
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
-from app.compression import COMPRESSION_KEY, SCHEMES, CompressionError, decompress_update
-from strategies.traffic import payload_bytes
-from strategies.wrapper import StrategyWrapper
+from protections.compression.wire import COMPRESSION_KEY, SCHEMES, CompressionError, decompress_update
+from protections.base import StrategyWrapper, payload_bytes
 
 
 class DecompressUpdates(StrategyWrapper):

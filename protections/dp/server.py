@@ -43,7 +43,7 @@ from flwr.common import (
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
-from app.privacy import (
+from protections.dp.mechanisms import (
     CLIP_NORM_KEY,
     EPSILON_METRIC,
     LOCAL_NOISE_KEY,
@@ -52,9 +52,9 @@ from app.privacy import (
     clip_update,
     l2_norm,
 )
-from strategies.privacy_accounting import ClientLevelAccountant, Release
-from strategies.sampling import PrivateCohort
-from strategies.wrapper import StrategyWrapper
+from protections.dp.accounting import ClientLevelAccountant, Release
+from protections.dp.sampling import PrivateCohort
+from protections.base import StrategyWrapper
 
 # Slack for float error when checking a client-clipped update's norm.
 NORM_TOLERANCE = 1e-4
@@ -353,7 +353,7 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
     """
 
     def __init__(self, strategy, **kwargs) -> None:
-        from strategies.he_aggregation import HomomorphicAggregation
+        from protections.he.server import HomomorphicAggregation
 
         if not isinstance(strategy, HomomorphicAggregation):
             raise TypeError("EncryptedClientSideClipping wraps a HomomorphicAggregation")

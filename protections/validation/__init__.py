@@ -1,0 +1,1 @@
+"""Server-side checks of plaintext updates (shape, finiteness) before aggregation."""

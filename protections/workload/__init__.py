@@ -1,0 +1,1 @@
+"""Capability-scaled local work: the client scales its steps, the server records them."""

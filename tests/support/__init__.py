@@ -1,0 +1,1 @@
+"""Test support (processes, Flower homes, ports): not part of the shipped packages."""
