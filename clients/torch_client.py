@@ -20,7 +20,12 @@ from core.data import ArraySplit
 from core.evaluation import evaluate
 from core.models import get_weights, set_weights
 from core.training import TrainResult, train
-from protections.client_step import ClientPipeline, ClientStep, RefuseRound, RoundContext
+from protections.client_step import (
+    ClientPipeline,
+    ClientStep,
+    RefuseRound,
+    RoundContext,
+)
 
 
 class TorchClient(NumPyClient):

@@ -9,7 +9,12 @@ import math
 
 import numpy as np
 import pytest
-from flwr.common import Context, RecordDict, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Context,
+    RecordDict,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import SimpleClientManager
 
 import clients.pipeline
@@ -21,7 +26,13 @@ from core.finetune import build_finetune_model
 from core.models import get_weights
 from protections.dp.mechanisms import l2_norm, local_dp_epsilon
 from protections.he.client import decrypt_model, encrypt_update
-from protections.he.context import HE_SECRET_PATH_KEY, HEParams, load_context, new_context, provision
+from protections.he.context import (
+    HE_SECRET_PATH_KEY,
+    HEParams,
+    load_context,
+    new_context,
+    provision,
+)
 from protections.workload.wire import full_local_steps, scaled_steps
 from strategies.factory import build_strategy
 from tests.test_trust import InProcessProxy
@@ -99,7 +110,7 @@ def test_client_fixed_clipping_round_trip(tmp_path):
     """BoundUpdate clips to the norm ClientSideFixedClipping sends; the layer accepts both
     updates (it rejects any above C) and averages them over the cohort of 2 (z = 0)."""
     c = 0.05
-    stack, initial, _, results, params, _ = one_round(
+    _, initial, _, results, params, _ = one_round(
         f"privacy=client_fixed privacy.clipping_norm={c} privacy.noise_multiplier=0", tmp_path
     )
     updates = []

@@ -25,13 +25,9 @@ import tenseal.sealapi as seal
 from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 
 from protections.client_step import ClientStep, ClipSlack, RefuseRound, RoundContext
-
-from protections.he.context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exported for the client)
+from protections.he.context import (
     BAD_AGGREGATE_METRIC,
     EXTRA_SLOTS,
-    TAG_SLOT,
-    WEIGHT_SLOT,
-    WEIGHT_TAG_SLOT,
     HE_MASK_PEERS_KEY,
     HE_MASK_PK_PROPERTY,
     HE_ROUND_KEY,
@@ -39,6 +35,9 @@ from protections.he.context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exp
     HE_WEIGHTING_KEY,
     MASK_STATE,
     NODE_SECRET_CONTEXT,
+    TAG_SLOT,
+    WEIGHT_SLOT,
+    WEIGHT_TAG_SLOT,
     HEContext,
     HEError,
     centered,
