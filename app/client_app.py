@@ -1,29 +1,78 @@
-"""ClientApp: `client_fn` reads run and node config once and builds a TorchClient."""
+"""ClientApp: `client_fn` reads run and node config and builds a TorchClient.
+
+A process that serves many messages (a simulation's Ray worker; a SuperNode's ClientApp
+process) pays the per-process work once: the validated config is cached by the run's
+overrides string, and the model by what it is built from; each message gets that model back
+in its freshly built state (every tensor, the frozen ones included; the trained ones are then
+set from the parameters the message carries), so no message sees another's training.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+from functools import lru_cache
 from logging import WARNING
 
 import torch
 from flwr.client import Client, ClientApp
 from flwr.common import Context, log
+from torch import nn
 
+from clients.pipeline import build_pipeline
+from clients.torch_client import TorchClient
 from core.config import ExperimentConfig, client_resources, load_config
 from core.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
 from core.evaluation import resolve_device
-from protections.he.context import NODE_SECRET_CONTEXT
 from core.finetune import build_finetune_model
+from protections.he.context import NODE_SECRET_CONTEXT
 from protections.workload.wire import node_capability
-from clients.torch_client import TorchClient
 
 
 def client_fn(context: Context) -> Client:
-    return build_client(load_config(str(context.run_config.get("overrides", ""))), context)
+    cfg = cached_config(str(context.run_config.get("overrides", "")))
+    return build_client(cfg, context, model=cached_model(cfg))
 
 
-def build_client(cfg: ExperimentConfig, context: Context) -> Client:
-    """The client of one SuperNode for `cfg` (also used by benchmarks that start their own
-    simulations)."""
+@lru_cache(maxsize=8)
+def cached_config(overrides: str) -> ExperimentConfig:
+    """The validated config of a run's overrides, once per process (validation builds the
+    model to check the fine-tuning options). Callers only read it."""
+    return load_config(overrides)
+
+
+_models = threading.local()  # per thread: two clients served at once never share a model
+
+
+def cached_model(cfg: ExperimentConfig) -> tuple[nn.Module, list[str] | None]:
+    """`build_finetune_model` for `cfg`, built once per process and thread, and reset to its
+    built state on every call (its trained tensors are then set from the received model)."""
+    spec = data_spec(cfg.dataset)
+    # A checkpoint rewritten at the same path (a new pretraining) is a new model.
+    stamp = os.stat(cfg.model.pretrained).st_mtime_ns if cfg.model.pretrained else None
+    key = repr((cfg.model, spec, cfg.seed, stamp))
+    cache = getattr(_models, "entries", None)
+    if cache is None:
+        cache = _models.entries = {}
+    if key not in cache:
+        model, wire_names = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+        built = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cache.clear()  # one run's model per process: a new run's replaces it
+        cache[key] = (model, wire_names, built)
+    model, wire_names, built = cache[key]
+    model.load_state_dict(built)
+    for p in model.parameters():
+        p.grad = None
+    return model, wire_names
+
+
+def build_client(
+    cfg: ExperimentConfig,
+    context: Context,
+    model: tuple[nn.Module, list[str] | None] | None = None,
+) -> Client:
+    """The client of one SuperNode for `cfg` (also used by tests and benchmarks that start
+    their own simulations). `model`: (model, wire names) to use instead of building them."""
     node_config = context.node_config
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
@@ -47,7 +96,12 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         train_data, val_data = load_client_data(
             cfg.dataset, cfg.partitioner, site, num_partitions, cfg.seed
         )
-    model, wire_names = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+    model, wire_names = model or build_finetune_model(cfg.model, spec, seed=cfg.seed)
+    steps = build_pipeline(
+        cfg,
+        he_secret_context=node_config.get(NODE_SECRET_CONTEXT),
+        compute=node_capability(dict(node_config), cfg.workload.capabilities, site),
+    )
     return TorchClient(
         model,
         train_data,
@@ -56,12 +110,9 @@ def build_client(cfg: ExperimentConfig, context: Context) -> Client:
         cfg.training,
         resolve_device(cfg.training.device),
         seed=cfg.seed * 100_003 + site,
-        privacy=cfg.privacy,
+        steps=steps,
         state=context,
-        max_rounds=cfg.num_rounds,
-        he_secret_context=node_config.get(NODE_SECRET_CONTEXT),
         wire_names=wire_names,
-        compute=node_capability(dict(node_config), cfg.workload.capabilities, site),
     ).to_client()
 
 

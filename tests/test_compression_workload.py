@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from app.client_app import build_client
+from protections.workload.client import ScaleLocalWork
 from protections.compression.wire import compress_update, decompress_update
 from core.config import ConfigError, load_config
 from core.data import centralized_test_split, data_spec, load_client_data
@@ -163,7 +164,11 @@ def test_capability_workload_runs_its_share_of_the_steps(compute):
 
 def test_simulation_assigns_capabilities_and_the_round_time_model():
     cfg = load_config("workload=capability workload.capabilities=[1.0,0.25]")
-    assert [client(cfg, i).numpy_client.compute for i in range(4)] == [1.0, 0.25, 1.0, 0.25]
+    def compute(c):  # the capability its workload step scales local steps by
+        (step,) = [s for s in c.numpy_client.pipeline.steps if isinstance(s, ScaleLocalWork)]
+        return step.compute
+
+    assert [compute(client(cfg, i)) for i in range(4)] == [1.0, 0.25, 1.0, 0.25]
     # a full node with 76 steps and a quarter node with 19 of its 76: both take 76 units;
     # uniformly the quarter node would take 76 / 0.25 = 304
     assert round_times([(1.0, 76, 76), (0.25, 19, 76)]) == {"round_time": 76.0, "round_time_uniform": 304.0}

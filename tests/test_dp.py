@@ -2,6 +2,7 @@
 accounting against an independent dp-accounting computation, and the budget stop."""
 
 import math
+from dataclasses import replace
 
 import dp_accounting
 import numpy as np
@@ -18,6 +19,7 @@ from core.config import load_config
 from core.data import data_spec, load_client_data
 from core.models import build_model, get_weights
 from protections.dp.mechanisms import SecureGaussian, clip_update, l2_norm, local_dp_epsilon
+from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
 from protections.dp.server import (
     AdaptiveClipping,
@@ -117,7 +119,7 @@ def test_client_clips_its_update_and_the_server_rejects_an_unclipped_one():
     train_data, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 10, 0)
     model = build_model(cfg.model, spec, seed=0)
     start = get_weights(model)
-    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0, cfg.privacy)
+    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0, build_pipeline(cfg))
     weights, _, metrics = client.fit(start, {"server_round": 1, "dp_clipping_norm": 0.5})
     update = [w - s for w, s in zip(weights, start)]
     assert metrics["update_norm"] > 0.5  # training moved it further than C ...
@@ -294,8 +296,8 @@ def make_client(overrides, context):
     spec = data_spec(cfg.dataset)
     train_data, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 10, 0)
     model = build_model(cfg.model, spec, seed=0)
-    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0,
-                         cfg.privacy, context, max_rounds=3)  # fmt: skip
+    steps = build_pipeline(replace(cfg, num_rounds=3))  # a client of a 3-round run
+    client = TorchClient(model, train_data, val, spec.task, cfg.training, "cpu", 0, steps, context)
     return client, get_weights(model), cfg, len(train_data)
 
 

@@ -26,6 +26,7 @@ from protections.he.context import (
 )
 from core.models import build_model, get_weights
 from protections.he.client import decrypt_model, encrypt_update
+from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
 from protections.dp.server import ClientSideFixedClipping, EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
@@ -365,7 +366,7 @@ def he_client(tmp_path, overrides):
     state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     client = TorchClient(
         model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
-        privacy=cfg.privacy, state=state, he_secret_context=str(secret_path),
+        steps=build_pipeline(cfg, he_secret_context=str(secret_path)), state=state,
     )  # fmt: skip
     return client, load_context(secret_path), load_context(public_path), initial
 

@@ -8,37 +8,53 @@ one zero-padded). After the values come three slots: the weight itself and two M
 claimed total weight in its header; a client decrypts, checks the aggregate (`check_aggregate`:
 MAC, decrypted weight equals the claim, values finite and within max_abs_value) and divides by
 the DECRYPTED weight. A failed check raises `BadAggregate`; the client reports it to the server
-(a fit metric, see clients/torch_client.py), which rolls back to the last good model.
+(a fit metric), which rolls back to the last good model.
+
+`HomomorphicEncryption` is all of this as the client's pipeline step (protections/client_step.py):
+decrypt the global model, leave the clipping step the rounding slack, announce this node's
+pairwise-mask key, encrypt the result.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import tenseal.sealapi as seal
+from flwr.common import ConfigRecord, Context, NDArrays, Scalar
 
-from protections.he.context import (  # noqa: F401 (BAD_AGGREGATE_METRIC: re-exported for the client)
+from protections.client_step import ClientStep, ClipSlack, RefuseRound, RoundContext
+from protections.he.context import (
     BAD_AGGREGATE_METRIC,
     EXTRA_SLOTS,
+    HE_MASK_PEERS_KEY,
+    HE_MASK_PK_PROPERTY,
+    HE_ROUND_KEY,
+    HE_SECRET_PATH_KEY,
+    HE_WEIGHTING_KEY,
+    MASK_STATE,
+    NODE_SECRET_CONTEXT,
     TAG_SLOT,
     WEIGHT_SLOT,
     WEIGHT_TAG_SLOT,
     HEContext,
     HEError,
     centered,
+    is_payload,
     layout_hash,
     linear_tag,
     load_ciphertext,
+    load_context,
     mac_keys,
+    mask_keypair,
     num_ciphertexts,
     pack_payload,
+    pairwise_mask,
     payload_header,
     seal_to_bytes,
     unpack_payload,
 )
-
-
 
 
 class BadAggregate(HEError):
@@ -208,3 +224,115 @@ def decrypt_model(
     if start != flat.size:
         raise HEError(f"payload holds {flat.size} values, the model has {start}")
     return out
+
+
+class HomomorphicEncryption(ClientStep):
+    """The client half of HomomorphicAggregation (protections/he/server.py). Acts in a round
+    only when the server sends `HE_ROUND_KEY`, and on every encrypted model it receives.
+
+    `secret_context`: the node config's path to this node's secret context (deployment),
+    else the server's `HE_SECRET_PATH_KEY` (simulation) is used. `expect_server_noise`
+    (privacy=client_fixed): the server adds DP noise to the encrypted sum, so the aggregate's
+    value MAC cannot hold. `uniform_weight` (any protected privacy mode): encrypt weight 1,
+    the weight the DP release step reports, whatever the server's `HE_WEIGHTING_KEY` says.
+    """
+
+    def __init__(
+        self, secret_context: str | None, *, expect_server_noise: bool, uniform_weight: bool
+    ) -> None:
+        self.secret_context = secret_context
+        self.expect_server_noise = expect_server_noise
+        self.uniform_weight = uniform_weight
+
+    def receive(self, parameters: NDArrays, ctx: RoundContext) -> NDArrays:
+        he = None
+        if HE_ROUND_KEY in ctx.config or (not ctx.fitting and is_payload(parameters)):
+            he = self._context(ctx.config)
+        if ctx.fitting:
+            ctx.carry[HE_ROUND_KEY] = he
+        if is_payload(parameters):
+            if he is None:
+                raise HEError("received an encrypted model without secagg=he instructions")
+            # float64, so the update this client encrypts is measured from the exact global model
+            try:
+                parameters = decrypt_model(
+                    he, parameters, ctx.local_shapes(), allow_noise=self.expect_server_noise
+                )
+            except BadAggregate as err:
+                if not ctx.fitting:
+                    raise
+                # The global model fails this key holder's check (tampered, overflowed, a
+                # weight lie): train nothing, tell the server, which rolls back when most
+                # clients agree.
+                raise RefuseRound(str(err), {BAD_AGGREGATE_METRIC: str(err)}) from err
+        if he is not None and ctx.fitting:
+            # Clip to C minus what fixed-point rounding can add, so the encrypted update's
+            # norm stays <= C (the server cannot check it under HE).
+            num_values = sum(int(np.prod(shape)) for shape in ctx.local_shapes())
+            ctx.clip_slack = ClipSlack(
+                rounding_slack(num_values, he.params.scale),
+                f"the fixed-point rounding slack of {num_values} encrypted values: raise "
+                "secagg.scale_bits",
+            )
+        return parameters
+
+    def transform(self, weights: NDArrays, ctx: RoundContext) -> NDArrays:
+        he = ctx.carry.get(HE_ROUND_KEY)
+        if he is None:
+            return weights
+        he_round = int(ctx.config[HE_ROUND_KEY])
+        uniform = self.uniform_weight or ctx.config.get(HE_WEIGHTING_KEY) == "uniform"
+        mask = self._mask(he, ctx, weights, he_round)
+        return encrypt_update(he, weights, 1 if uniform else ctx.num_examples, he_round, mask=mask)
+
+    def properties(self, config: dict[str, Scalar], node: Context | None) -> dict[str, Scalar]:
+        if HE_MASK_PK_PROPERTY in config:
+            return {HE_MASK_PK_PROPERTY: self._mask_key(node)[1].hex()}
+        return {}
+
+    def _context(self, config: dict[str, Scalar]) -> HEContext:
+        """This node's secret context: its node config path (deployment), else the path the
+        simulation run provisioned its keys at."""
+        path = self.secret_context or config.get(HE_SECRET_PATH_KEY)
+        if not path:
+            raise HEError(
+                "secagg=he needs this node's secret context: start the SuperNode with "
+                f"--node-config '{NODE_SECRET_CONTEXT}=/path/to/secret.ctx ...'"
+            )
+        he = load_context(str(path))
+        if not he.is_secret:
+            raise HEError(f"{path} is a public context: SuperNodes need the secret one")
+        return he
+
+    @staticmethod
+    def _mask_key(node: Context | None):
+        """This node's X25519 key pair for pairwise masks, kept in its Flower context state
+        (created on first use)."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        if node is None:
+            raise HEError("pairwise masks need the client's Context (its key lives there)")
+        state = node.state
+        if MASK_STATE in state:
+            private = X25519PrivateKey.from_private_bytes(bytes.fromhex(str(state[MASK_STATE]["key"])))
+        else:
+            private, _ = mask_keypair()
+            state[MASK_STATE] = ConfigRecord({"key": private.private_bytes_raw().hex()})
+        return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def _mask(self, he: HEContext, ctx: RoundContext, weights: NDArrays, he_round: int):
+        """The sum of this node's pairwise masks with the cohort the server named, or None
+        when the server asks for none (secagg.pairwise_masks=false)."""
+        if HE_MASK_PEERS_KEY not in ctx.config:
+            return None
+        peers = [bytes.fromhex(p) for p in json.loads(str(ctx.config[HE_MASK_PEERS_KEY]))]
+        private, public = self._mask_key(ctx.node)
+        if public not in peers or len(set(peers)) != len(peers) or len(peers) < 2:
+            raise HEError(
+                "the server's pairwise-mask cohort omits this node, repeats a key or has one "
+                "member: refusing to send an unmasked update"
+            )
+        layout = layout_hash([np.shape(a) for a in weights])
+        count = sum(int(np.size(a)) for a in weights) + 1
+        return pairwise_mask(he, private, public, peers, he_round, layout, count)
