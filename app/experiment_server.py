@@ -15,6 +15,12 @@ deployment's `results.json` says which round lost which SuperNode, and why (e.g.
 where the cause is). Updates the strategy rejects (non-finite, wrong shape, foreign
 ciphertext) count as failed, with their node, not as trained.
 
+Each round is recorded as a `RoundRecord` (core/results.py): the loop fills its own
+measurements, every layer of the strategy stack its section (`contribute`, protections/base.py),
+and the console line is printed from the same record. The global model is decoded once per round
+(`strategy.global_model`, protections/base.py) for the layers, centralized evaluation and the
+checkpoint.
+
 A round in which no update was aggregated says so (`"aggregated": false`); a run in which no
 round aggregated anything raises :class:`RunFailed`: the ServerApp then fails the run (Flower
 marks it `finished:failed`) and writes no model.
@@ -27,13 +33,13 @@ import time
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from core.results import RunRecorder
+from core.results import ClientCounts, FailureRecord, RoundRecord, RunRecorder
 from protections.base import StrategyWrapper
 
 
@@ -104,8 +110,8 @@ class NodeTrackingClientManager(SimpleClientManager):
         return super().register(NodeTrackingProxy(client))
 
 
-def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
-    """Each failure of a round as {"node_id", "stage", "reason"}."""
+def describe_failures(failures: list, stage: str) -> list[FailureRecord]:
+    """Each failure of a round with its node (None when unknown), stage and reason."""
     out = []
     for failure in failures:
         if isinstance(failure, ClientFailure):
@@ -118,7 +124,7 @@ def describe_failures(failures: list, stage: str) -> list[dict[str, Any]]:
         else:  # raised by a strategy, or by Flower outside a client call
             node, where = getattr(failure, "node_id", None), stage
             reason = f"{type(failure).__name__}: {failure}"
-        out.append({"node_id": node, "stage": where, "reason": clean_reason(reason)})
+        out.append(FailureRecord(node_id=node, stage=where, reason=clean_reason(reason)))
     return out
 
 
@@ -164,7 +170,7 @@ class ExperimentServer(Server):
             first = self.resume.server_round + 1
             self.rounds_completed = self.resume.server_round
             self.rounds_aggregated = sum(
-                1 for r in self.recorder.rounds if r.get("aggregated", True)
+                1 for r in self.recorder.record.rounds if r.aggregated is not False
             )
             log(INFO, "Resuming after round %d from the checkpoint", self.resume.server_round)
         else:
@@ -182,7 +188,7 @@ class ExperimentServer(Server):
                 self.stop_reason = reason
                 break
             round_start = time.perf_counter()
-            record: dict[str, Any] = {"round": server_round}
+            record = RoundRecord(round=server_round)
 
             res_fit = self.fit_round(server_round=server_round, timeout=timeout)
             if res_fit is None:
@@ -198,45 +204,46 @@ class ExperimentServer(Server):
             if parameters is not None:
                 self.parameters = parameters
                 self.rounds_aggregated += 0 if restored else 1
-            record["clients"] = {
-                "trained": len(results) - len(rejected),
-                "failed": len(failures) + len(rejected),
-            }
-            record["aggregated"] = parameters is not None and not restored
+            record.clients = ClientCounts(
+                trained=len(results) - len(rejected), failed=len(failures) + len(rejected)
+            )
+            record.aggregated = parameters is not None and not restored
             if restored:  # the clients refused the model: an earlier one is the global model
-                record["rolled_back"] = True
+                record.rolled_back = True
             round_failures = describe_failures(failures, "train") + [
-                {"node_id": node, "stage": "train", "reason": clean_reason(f"rejected update: {why}")}
+                FailureRecord(node_id=node, stage="train", reason=clean_reason(f"rejected update: {why}"))
                 for node, why in rejected
             ]
             if fit_metrics:
-                record["train"] = dict(fit_metrics)
+                record.train = dict(fit_metrics)
 
             res_cen = self.strategy.evaluate(server_round, parameters=self.parameters)
             if res_cen is not None:
-                record["centralized"] = _metrics(*res_cen)
+                record.centralized = _metrics(*res_cen)
 
             res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
             if res_fed is not None and res_fed[0] is not None:
-                record["federated"] = _metrics(res_fed[0], res_fed[1])
+                record.federated = _metrics(res_fed[0], res_fed[1])
             if res_fed is not None:
                 round_failures += describe_failures(res_fed[2][1], "evaluate")
             if round_failures:  # omitted when none, like every part not measured
-                record["clients"]["failures"] = round_failures
+                record.clients.failures = round_failures
                 if self.first_failure is None:
                     f = round_failures[0]
-                    self.first_failure = f"node {f['node_id']} ({f['stage']}): {f['reason']}"
+                    self.first_failure = f"node {f.node_id} ({f.stage}): {f.reason}"
                 for f in round_failures:
                     log(WARNING, "round %d: node %s failed (%s): %s",
-                        server_round, f["node_id"], f["stage"], f["reason"])  # fmt: skip
+                        server_round, f.node_id, f.stage, f.reason)  # fmt: skip
 
-            record.update(self.strategy.round_report(server_round))
-            record["seconds"] = time.perf_counter() - round_start
+            self.strategy.contribute(server_round, record)
+            record.seconds = time.perf_counter() - round_start
             self.recorder.add_round(record)
             self.rounds_completed = server_round
             if self.checkpoint_fn is not None:
                 self.checkpoint_fn(
-                    server_round, parameters_to_ndarrays(self.parameters), self.strategy.state_dict()
+                    server_round,
+                    list(self.strategy.global_model.arrays(self.parameters)),
+                    self.strategy.state_dict(),
                 )
             log(INFO, _round_line(record, num_rounds, time.perf_counter() - start))
         return history, time.perf_counter() - start
@@ -263,23 +270,23 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def _round_line(record: dict[str, Any], num_rounds: int, total: float) -> str:
-    parts = [f"round {record['round']}/{num_rounds}"]
-    if "centralized" in record:
-        parts.append(f"central {_fmt(record['centralized'])}")
-    if "federated" in record:
-        parts.append(f"federated {_fmt(record['federated'])}")
-    if "privacy" in record:
-        parts.append(f"epsilon {record['privacy']['epsilon']:.3f} (delta {record['privacy']['delta']:g})")
-    if "train" in record and "train_loss" in record["train"]:
-        parts.append(f"train loss {record['train']['train_loss']:.4f}")
-    clients = record["clients"]
-    parts.append(f"clients {clients['trained']} ok {clients['failed']} failed")
-    if record.get("rolled_back"):
+def _round_line(record: RoundRecord, num_rounds: int, total: float) -> str:
+    parts = [f"round {record.round}/{num_rounds}"]
+    if record.centralized is not None:
+        parts.append(f"central {_fmt(record.centralized)}")
+    if record.federated is not None:
+        parts.append(f"federated {_fmt(record.federated)}")
+    if record.privacy is not None:
+        parts.append(f"epsilon {record.privacy.epsilon:.3f} (delta {record.privacy.delta:g})")
+    if record.train is not None and "train_loss" in record.train:
+        parts.append(f"train loss {record.train['train_loss']:.4f}")
+    if record.clients is not None:
+        parts.append(f"clients {record.clients.trained} ok {record.clients.failed} failed")
+    if record.rolled_back:
         parts.append("clients refused the model: rolled back to the last accepted one")
-    elif not record.get("aggregated", True):
+    elif record.aggregated is False:
         parts.append("no update aggregated: model unchanged")
-    kib = (record["comm"]["bytes_down"] + record["comm"]["bytes_up"]) / 1024
-    parts.append(f"{kib:.0f} KiB")
-    parts.append(f"{record['seconds']:.1f} s (total {total:.1f} s)")
+    if record.comm is not None:
+        parts.append(f"{(record.comm.bytes_down + record.comm.bytes_up) / 1024:.0f} KiB")
+    parts.append(f"{record.seconds:.1f} s (total {total:.1f} s)")
     return " | ".join(parts)

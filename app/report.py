@@ -5,7 +5,8 @@
 A run directory is one with `results.json` (and `config.yaml`); a sweep directory is one with
 `summary.csv` (written by `python -m app.sweep -m ...`) and a folder per job. The page is one
 file: tables, and figures embedded as PNG data URIs, so it can be mailed or archived as is. It
-reads only the results contract (results.json, config.yaml, summary.csv), never logs.
+reads only the results contract (results.json through core/results.py `load_results`, which
+checks it; config.yaml; summary.csv), never logs.
 Default output: `<dir>/report.html`.
 """
 
@@ -16,12 +17,11 @@ import base64
 import csv
 import html
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from core.results import CONFIG_FILE, RESULTS_FILE, plot_rounds
+from core.results import CONFIG_FILE, RESULTS_FILE, RoundRecord, load_results, plot_rounds
 from app.sweep import SUMMARY_FILE
 
 REPORT_FILE = "report.html"
@@ -75,17 +75,17 @@ def _pyplot():
     return plt
 
 
-def _metrics_figure(rounds: list[dict]) -> str:
+def _metrics_figure(rounds: list[RoundRecord]) -> str:
     buffer = io.BytesIO()
     plot_rounds(rounds, buffer)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _series_figure(rounds: list[dict], series: dict[str, Any], ylabel: str) -> str:
+def _series_figure(rounds: list[RoundRecord], series: dict[str, Any], ylabel: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     for label, get in series.items():
-        points = [(r["round"], get(r)) for r in rounds if get(r) is not None]
+        points = [(r.round, get(r)) for r in rounds if get(r) is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, "o-", markersize=4, label=label)
@@ -131,8 +131,9 @@ def _page(title: str, sections: list[str]) -> str:
 
 
 def run_report(run_dir: Path) -> str:
-    results = json.loads((run_dir / RESULTS_FILE).read_text())
-    rounds, final = results.get("rounds", []), results.get("final", {})
+    results = load_results(run_dir / RESULTS_FILE)
+    rounds = results.rounds
+    final = results.final.to_dict() if results.final is not None else {}
     config = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).exists() else ""
     sections = [
         "<h2>Outcome</h2>",
@@ -141,16 +142,19 @@ def run_report(run_dir: Path) -> str:
     if rounds:
         sections.append("<h2>Figures</h2>")
         sections.append(_figure(_metrics_figure(rounds), "Accuracy and loss per round"))
-        if any("privacy" in r for r in rounds):
-            png = _series_figure(rounds, {"epsilon": lambda r: r.get("privacy", {}).get("epsilon")}, "epsilon")
+        if any(r.privacy is not None for r in rounds):
+            epsilon = {"epsilon": lambda r: r.privacy.epsilon if r.privacy is not None else None}
+            png = _series_figure(rounds, epsilon, "epsilon")
             sections.append(_figure(png, "Privacy spent: epsilon after each round"))
         traffic = {
-            "to clients (MB)": lambda r: r["comm"]["bytes_down"] / 1e6,
-            "from clients (MB)": lambda r: r["comm"]["bytes_up"] / 1e6,
+            "to clients (MB)": lambda r: r.comm.bytes_down / 1e6 if r.comm is not None else None,
+            "from clients (MB)": lambda r: r.comm.bytes_up / 1e6 if r.comm is not None else None,
         }
         sections.append(_figure(_series_figure(rounds, traffic, "MB"), "Traffic per round"))
-        keys = sorted({k for r in rounds for k, _ in _flatten("", r)} - {"round"})
-        rows = [[r["round"], *[dict(_flatten("", r)).get(k, "") for k in keys]] for r in rounds]
+        # The table shows every measured key of every round, as results.json spells them.
+        flat = [dict(_flatten("", r.to_dict())) for r in rounds]
+        keys = sorted({k for f in flat for k in f} - {"round"})
+        rows = [[r.round, *[f.get(k, "") for k in keys]] for r, f in zip(rounds, flat)]
         sections += ["<h2>Rounds</h2>", _table(["round", *keys], rows)]
     if config:
         sections.append(f"<h2>Configuration</h2><pre>{html.escape(config)}</pre>")
@@ -200,9 +204,11 @@ def sweep_report(sweep_dir: Path) -> str:
         path = sweep_dir / row["job"] / RESULTS_FILE
         if not path.exists():
             continue
-        rounds = json.loads(path.read_text()).get("rounds", [])
-        scope = "centralized" if any("centralized" in r for r in rounds) else "federated"
-        points = [(r["round"], r[scope]["loss"]) for r in rounds if "loss" in r.get(scope, {})]
+        rounds = load_results(path).rounds
+        scope = "centralized" if any(r.centralized is not None for r in rounds) else "federated"
+        points = [
+            (r.round, getattr(r, scope)["loss"]) for r in rounds if "loss" in (getattr(r, scope) or {})
+        ]
         if points:
             ax.plot(*zip(*points), "o-", markersize=3, label=f"job {row['job']} ({scope})")
     ax.set_xlabel("round")

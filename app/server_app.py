@@ -18,7 +18,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Context, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
@@ -42,7 +42,7 @@ from core.models import get_weights, num_parameters, set_weights
 from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
-from core.results import RunRecorder
+from core.results import Comm, FinalRecord, Int8Model, RunRecorder
 from strategies.factory import build_strategy
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
@@ -229,59 +229,64 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
     server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 
-    final_arrays = parameters_to_ndarrays(server.parameters)
+    summary = finish_run(
+        server, recorder, model, wire, nodes, started, output_dir,
+        lambda m: evaluate(m, test_data, spec.task, torch.device("cpu")),
+    )  # fmt: skip
+    log(INFO, "Finished: %s", summary)
+    log(INFO, "Results in %s", output_dir)
+    print(f"Results in {output_dir}", flush=True)
+
+
+def finish_run(server, recorder, model, wire, nodes, started, output_dir, evaluate_int8) -> str:
+    """After the last round: load the final global model into `model`, write the run's
+    `final` (core/result_types.py FinalRecord) and its model files through the recorder, and
+    return the summary line. `evaluate_int8(model)`: metrics of the int8 copy (on CPU)."""
+    final_arrays = list(server.strategy.global_model.arrays(server.parameters))
     encrypted = final_arrays if is_payload(final_arrays) else None
     if encrypted is None:
         set_weights(model, final_arrays, wire)
     # LoRA: the deployable model has the adapters merged into the base layers (core/finetune.py).
     deployable = merged_model(model)
-    rounds = recorder.rounds
-    final: dict = {
-        "rounds_completed": server.rounds_completed,
-        "stop_reason": server.stop_reason,
-        "num_parameters": num_parameters(deployable),
-        "num_trainable_parameters": sum(a.size for a in get_weights(model, wire)),
-        "num_supernodes": nodes,
-        "seconds_total": time.perf_counter() - started,
-        "comm_total": {
-            "bytes_down": sum(r["comm"]["bytes_down"] for r in rounds),
-            "bytes_up": sum(r["comm"]["bytes_up"] for r in rounds),
-        },
-    }
-    lost = [r["round"] for r in rounds if r["clients"].get("failures")]
-    if lost:
-        final["rounds_with_failures"] = lost
+    rounds = recorder.record.rounds
+    final = FinalRecord(
+        rounds_completed=server.rounds_completed,
+        stop_reason=server.stop_reason,
+        num_parameters=num_parameters(deployable),
+        num_trainable_parameters=sum(a.size for a in get_weights(model, wire)),
+        num_supernodes=nodes,
+        seconds_total=time.perf_counter() - started,
+        comm_total=Comm(
+            bytes_down=sum(r.comm.bytes_down for r in rounds if r.comm is not None),
+            bytes_up=sum(r.comm.bytes_up for r in rounds if r.comm is not None),
+        ),
+    )
+    final.rounds_with_failures = [
+        r.round for r in rounds if r.clients is not None and r.clients.failures
+    ] or None
     for scope in ("centralized", "federated", "privacy"):
-        last = next((r[scope] for r in reversed(rounds) if scope in r), None)
-        if last is not None:
-            final[scope] = last
+        last = next((getattr(r, scope) for r in reversed(rounds) if getattr(r, scope) is not None), None)
+        setattr(final, scope, last)
     if encrypted is None:
         # Edge inference copy (core/edge_model.py); evaluated on CPU, where int8 kernels run.
-        cpu = torch.device("cpu")
-        final["int8_model"] = export_int8(
-            deployable,
-            output_dir,
-            lambda m: evaluate(m, test_data, spec.task, cpu),
-        )
-    he_rounds = [r["secagg"] for r in rounds if "bytes_per_parameter_up" in r.get("secagg", {})]
+        final.int8_model = Int8Model.from_dict(export_int8(deployable, output_dir, evaluate_int8))
+    he_rounds = [
+        r.secagg for r in rounds if r.secagg is not None and r.secagg.bytes_per_parameter_up is not None
+    ]
     if he_rounds:
-        final["secagg"] = he_rounds[-1]
+        final.secagg = he_rounds[-1]
     recorder.finish(final, None if encrypted else deployable, encrypted_model=encrypted)
     # Under HE the server cannot evaluate the final model: report the federated evaluation.
-    evaluated = "" if "centralized" in final else "federated "
+    evaluated = "" if final.centralized is not None else "federated "
+    shown = final.centralized if final.centralized is not None else final.federated or {}
     summary = " | ".join(
         [f"{server.rounds_completed} rounds ({server.stop_reason})"]
-        + [
-            f"{evaluated}{k} {v:.4f}"
-            for k, v in final.get("centralized", final.get("federated", {})).items()
-        ]
+        + [f"{evaluated}{k} {v:.4f}" for k, v in shown.items()]
         + (
-            [f"epsilon {final['privacy']['epsilon']:.3f} (delta {final['privacy']['delta']:g})"]
-            if "privacy" in final
+            [f"epsilon {final.privacy.epsilon:.3f} (delta {final.privacy.delta:g})"]
+            if final.privacy is not None
             else []
         )
-        + [f"{final['seconds_total']:.1f} s"]
+        + [f"{final.seconds_total:.1f} s"]
     )
-    log(INFO, "Finished: %s", summary)
-    log(INFO, "Results in %s", output_dir)
-    print(f"Results in {output_dir}", flush=True)
+    return summary

@@ -43,7 +43,7 @@ from core.config import (
     parse_overrides,
     to_experiment_config,
 )
-from core.results import RESULTS_FILE, archive_previous_run
+from core.results import RESULTS_FILE, ResultsError, RunRecord, archive_previous_run, load_results
 
 PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
@@ -106,29 +106,34 @@ def flower_run_status(run_id: int, env: dict, wait_s: float = 30.0) -> dict | No
 def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None) -> dict:
     """ok only when Flower says completed and results.json is this run's and complete;
     otherwise failed with the most precise reason at hand."""
-    results = None
+    results: RunRecord | None = None
+    invalid = ""
     results_path = job_dir / RESULTS_FILE
     if results_path.exists():
         try:
-            results = json.loads(results_path.read_text())
+            results = load_results(results_path)
+        except ResultsError as err:  # JSON, but not the results contract
+            invalid = str(err)
         except ValueError:
             results = None
-    run = (results or {}).get("run", {})
-    ours = results is not None and token and run.get("token") == token
+    run = results.run if results is not None else None
+    ours = run is not None and bool(token) and run.token == token
     flower_status = flower.get("status") if flower else None
     reason = ""
-    if ours and run.get("status") == "failed":
-        reason = run.get("error", "")
+    if ours and run.status == "failed":
+        reason = run.error or ""
     elif flower_status is not None and flower_status != FLOWER_COMPLETED:
         reason = f"Flower reports the run {flower_status}: {flower.get('status-details', '')}"
     elif returncode != 0:
         reason = f"flwr run exited {returncode}"
+    elif invalid:
+        reason = f"results.json does not follow the results contract: {invalid}"
     elif results is None:
         reason = "the run wrote no results.json"
     elif not ours:
         reason = "results.json belongs to another run (its run token differs)"
-    elif run.get("status") != "completed" or not results.get("final"):
-        reason = f"the run did not complete (results.json status: {run.get('status')})"
+    elif run.status != "completed" or results.final is None:
+        reason = f"the run did not complete (results.json status: {run.status})"
     elif flower is None:
         reason = ""  # Flower's record unreadable: results.json is this run's and complete
     if not reason and flower_status is None and flower is not None:
@@ -137,14 +142,14 @@ def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None)
         "status": "failed" if reason else "ok",
         "reason": " ".join(reason.split())[:500],
         "token": token,
-        "flwr_run_id": flower.get("run-id") if flower else run.get("flwr_run_id"),
+        "flwr_run_id": flower.get("run-id") if flower else (run.flwr_run_id if run else None),
         "flwr_status": flower_status,
         "returncode": returncode,
         "log": str(job_dir / FLWR_LOG),
     }
     (job_dir / STATUS_FILE).write_text(json.dumps(outcome, indent=2))
     if outcome["status"] == "ok":
-        outcome.update(results)
+        outcome.update(results.to_dict())
     return outcome
 
 
@@ -202,27 +207,30 @@ def write_summary(sweep_dir: Path) -> Path:
         job_dir = status_path.parent
         outcome = json.loads(status_path.read_text())
         ok = outcome["status"] == "ok"
-        results = json.loads((job_dir / RESULTS_FILE).read_text()) if ok else {}
-        final = results.get("final", {})
+        results = load_results(job_dir / RESULTS_FILE) if ok else None
+        final = results.final if results is not None else None
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         row = {
             "job": job_dir.name,
             "overrides": " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else "",
             "status": outcome["status"],
             "reason": outcome.get("reason", ""),
-            "rounds_completed": final.get("rounds_completed", len(results.get("rounds", []))),
-            "stop_reason": final.get("stop_reason", ""),
+            "rounds_completed": (
+                final.rounds_completed if final is not None
+                else len(results.rounds) if results is not None else 0
+            ),
+            "stop_reason": _or_blank(final and final.stop_reason),
         }
         for scope in ("centralized", "federated"):
-            for metric, value in final.get(scope, {}).items():
+            for metric, value in (getattr(final, scope, None) or {}).items():
                 row[f"{scope}_{metric}"] = value
-        if "privacy" in final:
-            row["privacy_epsilon"] = final["privacy"]["epsilon"]
-            row["privacy_delta"] = final["privacy"]["delta"]
-        row["seconds_total"] = final.get("seconds_total", "")
-        comm = final.get("comm_total", {})
-        row["bytes_down_total"] = comm.get("bytes_down", "")
-        row["bytes_up_total"] = comm.get("bytes_up", "")
+        if final is not None and final.privacy is not None:
+            row["privacy_epsilon"] = final.privacy.epsilon
+            row["privacy_delta"] = final.privacy.delta
+        row["seconds_total"] = _or_blank(final and final.seconds_total)
+        comm = final.comm_total if final is not None else None
+        row["bytes_down_total"] = comm.bytes_down if comm is not None else ""
+        row["bytes_up_total"] = comm.bytes_up if comm is not None else ""
         rows.append(row)
     columns: list[str] = []
     for row in rows:
@@ -233,6 +241,11 @@ def write_summary(sweep_dir: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def _or_blank(value):
+    """A summary cell: the value, or "" where the run did not record it."""
+    return "" if value is None else value
 
 
 def _job_number(path: Path) -> tuple[int, str]:

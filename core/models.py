@@ -84,7 +84,11 @@ def set_weights(model: nn.Module, weights: list[np.ndarray], names: list[str] | 
                 f"Tensor {name!r}: received shape {tuple(array.shape)}, "
                 f"model expects {tuple(current.shape)}"
             )
-        new_state[name] = torch.as_tensor(array, dtype=current.dtype)
+        # The server's decoded global model is read-only (protections/base.py GlobalModel):
+        # torch would share, and warn about, its memory; copy it instead.
+        read_only = isinstance(array, np.ndarray) and not array.flags.writeable
+        convert = torch.tensor if read_only else torch.as_tensor
+        new_state[name] = convert(array, dtype=current.dtype)
     model.load_state_dict(new_state, strict=True)
 
 

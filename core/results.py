@@ -28,8 +28,28 @@ import torch
 from torch import nn
 
 from core.config import ExperimentConfig, resolved_yaml
-
-RESULTS_FILE = "results.json"
+from core.result_types import (  # noqa: F401 - the contract, re-exported for its readers
+    LAYER_SECTIONS,
+    RESULTS_FILE,
+    ClientAccountedPrivacy,
+    ClientCounts,
+    Comm,
+    CompressionReport,
+    FailureRecord,
+    FinalRecord,
+    InitialRecord,
+    Int8Model,
+    PrivacyReport,
+    ResultsError,
+    RollbackReport,
+    RoundRecord,
+    RunInfo,
+    RunRecord,
+    SecAggReport,
+    ServerAccountedPrivacy,
+    WorkloadReport,
+    load_results,
+)
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "metrics.png"
 MODEL_FILE = "model.pt"
@@ -56,7 +76,7 @@ def archive_previous_run(output_dir: Path, keep: tuple[str, ...] = ()) -> Path |
     name = ""
     results = output_dir / RESULTS_FILE
     if results.exists():
-        try:
+        try:  # any earlier file, of any version of the contract: only its token is read
             name = str(json.loads(results.read_text()).get("run", {}).get("token", ""))
         except (ValueError, AttributeError):
             name = ""
@@ -72,6 +92,9 @@ def archive_previous_run(output_dir: Path, keep: tuple[str, ...] = ()) -> Path |
 
 
 class RunRecorder:
+    """The one writer of results.json: holds the run's RunRecord and rewrites the file after
+    every change."""
+
     def __init__(
         self,
         output_dir: Path,
@@ -91,66 +114,76 @@ class RunRecorder:
             self.archived = archive_previous_run(
                 self.output_dir, keep=(LOG_FILE,) if token else ()
             )
-        run = {"token": token, "flwr_run_id": flwr_run_id, "status": "running"}
-        self.results: dict[str, Any] = {"run": run, "rounds": [], "final": {}}
+        self.record = RunRecord(run=RunInfo(token=token, flwr_run_id=flwr_run_id))
         if resumed is not None:
-            for key in ("initial", "rounds"):
-                if key in resumed:
-                    self.results[key] = resumed[key]
-            run["resumed_after_round"] = len(self.results["rounds"])
+            earlier = RunRecord.from_dict(resumed)
+            self.record.initial, self.record.rounds = earlier.initial, earlier.rounds
+            self.record.run.resumed_after_round = len(self.record.rounds)
         (self.output_dir / CONFIG_FILE).write_text(resolved_yaml(cfg))
         self._write()
 
     @property
+    def results(self) -> dict[str, Any]:
+        """results.json as a dict (what a checkpoint stores, app/checkpoint.py)."""
+        return self.record.to_dict()
+
+    @property
     def rounds(self) -> list[dict[str, Any]]:
-        return self.results["rounds"]
+        """The rounds as results.json holds them (typed: `record.rounds`)."""
+        return [r.to_dict() for r in self.record.rounds]
 
     def set_initial(self, centralized: dict[str, float]) -> None:
         """Centralized metrics of the initial model (before round 1)."""
-        self.results["initial"] = {"centralized": centralized}
+        self.record.initial = InitialRecord(centralized=centralized)
         self._write()
 
-    def add_round(self, record: dict[str, Any]) -> None:
-        self.rounds.append(record)
+    def add_round(self, record: RoundRecord | dict[str, Any]) -> None:
+        if not isinstance(record, RoundRecord):
+            record = RoundRecord.from_dict(record)
+        self.record.rounds.append(record)
         self._write()
 
     def finish(
         self,
-        final: dict[str, Any],
+        final: FinalRecord | dict[str, Any],
         model: nn.Module | None,
         encrypted_model: list[np.ndarray] | None = None,
     ) -> None:
+        if not isinstance(final, FinalRecord):
+            final = FinalRecord.from_dict(final)
         if model is not None:
             tmp = self.output_dir / (MODEL_FILE + ".tmp")
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, self.output_dir / MODEL_FILE)  # a full disk leaves no torn model.pt
-            final["model_file"] = MODEL_FILE
-            final["model_bytes"] = (self.output_dir / MODEL_FILE).stat().st_size  # on disk
+            final.model_file = MODEL_FILE
+            final.model_bytes = (self.output_dir / MODEL_FILE).stat().st_size  # on disk
         if encrypted_model is not None:
             header, ciphertexts = encrypted_model
             tmp = self.output_dir / (ENCRYPTED_MODEL_FILE + ".tmp.npz")
             np.savez(tmp, header=header, ciphertexts=ciphertexts)
             os.replace(tmp, self.output_dir / ENCRYPTED_MODEL_FILE)
-            final["model_file"] = ENCRYPTED_MODEL_FILE
-        self.results["final"] = final
-        self.results["run"]["status"] = "completed"
+            final.model_file = ENCRYPTED_MODEL_FILE
+        self.record.final = final
+        self.record.run.status = "completed"
         self._write()
-        if self.rounds:
-            plot_rounds(self.rounds, self.output_dir / PLOT_FILE)
+        if self.record.rounds:
+            plot_rounds(self.record.rounds, self.output_dir / PLOT_FILE)
 
     def fail(self, error: str) -> None:
         """Mark the run failed with its reason (one line); no model is written."""
-        self.results["run"].update(status="failed", error=error)
+        self.record.run.status = "failed"
+        self.record.run.error = error
         self._write()
 
     def _write(self) -> None:
         tmp = self.output_dir / (RESULTS_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2))
+        tmp.write_text(self.record.to_json())
         os.replace(tmp, self.output_dir / RESULTS_FILE)
 
 
-def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> None:
-    """One PNG: accuracy (left) and loss (right) per round, centralized and federated."""
+def plot_rounds(rounds: list[RoundRecord], path) -> None:
+    """One PNG: accuracy (left) and loss (right) per round, centralized and federated.
+    `path`: a file name or a binary file object (app/report.py embeds the PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +192,11 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> None:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     for scope, style in (("centralized", "o-"), ("federated", "s--")):
         for metric, ax in (("accuracy", ax_acc), ("loss", ax_loss)):
-            points = [(r["round"], r[scope][metric]) for r in rounds if metric in r.get(scope, {})]
+            points = [
+                (r.round, getattr(r, scope)[metric])
+                for r in rounds
+                if metric in (getattr(r, scope) or {})
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, label=scope, markersize=4)

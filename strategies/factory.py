@@ -6,7 +6,8 @@ really crosses the wire:
 
 Under HE the aggregation layer sits directly on the base strategy (it replaces the base's
 aggregation and validates encrypted updates itself); DP layers above it only instruct clients,
-ask for noise on the encrypted sum, and account.
+ask for noise on the encrypted sum, and account. The DP layer knows the HE layer only as a
+`NoisySecureSum` (protections/base.py): this module is where the two are put together.
 """
 
 from __future__ import annotations

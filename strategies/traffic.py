@@ -8,34 +8,27 @@ counting gRPC/protobuf framing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
-from flwr.common import Parameters
-
+from core.result_types import Comm
 from protections.base import StrategyWrapper, payload_bytes
-
-
-@dataclass
-class Traffic:
-    bytes_down: int = 0
-    bytes_up: int = 0
 
 
 class TrafficMeter(StrategyWrapper):
     """Outermost wrapper: sees exactly what is sent and what comes back."""
 
+    section = "comm"
+
     def __init__(self, strategy) -> None:
         super().__init__(strategy)
-        self._rounds: dict[int, Traffic] = {}
 
-    def traffic(self, server_round: int) -> Traffic:
-        return self._rounds.setdefault(server_round, Traffic())
+        self._rounds: dict[int, Comm] = {}
 
-    def round_report(self, server_round: int) -> dict:
-        report = super().round_report(server_round)
-        traffic = self.traffic(server_round)
-        report["comm"] = {"bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up}
-        return report
+    def traffic(self, server_round: int) -> Comm:
+        return self._rounds.setdefault(server_round, Comm(bytes_down=0, bytes_up=0))
+
+    def report(self, server_round: int) -> Comm:
+        return replace(self.traffic(server_round))  # every round has one (0 when nothing moved)
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = super().configure_fit(server_round, parameters, client_manager)

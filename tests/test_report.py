@@ -1,55 +1,105 @@
 """The HTML report of a run or a sweep: tables and embedded figures from the results contract,
-a clear error for a directory with neither, and (in headless Chromium) figures that render."""
+a clear error for a directory with neither, and (in headless Chromium) figures that render.
+The directories are written by the real recorder: the round loop over in-process clients and
+the ServerApp's end of run, and for a sweep the launcher's job_outcome and write_summary."""
 
 import csv
-import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from flwr.common import Context, RecordDict, ndarrays_to_parameters
+from flwr.server.client_proxy import ClientProxy
+from omegaconf import OmegaConf
 
+from app.client_app import build_client
+from app.experiment_server import ExperimentServer, NodeTrackingClientManager
 from app.report import ReportError, build_report, write_report
+from app.server_app import finish_run
+from app.sweep import job_outcome, write_summary
+from core.config import load_config
+from core.data import centralized_test_split, data_spec
+from core.evaluation import evaluate
+from core.finetune import build_finetune_model
+from core.models import get_weights, set_weights
+from core.results import RunRecorder, load_results
+from strategies.factory import build_strategy
 
 
-def run_dir(path, privacy=True, rounds=4):
-    """A run's output directory as the ServerApp writes it (the results contract of the README)."""
-    path.mkdir(parents=True)
-    records = []
-    for r in range(1, rounds + 1):
-        record = {
-            "round": r,
-            "centralized": {"loss": 2.0 / r, "accuracy": 0.5 + 0.1 * r},
-            "federated": {"loss": 2.1 / r, "accuracy": 0.45 + 0.1 * r},
-            "clients": {"trained": 5, "failed": 0},
-            "comm": {"bytes_down": 200_000, "bytes_up": 100_000},
-            "seconds": 0.5,
-        }
-        if privacy:
-            record["privacy"] = {"epsilon": 0.7 * r, "delta": 1e-5}
-        records.append(record)
-    final = {"rounds_completed": rounds, "stop_reason": f"completed {rounds} rounds",
-             "centralized": records[-1]["centralized"], "seconds_total": 2.0}  # fmt: skip
-    if privacy:
-        final["privacy"] = records[-1]["privacy"]
-    (path / "results.json").write_text(json.dumps({"rounds": records, "final": final}))
-    (path / "config.yaml").write_text("num_rounds: 4\nseed: 0\n")
+class InProcessProxy(ClientProxy):
+    """A node whose calls go straight to a real client built by the ClientApp's build_client."""
+
+    def __init__(self, cid: str, client) -> None:
+        super().__init__(cid)
+        self.client = client
+
+    def fit(self, ins, timeout, group_id):
+        return self.client.fit(ins)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self.client.evaluate(ins)
+
+    def get_parameters(self, ins, timeout, group_id):
+        return self.client.get_parameters(ins)
+
+    def get_properties(self, ins, timeout, group_id):
+        return self.client.get_properties(ins)
+
+    def reconnect(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+
+def recorded_run(path, overrides: str, num_nodes: int = 2):
+    """A run's output directory as the ServerApp writes it: its round loop (ExperimentServer
+    and the configured strategy stack) over real in-process clients, recorded by the real
+    RunRecorder, and its end of run (app/server_app.py finish_run: final, model, int8 copy)."""
+    cfg = load_config(f"{overrides} strategy.fraction_train=1.0 strategy.fraction_evaluate=1.0")
+    spec = data_spec(cfg.dataset)
+    test = centralized_test_split(cfg.dataset, cfg.seed)
+    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
+    eval_model = build_finetune_model(cfg.model, spec, seed=cfg.seed)[0]
+
+    def evaluate_centrally(server_round, weights, config):
+        set_weights(eval_model, weights, wire)
+        metrics = evaluate(eval_model, test, spec.task, torch.device("cpu"))
+        return metrics.pop("loss"), metrics
+
+    started = time.perf_counter()
+    strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
+    recorder = RunRecorder(path, cfg, token="t")
+    manager = NodeTrackingClientManager()
+    for i in range(num_nodes):
+        context = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+                          node_config={"partition-id": i, "num-partitions": num_nodes})  # fmt: skip
+        manager.register(InProcessProxy(str(100 + i), build_client(cfg, context)))
+    server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder)
+    server.fit(num_rounds=cfg.num_rounds, timeout=None)
+    finish_run(server, recorder, model, wire, num_nodes, started, path,
+               lambda m: evaluate(m, test, spec.task, torch.device("cpu")))  # fmt: skip
     return path
 
 
+def run_dir(path, privacy=True, rounds=4):
+    dp = "privacy=server_fixed privacy.noise_multiplier=0.3" if privacy else ""
+    return recorded_run(path, f"model=linear num_rounds={rounds} {dp}")
+
+
 def sweep_dir(path):
+    """A sweep directory as app.sweep leaves it: a job directory per run (with Hydra's
+    overrides.yaml and the launcher's status.json) and summary.csv from write_summary."""
     path.mkdir()
-    rows = []
     for job, z in enumerate([0.5, 1.0, 2.0]):
-        run_dir(path / str(job))
-        rows.append({"job": str(job), "overrides": f"privacy.noise_multiplier={z}", "status": "ok",
-                     "centralized_accuracy": 0.9 - 0.1 * job, "centralized_loss": 0.3 + job,
-                     "privacy_epsilon": 8.0 / (job + 1)})  # fmt: skip
-    with open(path / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        overrides = [f"privacy.noise_multiplier={z}"]
+        recorded_run(path / str(job), f"model=linear num_rounds=2 privacy=server_fixed {overrides[0]}")
+        (path / str(job) / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(overrides), path / str(job) / ".hydra" / "overrides.yaml")
+        outcome = job_outcome(path / str(job), "t", 0, {"run-id": str(job), "status": "finished:completed"})
+        assert outcome["status"] == "ok", outcome
+    write_summary(path)
     return path
 
 
@@ -65,6 +115,14 @@ def test_run_report_has_outcome_rounds_and_figures(tmp_path):
     assert "<td>4</td>" in page and "completed 4 rounds" in page  # outcome table
     assert page.count("<tr><td>") >= 4  # a row per round
     assert "num_rounds: 4" in page  # the resolved configuration
+    results = load_results(tmp_path / "run")
+    assert [r.round for r in results.rounds] == [1, 2, 3, 4]
+    assert all(f"<tr><td>{r}</td>" in page for r in (1, 2, 3, 4))  # the rounds table
+    epsilons = [r.privacy.epsilon for r in results.rounds]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0  # spent, round after round
+    assert f"<td>{epsilons[-1]:.4g}</td>" in page  # the last round's and the final epsilon
+    assert f"<td>{results.final.centralized['accuracy']:.4g}</td>" in page
+    assert f"<td>{results.final.comm_total.bytes_down}</td>" in page
     without_dp = build_report(run_dir(tmp_path / "plain", privacy=False))
     assert "Privacy spent" not in without_dp and len(figures(without_dp)) == 2
 
@@ -76,6 +134,15 @@ def test_sweep_report_has_the_jobs_table_and_accuracy_against_epsilon(tmp_path):
         "Loss per round, every job",
     ]  # fmt: skip
     assert "privacy.noise_multiplier=2.0" in page
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    for row in rows:  # each job's row is its recorded final
+        final = load_results(tmp_path / "sweep" / row["job"]).final
+        assert float(row["privacy_epsilon"]) == final.privacy.epsilon
+        assert f"<td>{final.privacy.epsilon:.4g}</td>" in page
+    # more noise, less epsilon for the same rounds and cohort
+    assert [float(r["privacy_epsilon"]) for r in rows] == sorted(
+        (float(r["privacy_epsilon"]) for r in rows), reverse=True
+    )
 
 
 def test_a_directory_without_results_is_a_clear_error(tmp_path):

@@ -16,24 +16,27 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from protections.compression.wire import COMPRESSION_KEY, SCHEMES, CompressionError, decompress_update
+from core.result_types import CompressionReport
 from protections.base import StrategyWrapper, payload_bytes
 
 
 class DecompressUpdates(StrategyWrapper):
+    section = "compression"
+
     def __init__(self, strategy, scheme: str) -> None:
         super().__init__(strategy)
         if scheme not in SCHEMES:
             raise ValueError(f"compression={scheme!r}: use one of {', '.join(SCHEMES)}")
         self.scheme = scheme
         self._sent: dict[int, list] = {}
-        self._reports: dict[int, dict] = {}
+        self._reports: dict[int, CompressionReport] = {}
         self._rejections: dict[int, list[tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"DecompressUpdates({self.scheme}, {self.strategy!r})"
 
     def configure_fit(self, server_round, parameters, client_manager):
-        self._sent = {server_round: parameters_to_ndarrays(parameters)}
+        self._sent = {server_round: self.global_model.arrays(parameters)}
         instructions = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config[COMPRESSION_KEY] = self.scheme
@@ -58,19 +61,16 @@ class DecompressUpdates(StrategyWrapper):
             uncompressed += payload_bytes(full)
             decoded.append((proxy, replace(res, parameters=full)))
         if decoded:
-            self._reports[server_round] = {
-                "scheme": self.scheme,
-                "bytes_up": received,
-                "bytes_up_float32": uncompressed,
-                "ratio": uncompressed / received,
-            }
+            self._reports[server_round] = CompressionReport(
+                scheme=self.scheme,
+                bytes_up=received,
+                bytes_up_float32=uncompressed,
+                ratio=uncompressed / received,
+            )
         return super().aggregate_fit(server_round, decoded, failures)
 
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self._rejections.get(server_round, []) + super().rejected_updates(server_round)
 
-    def round_report(self, server_round: int) -> dict:
-        report = super().round_report(server_round)
-        if server_round in self._reports:
-            report["compression"] = self._reports[server_round]
-        return report
+    def report(self, server_round: int) -> CompressionReport | None:
+        return self._reports.get(server_round)

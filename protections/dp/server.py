@@ -54,7 +54,8 @@ from protections.dp.mechanisms import (
 )
 from protections.dp.accounting import ClientLevelAccountant, Release
 from protections.dp.sampling import PrivateCohort
-from protections.base import StrategyWrapper
+from protections.base import NoisySecureSum, StrategyWrapper
+from core.result_types import ClientAccountedPrivacy, ServerAccountedPrivacy
 
 # Slack for float error when checking a client-clipped update's norm.
 NORM_TOLERANCE = 1e-4
@@ -62,6 +63,8 @@ NORM_TOLERANCE = 1e-4
 
 class ClientLevelDP(StrategyWrapper):
     """Common part of the client-level DP wrappers; subclasses decide how updates are bounded."""
+
+    section = "privacy"
 
     def __init__(
         self,
@@ -97,7 +100,7 @@ class ClientLevelDP(StrategyWrapper):
         self.accountant: ClientLevelAccountant | None = None
         self._global: dict[int, NDArrays] = {}
         self._sampled: dict[int, int] = {}
-        self._reports: dict[int, dict[str, Any]] = {}
+        self._reports: dict[int, ServerAccountedPrivacy] = {}
         self._empty_rounds: set[int] = set()
         self._rejections: dict[int, list[tuple[str, str]]] = {}
         self._stop: str | None = None
@@ -122,7 +125,7 @@ class ClientLevelDP(StrategyWrapper):
 
     def remember_global(self, server_round: int, parameters: Parameters) -> None:
         """Keep the model sent this round: updates are measured from it."""
-        self._global = {server_round: parameters_to_ndarrays(parameters)}
+        self._global = {server_round: self.global_model.arrays(parameters)}
 
     def after_round(self, server_round: int, clipped: list[bool]) -> None:
         """Subclasses adapt state (the adaptive clipping norm) here."""
@@ -278,37 +281,38 @@ class ClientLevelDP(StrategyWrapper):
     def noise_std(self) -> float:
         return self.noise_multiplier * self.clipping_norm
 
-    def _privacy_report(self, clipped: list[bool], received: int, sampled: int) -> dict:
+    def _privacy_report(
+        self, clipped: list[bool], received: int, sampled: int
+    ) -> ServerAccountedPrivacy:
         """What the round released and what it cost. Counts computed from the clients' data
         (how many were clipped) are left out unless the user opted into unprotected metrics;
         what is in the results but outside the guarantee is named in `not_covered`."""
-        report: dict[str, Any] = {
-            "mechanism": type(self).__name__,
-            "noise_multiplier": self.noise_multiplier,
-            "clipping_norm": self.clipping_norm,
-            "sampling": self.sampling,
-            "cohort_divisor": sampled,
-            "clients_aggregated": received,
-        }
         not_covered = [
             "clients_aggregated, clients.trained/failed and comm bytes: the real cohort size (an "
             "operator record; the released model divides by the public cohort_divisor)"
         ]
+        clients_clipped = None
         if self.unprotected_metrics and clipped:
-            report["clients_clipped"] = int(sum(clipped))
+            clients_clipped = int(sum(clipped))
             not_covered.append("clients_clipped: exact count, no noise (opted in)")
         if self.accountant is not None:
-            report.update(self.accountant.report())
+            spent = self.accountant.report()
         else:  # z = 0: no privacy
-            report.update({"epsilon": float("inf"), "delta": self.target_delta})
-        report["not_covered"] = not_covered
-        return report
+            spent = {"epsilon": float("inf"), "delta": self.target_delta}
+        return ServerAccountedPrivacy(
+            mechanism=type(self).__name__,
+            noise_multiplier=self.noise_multiplier,
+            clipping_norm=self.clipping_norm,
+            sampling=self.sampling,
+            cohort_divisor=sampled,
+            clients_aggregated=received,
+            clients_clipped=clients_clipped,
+            not_covered=not_covered,
+            **spent,
+        )
 
-    def round_report(self, server_round: int) -> dict[str, Any]:
-        report = super().round_report(server_round)
-        if server_round in self._reports:
-            report["privacy"] = self._reports[server_round]
-        return report
+    def report(self, server_round: int) -> ServerAccountedPrivacy | None:
+        return self._reports.get(server_round)
 
 
 class ServerSideFixedClipping(ClientLevelDP):
@@ -337,9 +341,11 @@ class ClientSideFixedClipping(ClientLevelDP):
 
 
 class EncryptedClientSideClipping(ClientSideFixedClipping):
-    """`privacy=client_fixed` under `secagg=he`: clients clip, the HE layer below sums the
-    encrypted updates, and this wrapper has it add N(0, (zC)^2) to the encrypted sum (as a
-    plaintext, ct + pt) and accounts the round exactly as in the clear.
+    """`privacy=client_fixed` under `secagg=he`: clients clip, the secure-sum layer below
+    (protections/he/server.py `HomomorphicAggregation`, through the `NoisySecureSum` interface
+    of protections/base.py, so this module imports nothing of the HE layer) sums the encrypted
+    updates, and this wrapper has it add N(0, (zC)^2) to the encrypted sum (as a plaintext,
+    ct + pt) and accounts the round exactly as in the clear.
 
     What differs from the plaintext path, and why the guarantee is the same:
     - The server cannot check norms; the guarantee assumes clients clip (as with any secure
@@ -353,36 +359,34 @@ class EncryptedClientSideClipping(ClientSideFixedClipping):
     """
 
     def __init__(self, strategy, **kwargs) -> None:
-        from protections.he.server import HomomorphicAggregation
-
-        if not isinstance(strategy, HomomorphicAggregation):
-            raise TypeError("EncryptedClientSideClipping wraps a HomomorphicAggregation")
+        if not isinstance(strategy, NoisySecureSum):
+            raise TypeError("EncryptedClientSideClipping wraps a secure sum (NoisySecureSum)")
         if kwargs.get("sampling", "poisson") != "without_replacement":
             # An empty Poisson cohort must still release noise, which needs a ciphertext
             # of the global model that no client sent: not supported under HE.
             raise ValueError("secagg=he samples a fixed-size cohort: use sampling=without_replacement")
         super().__init__(strategy, **kwargs)
-        strategy.uniform_weights = True
-        strategy.noise = self.noise
+        self.secure_sum: NoisySecureSum = strategy
+        self.secure_sum.count_each_client_once()
 
     def remember_global(self, server_round: int, parameters: Parameters) -> None:
         """Nothing to keep: the server never measures an update under HE (and would only
         hold ciphertexts)."""
 
     def aggregate_fit(self, server_round, results, failures):
-        self.strategy.sum_noise_std = self.noise_std()
+        self.secure_sum.noise_next_sum(self.noise_std(), self.noise)
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
-        if self.strategy.rolled_back(server_round):
+        if self.secure_sum.rolled_back(server_round):
             # The clients refused the model and the HE layer restored an earlier one: nothing
             # new is released this round (the refused sum was accounted when it was made).
             return parameters, metrics
         if self.accountant is not None:
             self.accountant.spend(self.releases())
-        received = self.strategy.aggregated[server_round]
+        received = self.secure_sum.clients_summed(server_round)
         report = self._privacy_report([], received, self._sampled[server_round])
-        report.pop("clients_clipped", None)  # clients clip under HE; the server sees no norm
+        report.clients_clipped = None  # clients clip under HE; the server sees no norm
         self._reports[server_round] = report
         return parameters, metrics
 
@@ -442,11 +446,10 @@ class AdaptiveClipping(ClientLevelDP):
             centered += float(self.noise.normal(0.0, self.clipped_count_stddev, ()))
         unclipped_fraction = centered / m + 0.5
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (unclipped_fraction - self.target_quantile))
-        self._reports[server_round].update(
-            update_noise_multiplier=self.update_noise_multiplier,
-            clipped_count_stddev=self.clipped_count_stddev,
-            next_clipping_norm=self.clipping_norm,
-        )
+        report = self._reports[server_round]
+        report.update_noise_multiplier = self.update_noise_multiplier
+        report.clipped_count_stddev = self.clipped_count_stddev
+        report.next_clipping_norm = self.clipping_norm
 
 
 class ClientReportedPrivacy(StrategyWrapper):
@@ -454,6 +457,8 @@ class ClientReportedPrivacy(StrategyWrapper):
     accounts its own epsilon (local DP: per release; DP-SGD: Opacus' accountant over every
     step it took). The server sends the local-DP parameters, keeps the inner aggregation and
     reports the largest and the mean client epsilon of the round."""
+
+    section = "privacy"
 
     def __init__(
         self,
@@ -467,7 +472,7 @@ class ClientReportedPrivacy(StrategyWrapper):
         self.target_delta = target_delta
         self.client_config = dict(client_config or {})
         self.unprotected_metrics = unprotected_metrics
-        self._reports: dict[int, dict[str, Any]] = {}
+        self._reports: dict[int, ClientAccountedPrivacy] = {}
         self._max_epsilon = 0.0
 
     def __repr__(self) -> str:
@@ -493,24 +498,21 @@ class ClientReportedPrivacy(StrategyWrapper):
                 not_covered.append(
                     "train metrics, example counts and federated evaluation (opted in)"
                 )
-            self._reports[server_round] = {
-                "mechanism": "local" if local else "dpsgd",
-                "epsilon": self._max_epsilon,  # worst client so far: the run's guarantee
-                "epsilon_round_max": max(epsilons),
-                "epsilon_round_mean": float(np.mean(epsilons)),
-                "delta": self.target_delta,
-                "accounting": "per client",
-                "neighbouring": (
+            self._reports[server_round] = ClientAccountedPrivacy(
+                mechanism="local" if local else "dpsgd",
+                epsilon=self._max_epsilon,  # worst client so far: the run's guarantee
+                epsilon_round_max=max(epsilons),
+                epsilon_round_mean=float(np.mean(epsilons)),
+                delta=self.target_delta,
+                accounting="per client",
+                neighbouring=(
                     "replace one client's data set (local DP: any two inputs of a client)"
                     if local
                     else "add or remove one example of a client (DP-SGD)"
                 ),
-                "not_covered": not_covered,
-            }
+                not_covered=not_covered,
+            )
         return super().aggregate_fit(server_round, results, failures)
 
-    def round_report(self, server_round: int) -> dict[str, Any]:
-        report = super().round_report(server_round)
-        if server_round in self._reports:
-            report["privacy"] = self._reports[server_round]
-        return report
+    def report(self, server_round: int) -> ClientAccountedPrivacy | None:
+        return self._reports.get(server_round)

@@ -14,7 +14,9 @@ client instructions stay theirs) and replaces only the aggregation:
 2. the accepted ciphertexts are summed (BFV addition: no key needed), client by client, so
    a ciphertext that still fails to add rejects its client only;
 3. with client-level DP, calibrated Gaussian noise is added to the encrypted sum as a plaintext
-   (ct + pt), see `EncryptedClientSideClipping` in dp_client_level.py;
+   (ct + pt): the DP layer above asks for it through the `NoisySecureSum` interface this class
+   implements (protections/base.py; the DP side is `EncryptedClientSideClipping` in
+   protections/dp/server.py);
 4. the sum travels back as the next global model, with the total weight in the clear; clients
    decrypt and divide by it. The server never holds a secret key, so it never decrypts:
    centralized evaluation is impossible after round 1 (federated evaluation reports instead),
@@ -29,6 +31,7 @@ client instructions stay theirs) and replaces only the aggregation:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -57,6 +60,7 @@ from protections.he.context import (
     seed_id,
     unpack_payload,
 )
+from core.result_types import RollbackReport, SecAggReport
 from protections.base import NormalSource, StrategyWrapper
 
 
@@ -70,6 +74,10 @@ def encrypted_header(parameters: Parameters) -> dict | None:
 
 
 class HomomorphicAggregation(StrategyWrapper):
+    """The secure sum (a `NoisySecureSum`, protections/base.py) of the HE stack."""
+
+    section = "secagg"
+
     def __init__(
         self,
         strategy,
@@ -101,11 +109,12 @@ class HomomorphicAggregation(StrategyWrapper):
         self._sent: dict[int, Parameters] = {}  # the global model sent each round
         self._last_good: Parameters | None = None  # the latest model clients accepted
         self.rollbacks: dict[int, dict[str, Any]] = {}
-        # Set per round by a DP layer above: std of the Gaussian added to the sum (model units).
+        # Set by a DP layer above (noise_next_sum): std of the Gaussian added to the sum
+        # (model units) and where it is drawn.
         self.sum_noise_std = 0.0
         self.noise: NormalSource | None = None
         self._layout: tuple[str, int] | None = None  # (layout hash, number of values)
-        self._reports: dict[int, dict[str, Any]] = {}
+        self._reports: dict[int, SecAggReport] = {}
         self.aggregated: dict[int, int] = {}
         self.rejected: dict[int, list[str]] = {}
         self.rejections: dict[int, list[tuple[str, str]]] = {}
@@ -113,13 +122,23 @@ class HomomorphicAggregation(StrategyWrapper):
     def __repr__(self) -> str:
         return f"HomomorphicAggregation({ALGORITHM}, {self.context.params}, {self.strategy!r})"
 
+    # ------------------------------------------------------------------ NoisySecureSum
+    def count_each_client_once(self) -> None:
+        self.uniform_weights = True
+
+    def noise_next_sum(self, std: float, source: NormalSource) -> None:
+        self.sum_noise_std, self.noise = float(std), source
+
+    def clients_summed(self, server_round: int) -> int:
+        return self.aggregated.get(server_round, 0)
+
     # ------------------------------------------------------------------ sending
     def _remember_layout(self, parameters: Parameters) -> None:
         header = encrypted_header(parameters)
         if header is not None:
             self._layout = (header["layout"], int(header["num_values"]))
         else:
-            arrays = parameters_to_ndarrays(parameters)
+            arrays = self.global_model.arrays(parameters)
             self._layout = (layout_hash([a.shape for a in arrays]), sum(a.size for a in arrays))
 
     def _instructions(self, server_round: int) -> dict:
@@ -268,7 +287,7 @@ class HomomorphicAggregation(StrategyWrapper):
         total, accepted = self._sum(server_round, accepted)
         if not accepted:
             log(WARNING, "Round %s: no valid encrypted update; the model is kept", server_round)
-            self._reports[server_round] = {"scheme": PAYLOAD_ALGORITHM, "skipped": "no valid encrypted update"}
+            self._reports[server_round] = SecAggReport(scheme=PAYLOAD_ALGORITHM, skipped="no valid encrypted update")
             return None, {}
         for _, _, _, (_, ids) in accepted:
             self._seen.update(dict.fromkeys(ids, server_round))
@@ -283,13 +302,13 @@ class HomomorphicAggregation(StrategyWrapper):
         payload = pack_payload(header, [seal_to_bytes(ct) for ct in total])
         self._last_good = self._sent.get(server_round)  # the clients trained from it
         self.aggregated[server_round] = len(accepted)
-        self._reports[server_round] = {
-            "scheme": PAYLOAD_ALGORITHM,
-            "clients_aggregated": len(accepted),
-            "ciphertexts_per_model": len(total),
-            "bytes_per_parameter_up": bytes_up / (len(accepted) * num_values),
-            "bytes_per_parameter_down": int(payload[1].size + payload[0].size) / num_values,
-        }
+        self._reports[server_round] = SecAggReport(
+            scheme=PAYLOAD_ALGORITHM,
+            clients_aggregated=len(accepted),
+            ciphertexts_per_model=len(total),
+            bytes_per_parameter_up=bytes_up / (len(accepted) * num_values),
+            bytes_per_parameter_down=int(payload[1].size + payload[0].size) / num_values,
+        )
         metrics = {}
         if self.metrics_fn is not None:
             try:
@@ -322,7 +341,9 @@ class HomomorphicAggregation(StrategyWrapper):
         }
         self.rollbacks[server_round] = record
         self.aggregated[server_round] = 0
-        self._reports[server_round] = {"scheme": PAYLOAD_ALGORITHM, "rolled_back": record}
+        self._reports[server_round] = SecAggReport(
+            scheme=PAYLOAD_ALGORITHM, rolled_back=RollbackReport(**record)
+        )
         log(ERROR, "Round %s: %d of %d clients refused the global model (%s): rolled back",
             server_round, len(reports), record["of_clients"], record["reason"])  # fmt: skip
         if target is None:
@@ -380,10 +401,8 @@ class HomomorphicAggregation(StrategyWrapper):
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self.rejections.get(server_round, []) + super().rejected_updates(server_round)
 
-    def round_report(self, server_round: int) -> dict[str, Any]:
-        report = super().round_report(server_round)
-        secagg = dict(self._reports.get(server_round, {"scheme": ALGORITHM}))
-        if self.rejected.get(server_round):
-            secagg["rejected"] = self.rejected[server_round]
-        report["secagg"] = secagg
+    def report(self, server_round: int) -> SecAggReport:
+        summed = self._reports.get(server_round)
+        report = SecAggReport(scheme=ALGORITHM) if summed is None else replace(summed)
+        report.rejected = list(self.rejected[server_round]) if self.rejected.get(server_round) else None
         return report

@@ -42,6 +42,8 @@ def check_update(expected: list[np.ndarray], res: FitRes) -> None:
 
 
 class RejectMalformedUpdates(StrategyWrapper):
+    section = "rejected_updates"  # how many updates of the round were refused
+
     def __init__(self, strategy) -> None:
         super().__init__(strategy)
         self._sent: dict[int, list[np.ndarray]] = {}
@@ -49,7 +51,7 @@ class RejectMalformedUpdates(StrategyWrapper):
         self.rejections: dict[int, list[tuple[str, str]]] = {}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
-        self._sent = {server_round: parameters_to_ndarrays(parameters)}
+        self._sent = {server_round: self.global_model.arrays(parameters)}
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
@@ -72,8 +74,5 @@ class RejectMalformedUpdates(StrategyWrapper):
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         return self.rejections.get(server_round, []) + super().rejected_updates(server_round)
 
-    def round_report(self, server_round: int) -> dict:
-        report = super().round_report(server_round)
-        if self.rejected.get(server_round):
-            report["rejected_updates"] = self.rejected[server_round]
-        return report
+    def report(self, server_round: int) -> int | None:
+        return self.rejected.get(server_round) or None  # omitted when none

@@ -14,16 +14,19 @@ from protections.workload.wire import (
     WORKLOAD_KEY,
     round_times,
 )
+from core.result_types import WorkloadReport
 from protections.base import StrategyWrapper
 
 
 class Workload(StrategyWrapper):
+    section = "workload"
+
     def __init__(self, strategy, name: str) -> None:
         super().__init__(strategy)
         if name not in ("uniform", "capability"):
             raise ValueError(f"workload={name!r}: use uniform or capability")
         self.name = name
-        self._reports: dict[int, dict] = {}
+        self._reports: dict[int, WorkloadReport] = {}
 
     def __repr__(self) -> str:
         return f"Workload({self.name}, {self.strategy!r})"
@@ -44,16 +47,13 @@ class Workload(StrategyWrapper):
                 except (TypeError, ValueError):
                     continue
         if clients:
-            self._reports[server_round] = {
-                "name": self.name,
+            self._reports[server_round] = WorkloadReport(
+                name=self.name,
                 **round_times(clients),
-                "steps": [s for _, s, _ in clients],
-                "compute": [c for c, _, _ in clients],
-            }
+                steps=[s for _, s, _ in clients],
+                compute=[c for c, _, _ in clients],
+            )
         return super().aggregate_fit(server_round, results, failures)
 
-    def round_report(self, server_round: int) -> dict:
-        report = super().round_report(server_round)
-        if server_round in self._reports:
-            report["workload"] = self._reports[server_round]
-        return report
+    def report(self, server_round: int) -> WorkloadReport | None:
+        return self._reports.get(server_round)
