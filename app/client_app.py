@@ -8,7 +8,8 @@ import torch
 from flwr.client import Client, ClientApp
 from flwr.common import Context, log
 
-from core.config import ExperimentConfig, client_resources, load_config
+from app.config import load_config
+from core.config import ExperimentConfig, client_resources
 from core.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
 from core.evaluation import resolve_device
 from protections.he.context import NODE_SECRET_CONTEXT

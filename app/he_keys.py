@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from core.config import ExperimentConfig, he_params, load_config, to_experiment_config
+from app.config import load_config, schema_for, to_experiment_config
+from core.config import ExperimentConfig
+from protections.he.config import he_params
 from protections.he.context import SECRET_FILE, load_context, provision
 from core.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:
-    schema = OmegaConf.structured(ExperimentConfig)
-    return to_experiment_config(OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG_FILE)))
+    saved = OmegaConf.load(run_dir / CONFIG_FILE)
+    return to_experiment_config(OmegaConf.merge(schema_for(saved), saved))
 
 
 def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:

@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import deploy
-from core.config import load_config
+from app.config import load_config
 from core.data import load_client_data, load_file_data
 from protections.he.context import load_context
 from conftest import PROJECT_DIR
