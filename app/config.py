@@ -144,6 +144,20 @@ def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
     return typed
 
 
+def with_option(
+    overrides: str | list[str] | tuple[str, ...] | None, group: str, option: str
+) -> tuple[str, ...]:
+    """`overrides` with `group=option` first unless they select the group themselves: the HE
+    key tools (app/he_keys.py, app/deploy.py) take `secagg.*` overrides, keys of secagg=he."""
+    tokens = parse_overrides(overrides)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(tokens))
+    if any(o.key_or_group == group for o in parsed):
+        return tokens
+    return (f"{group}={option}", *tokens)
+
+
 def schema_for(saved: DictConfig) -> DictConfig:
     """The structured schema a run's saved `config.yaml` merges into: each group typed by the
     option the file names (app/he_keys.py reads a finished run's configuration with it)."""

@@ -165,10 +165,10 @@ def write_credentials(
         )
     he = None
     if he_overrides is not None:  # check the HE parameters before anything is written
-        from app.config import load_config
+        from app.config import load_config, with_option
         from protections.he.config import he_params
 
-        he = he_params(load_config(he_overrides))
+        he = he_params(load_config(with_option(he_overrides, "secagg", "he")))
         he.seal_parameters()
         he.check_range()
     out = Path(out)

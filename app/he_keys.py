@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from app.config import load_config, schema_for, to_experiment_config
+from app.config import load_config, schema_for, to_experiment_config, with_option
 from core.config import ExperimentConfig
 from protections.he.config import he_params
 from protections.he.context import SECRET_FILE, load_context, provision
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, help=f"default: <run dir>/{MODEL_FILE}")
     args = parser.parse_args(argv)
     if args.command == "provision":
-        secret, public = provision(he_params(load_config(args.overrides)), args.out)
+        secret, public = provision(he_params(load_config(with_option(args.overrides, "secagg", "he"))), args.out)
         print(f"secret context (SuperNodes only): {secret}\npublic context (server): {public}")
         return 0
     run_dir = args.run_dir
