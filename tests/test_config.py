@@ -367,3 +367,13 @@ def test_a_saved_config_reads_back_into_the_option_schemas(overrides):
     cfg = load_config(overrides)
     saved = OmegaConf.create(resolved_yaml(cfg))
     assert to_experiment_config(OmegaConf.merge(schema_for(saved), saved)) == cfg
+
+
+def test_the_he_key_tool_takes_secagg_keys_without_naming_the_option(tmp_path):
+    from app.he_keys import main
+    from protections.he.context import PUBLIC_FILE, load_context
+
+    assert main(["provision", "--out", str(tmp_path), "secagg.scale_bits=12"]) == 0
+    assert load_context(tmp_path / PUBLIC_FILE).params.scale_bits == 12
+    assert main(["provision", "--out", str(tmp_path / "again"), "secagg=he"]) == 0
+    assert load_context(tmp_path / "again" / PUBLIC_FILE).params.scale_bits == 16
