@@ -187,6 +187,13 @@ def _check_options(cfg: ExperimentConfig) -> None:
                 f"Invalid experiment configuration: {group}.name={name!r} does not select an "
                 f"option: use {group}={name} (the option sets its name, keys and defaults)."
             )
+        source = getattr(node, "source", None)  # dataset: each source has its own schema
+        fixed = OmegaConf.structured(options[name]).get("source")
+        if source != fixed:
+            raise ConfigError(
+                f"Invalid experiment configuration: {group}.source={source!r}: {group}={name} "
+                f"reads {fixed} data; pick a {group} option of that source instead."
+            )
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

@@ -299,6 +299,8 @@ def test_a_key_no_option_has_is_not_a_key_and_a_name_alone_does_not_switch_the_o
         load_config("privacy=server_fixed privacy.name=adaptive")
     with pytest.raises(ConfigError, match=r"strategy.name='fedsgd' is not one of fedavg, fedavgm, fedprox, fedadam"):
         load_config("strategy.name=fedsgd")
+    with pytest.raises(ConfigError, match=r"dataset.source='hub': dataset=digits reads sklearn data"):
+        load_config("dataset.source=hub")
 
 
 def test_option_defaults_are_the_documented_ones():
