@@ -48,7 +48,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from core.config import ConfigError, ExperimentConfig, load_config
+from app.config import load_config
+from core.config import ConfigError, ExperimentConfig
 from protections.dp.mechanisms import SecureGaussian, clip_update, local_dp_epsilon, local_dp_release
 
 CANARY_SCALE = 10.0  # canaries send 10 C: the clipping, not the canary, bounds them
@@ -174,7 +175,7 @@ def audit_client_level(
     g = [np.zeros(d, np.float32)]
     secret = public = None
     if he:
-        from core.config import he_params
+        from protections.he.config import he_params
         from protections.he.context import new_context
         from protections.he.client import decrypt_model, encrypt_update, rounding_slack
 

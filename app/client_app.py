@@ -19,9 +19,10 @@ from flwr.client import Client, ClientApp
 from flwr.common import Context, log
 from torch import nn
 
+from app.config import load_config
 from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
-from core.config import ExperimentConfig, client_resources, load_config
+from core.config import ExperimentConfig, client_resources
 from core.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
 from core.evaluation import resolve_device
 from core.finetune import build_finetune_model

@@ -165,9 +165,10 @@ def write_credentials(
         )
     he = None
     if he_overrides is not None:  # check the HE parameters before anything is written
-        from core.config import he_params, load_config
+        from app.config import load_config, with_option
+        from protections.he.config import he_params
 
-        he = he_params(load_config(he_overrides))
+        he = he_params(load_config(with_option(he_overrides, "secagg", "he")))
         he.seal_parameters()
         he.check_range()
     out = Path(out)
@@ -200,7 +201,7 @@ def export_site_data(out: Path, supernodes: int, overrides: list[str]) -> list[P
     would hold in simulation), for deployments that test with the project's data sets."""
     import numpy as np
 
-    from core.config import load_config
+    from app.config import load_config
     from core.data import partition_arrays
 
     if supernodes < 1:

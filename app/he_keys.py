@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from core.config import ExperimentConfig, he_params, load_config, to_experiment_config
+from app.config import load_config, schema_for, to_experiment_config, with_option
+from core.config import ExperimentConfig
+from protections.he.config import he_params
 from protections.he.context import SECRET_FILE, load_context, provision
 from core.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:
-    schema = OmegaConf.structured(ExperimentConfig)
-    return to_experiment_config(OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG_FILE)))
+    saved = OmegaConf.load(run_dir / CONFIG_FILE)
+    return to_experiment_config(OmegaConf.merge(schema_for(saved), saved))
 
 
 def decrypt_run_model(run_dir: Path, secret_context: Path, out: Path) -> Path:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, help=f"default: <run dir>/{MODEL_FILE}")
     args = parser.parse_args(argv)
     if args.command == "provision":
-        secret, public = provision(he_params(load_config(args.overrides)), args.out)
+        secret, public = provision(he_params(load_config(with_option(args.overrides, "secagg", "he"))), args.out)
         print(f"secret context (SuperNodes only): {secret}\npublic context (server): {public}")
         return 0
     run_dir = args.run_dir

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from core.config import ConfigError, load_config
+from app.config import load_config
+from core.config import ConfigError, LocalDatasetConfig
 from core.data import centralized_test_split, data_spec, public_split
 from core.evaluation import evaluate, resolve_device
 from core.finetune import save_checkpoint
@@ -28,7 +29,7 @@ from core.training import train
 
 def pretrain(overrides: list[str], out: Path, epochs: int) -> dict:
     cfg = load_config(overrides)
-    if cfg.dataset.public_fraction <= 0:
+    if not isinstance(cfg.dataset, LocalDatasetConfig) or cfg.dataset.public_fraction <= 0:
         raise ConfigError(
             "python -m app.pretrain trains on the public split: set dataset.public_fraction "
             "(e.g. dataset.public_fraction=0.2), and the same value in the federated run"

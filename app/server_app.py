@@ -23,7 +23,8 @@ from flwr.common.logger import log
 from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
-from core.config import ConfigError, ExperimentConfig, load_config, parse_overrides, resolved_yaml
+from app.config import load_config
+from core.config import ConfigError, ExperimentConfig, parse_overrides, resolved_yaml
 from protections.he.context import (
     HE_SECRET_PATH_KEY,
     PUBLIC_FILE,

@@ -34,15 +34,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import (
-    CONF_DIR,
-    ConfigError,
-    ExperimentConfig,
-    client_resources,
-    load_config,
-    parse_overrides,
-    to_experiment_config,
-)
+from app.config import load_config, to_experiment_config  # registers the option schemas
+from core.config import CONF_DIR, ConfigError, ExperimentConfig, client_resources, parse_overrides
 from core.results import RESULTS_FILE, ResultsError, RunRecord, archive_previous_run, load_results
 
 PROJECT_DIR = CONF_DIR.parent

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from core.config import load_config  # noqa: E402
+from app.config import load_config  # noqa: E402
 from core.data import ArraySplit, data_spec, load_client_data  # noqa: E402
 from core.models import build_model  # noqa: E402
 from clients.ddp import train_ddp  # noqa: E402

@@ -25,7 +25,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from core.config import load_config
+from app.config import load_config
 from strategies.factory import build_strategy
 
 

@@ -169,7 +169,8 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    from core.config import he_params, load_config
+    from app.config import load_config
+    from protections.he.config import he_params
     from protections.he.context import provision
     from core.models import build_model, num_parameters
     from core.data import data_spec

@@ -37,7 +37,7 @@ import re
 import torch
 from torch import nn
 
-from core.config import LoraConfig, ModelConfig
+from core.config import CNNModelConfig, LoraConfig, MLPModelConfig, ModelConfig
 from core.data import DataSpec
 from core.models import build_model
 
@@ -51,8 +51,14 @@ class FineTuneError(ValueError):
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-    """The part of the model config that decides tensor names and shapes."""
-    return {"name": cfg.name, "hidden_sizes": list(cfg.hidden_sizes), "channels": list(cfg.channels)}
+    """The part of the model config that decides tensor names and shapes (the keys this
+    model=<option> has: hidden_sizes for mlp and cnn, channels for cnn)."""
+    arch: dict[str, Any] = {"name": cfg.name}
+    if isinstance(cfg, MLPModelConfig):
+        arch["hidden_sizes"] = list(cfg.hidden_sizes)
+    if isinstance(cfg, CNNModelConfig):
+        arch["channels"] = list(cfg.channels)
+    return arch
 
 
 def save_checkpoint(
@@ -96,8 +102,11 @@ def load_pretrained(model: nn.Module, path: str | Path, cfg: ModelConfig, spec: 
     """Load the checkpoint at `path` into `model`; its metadata is returned."""
     ckpt = read_checkpoint(path)
     problems = []
-    if ckpt["model"] != architecture(cfg):
-        problems.append(f"it was trained for model {ckpt['model']}, this run builds {architecture(cfg)}")
+    arch = architecture(cfg)
+    # On this model's keys only: checkpoints written before each model option had its own
+    # schema also recorded hidden_sizes and channels of models that have none.
+    if {k: ckpt["model"].get(k) for k in arch} != arch:
+        problems.append(f"it was trained for model {ckpt['model']}, this run builds {arch}")
     if ckpt["data_spec"] != asdict(spec):
         problems.append(f"its data shape is {ckpt['data_spec']}, this run's is {asdict(spec)}")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}

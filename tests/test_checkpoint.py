@@ -6,7 +6,8 @@ import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from app.checkpoint import CheckpointError, check_resumable, load, save
-from core.config import ConfigError, load_config, resolved_yaml
+from app.config import load_config
+from core.config import ConfigError, resolved_yaml
 from strategies.factory import build_strategy
 from tests.test_strategies import fit_res, manager
 

@@ -20,7 +20,8 @@ from flwr.server.client_manager import SimpleClientManager
 import clients.pipeline
 from app.client_app import build_client
 from clients.pipeline import build_pipeline
-from core.config import he_params, load_config
+from app.config import load_config
+from protections.he.config import he_params
 from core.data import data_spec
 from core.finetune import build_finetune_model
 from core.models import get_weights

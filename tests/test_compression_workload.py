@@ -15,7 +15,8 @@ from hypothesis.extra.numpy import arrays
 from app.client_app import build_client
 from protections.workload.client import ScaleLocalWork
 from protections.compression.wire import compress_update, decompress_update
-from core.config import ConfigError, load_config
+from app.config import load_config
+from core.config import ConfigError
 from core.data import centralized_test_split, data_spec, load_client_data
 from core.edge_model import export_int8
 from core.evaluation import evaluate

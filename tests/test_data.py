@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from core.config import load_config
+from app.config import load_config
 from core.data import (
     centralized_test_split,
     data_spec,
@@ -106,7 +106,7 @@ def test_hub_data_set_without_network_fails_clearly(tmp_path):
     import sys
 
     code = (
-        "from core.config import load_config\n"
+        "from app.config import load_config\n"
         "from core.data import centralized_test_split\n"
         "cfg = load_config('dataset=mnist')\n"
         "centralized_test_split(cfg.dataset, 0)\n"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.config import load_config
+from app.config import load_config
 from core.data import ArraySplit, centralized_test_split, data_spec, load_client_data
 from core.evaluation import evaluate
 from core.models import build_model

@@ -30,8 +30,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import deploy
-from core.config import load_config
+from app.config import load_config
 from core.data import load_client_data, load_file_data
+from core.result_types import FailureRecord
 from protections.he.context import load_context
 from conftest import PROJECT_DIR
 
@@ -244,9 +245,9 @@ def test_a_failed_client_call_is_recorded_with_its_node_and_reason():
         [(proxy, ins) for proxy in manager.all().values()], None, None, group_id=1
     )
     assert [proxy.cid for proxy, _ in results] == ["6"]
-    assert sorted(describe_failures(failures, "train"), key=lambda f: f["node_id"]) == [
-        {"node_id": "7", "stage": "train", "reason": lost},
-        {"node_id": "8", "stage": "train", "reason": "status of 8"},
+    assert sorted(describe_failures(failures, "train"), key=lambda f: f.node_id) == [
+        FailureRecord(node_id="7", stage="train", reason=lost),
+        FailureRecord(node_id="8", stage="train", reason="status of 8"),
     ]
 
 

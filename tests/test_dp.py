@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from core.config import load_config
+from app.config import load_config
 from core.data import data_spec, load_client_data
 from core.models import build_model, get_weights
 from protections.dp.mechanisms import SecureGaussian, clip_update, l2_norm, local_dp_epsilon

@@ -133,7 +133,7 @@ def test_privacy_budget_ends_the_run_and_says_why(flower, tmp_path):
 
 
 def _centralized_accuracy(model_file):
-    from core.config import load_config
+    from app.config import load_config
     from core.data import centralized_test_split, data_spec
     from core.evaluation import evaluate
     from core.models import build_model

@@ -17,7 +17,9 @@ from flwr.common import (
 )
 
 from app.client_app import build_client
-from core.config import ConfigError, he_params, load_config
+from app.config import load_config
+from core.config import ConfigError
+from protections.he.config import he_params
 from core.data import data_spec, partition_layout, public_split
 from core.finetune import build_finetune_model
 from protections.he.context import provision

@@ -13,7 +13,9 @@ from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.config import ConfigError, he_params, load_config
+from app.config import load_config
+from core.config import ConfigError
+from protections.he.config import he_params
 from core.data import data_spec, load_client_data
 from protections.he.context import (
     HEError,

@@ -545,7 +545,8 @@ def in_process_run(overrides, out, nodes, hostile_cls=None, num_rounds=6):
     from flwr.common import Context, RecordDict
 
     from app.client_app import build_client
-    from core.config import he_params, load_config
+    from app.config import load_config
+    from protections.he.config import he_params
     from core.data import centralized_test_split, data_spec
     from core.evaluation import evaluate
     from app.experiment_server import ExperimentServer, NodeTrackingClientManager

@@ -13,7 +13,9 @@ from flwr.common import Code, FitIns, ndarray_to_bytes, ndarrays_to_parameters, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.config import ConfigError, he_params, load_config
+from app.config import load_config
+from core.config import ConfigError
+from protections.he.config import he_params
 from core.data import data_spec
 from core.finetune import build_finetune_model, merged_model
 from protections.he.context import provision

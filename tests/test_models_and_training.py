@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import load_config
+from app.config import load_config
 from core.data import centralized_test_split, data_spec, load_client_data
 from core.evaluation import evaluate
 from core.models import build_model, get_weights, num_parameters, set_weights

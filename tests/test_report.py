@@ -21,7 +21,7 @@ from app.experiment_server import ExperimentServer, NodeTrackingClientManager
 from app.report import ReportError, build_report, write_report
 from app.server_app import finish_run
 from app.sweep import job_outcome, write_summary
-from core.config import load_config
+from app.config import load_config
 from core.data import centralized_test_split, data_spec
 from core.evaluation import evaluate
 from core.finetune import build_finetune_model

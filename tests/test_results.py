@@ -16,7 +16,7 @@ from flwr.server.strategy import FedAvg
 
 from app.client_app import build_client
 from app.experiment_server import ExperimentServer, NodeTrackingClientManager
-from core.config import load_config
+from app.config import load_config
 from core.data import data_spec, load_client_data
 from core.evaluation import evaluate
 from core.finetune import build_finetune_model

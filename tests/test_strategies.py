@@ -5,7 +5,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from core.config import load_config
+from app.config import load_config
 from strategies.factory import build_strategy, weighted_metrics
 from strategies.traffic import TrafficMeter, payload_bytes
 from protections.validation.server import RejectMalformedUpdates

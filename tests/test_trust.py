@@ -15,7 +15,7 @@ from flwr.common import Context, RecordDict, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
 from app.client_app import build_client
-from core.config import load_config
+from app.config import load_config
 from core.data import data_spec, load_client_data
 from core.evaluation import evaluate
 from app.experiment_server import (

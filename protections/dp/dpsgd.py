@@ -31,16 +31,17 @@ from opacus.data_loader import DPDataLoader  # noqa: E402
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from core.config import PrivacyConfig, TrainingConfig
+from core.config import TrainingConfig
 from core.data import ArraySplit
 from core.evaluation import loss_fn
 from core.training import TrainResult, make_optimizer
+from protections.dp.config import DPSGDConfig
 
 HISTORY_KEY = "history"
 
 
 def noise_multiplier_for(
-    privacy: PrivacyConfig, sample_rate: float, local_epochs: int, max_rounds: int
+    privacy: DPSGDConfig, sample_rate: float, local_epochs: int, max_rounds: int
 ) -> float:
     """The configured z, or the z with which a client that takes part in all `max_rounds`
     rounds (local_epochs / sample_rate steps each) spends exactly `target_epsilon`: the worst
@@ -74,7 +75,7 @@ def train_dpsgd(
     model: nn.Module,
     data: ArraySplit,
     training: TrainingConfig,
-    privacy: PrivacyConfig,
+    privacy: DPSGDConfig,
     task: str,
     device: torch.device,
     seed: int,
