@@ -312,8 +312,19 @@ def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
 
 
 def _sample_ids(ds) -> np.ndarray:
-    """The SAMPLE_ID column of a Dataset (or a selection of one), read in bulk through Arrow."""
-    return ds.with_format("arrow")[:][SAMPLE_ID].to_numpy().astype(np.int64, copy=False)
+    """The SAMPLE_ID column of a Dataset or of a selection of one (a split, a partition).
+
+    `Dataset.select` leaves the Arrow table as it is and records the selection as an indices
+    mapping (`ds._indices`: positions in `ds.data`). Reading a column through that mapping
+    gathers row by row: 0.8 s for a 100,000-row pool, ~1 ms per small partition. Composing
+    the mapping with the table's column is one numpy gather. `_indices` is not public API:
+    if a `datasets` release drops it, the public (row-gathering) read takes over."""
+    table_ids = ds.data.column(SAMPLE_ID).to_numpy()
+    if not hasattr(ds, "_indices"):
+        return ds.with_format("arrow")[:][SAMPLE_ID].to_numpy().astype(np.int64, copy=False)
+    if ds._indices is None:  # no selection: the table is the data set
+        return table_ids.astype(np.int64, copy=False)
+    return table_ids[ds._indices.column(0).to_numpy()].astype(np.int64, copy=False)
 
 
 class _Layout:
@@ -321,8 +332,9 @@ class _Layout:
     partition asked for so far in this process.
 
     Flower Datasets' partitioner decides which pool rows each partition holds (and in which
-    order); reading that once as ids (~1 ms) replaces converting the partition's rows on every
-    cache miss. Memory: 8 bytes a pool row at most, as the partitions are disjoint."""
+    order); reading that once as ids (~1 ms, most of it the partitioner's `select`) replaces
+    converting the partition's rows on every cache miss. Memory: 8 bytes a pool row at most,
+    as the partitions are disjoint."""
 
     def __init__(self, partitioner) -> None:
         self._partitioner = partitioner
