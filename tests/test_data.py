@@ -263,3 +263,47 @@ def test_client_arrays_are_fresh_copies():
     train.x.fill(0.0)
     again, _ = load_client_data(cfg.dataset, cfg.partitioner, 1, NUM_PARTITIONS, cfg.seed)
     assert np.array_equal(again.x, before) and again.x.max() > 0
+
+
+def test_hub_path_returns_the_images_of_a_row_by_row_reading(tmp_path, monkeypatch):
+    """A hub-style data set (PNG images in Parquet, train and test splits) read offline from
+    a local folder through Flower Datasets: the bulk numpy slice gives the pixels a per-image
+    loop gives, scaled, channels first, in the same order, for the clients and the server."""
+    import datasets
+    from flwr_datasets import FederatedDataset
+
+    from core.data import _make_partitioner
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, n in [("train", 120), ("test", 30)]:
+        images = [rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8) for _ in range(n)]
+        ds = datasets.Dataset.from_dict({"img": images, "label": rng.integers(0, 3, n)}, features)
+        ds.to_parquet(str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    cfg = load_config("dataset=cifar10 partitioner=iid")
+    cfg.dataset.hub_name = str(tmp_path / "hub")
+    assert data_spec(cfg.dataset).image_shape == (3, 5, 4)
+
+    def rows(ds):
+        images = np.stack([np.asarray(img, dtype=np.float32) for img in ds["img"]])
+        x = (images.transpose(0, 3, 1, 2) / 255.0).reshape(len(ds), -1).astype(np.float32)
+        return x, np.array(list(ds["label"]), dtype=np.int64)
+
+    fds = FederatedDataset(
+        dataset=cfg.dataset.hub_name,
+        partitioners={"train": _make_partitioner(cfg.partitioner, 4, 0)},
+        shuffle=True,
+        seed=0,
+    )
+    test = centralized_test_split(cfg.dataset, 0)
+    ref_x, ref_y = rows(fds.load_split("test"))
+    assert test.x.shape == (30, 60) and np.array_equal(test.x, ref_x) and np.array_equal(test.y, ref_y)
+    for pid in range(4):
+        halves = fds.load_partition(pid, "train").train_test_split(test_size=0.1, seed=pid)
+        train, val = load_client_data(cfg.dataset, cfg.partitioner, pid, 4, 0)
+        for got, ref in ((train, halves["train"]), (val, halves["test"])):
+            ref_x, ref_y = rows(ref)
+            assert got.x.dtype == np.float32 and got.x.shape == (len(ref), 60)
+            assert np.array_equal(got.x, ref_x) and np.array_equal(got.y, ref_y), f"partition {pid}"
