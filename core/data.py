@@ -63,7 +63,7 @@ class ArraySplit:
 def data_spec(cfg: DatasetConfig) -> DataSpec:
     if cfg.source == "hub":
         return _hub(cfg, 1, PartitionerConfig(), 0)[0]
-    return _local_pool_and_test(cfg, 0)[0]
+    return _local_cached(_key(cfg), 0).spec
 
 
 def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
@@ -71,8 +71,8 @@ def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
     if cfg.source == "hub":
         _, fds = _hub(cfg, 1, PartitionerConfig(), seed)
         return _hub_to_arrays(cfg, fds.load_split("test"))
-    _, _, test = _local_pool_and_test(cfg, seed)
-    return _to_arrays(test, cfg.task)
+    data = _local_cached(_key(cfg), seed)
+    return data.take(data.test_ids)
 
 
 def public_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
@@ -82,7 +82,8 @@ def public_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
             "a public split needs a local data set and dataset.public_fraction > 0 "
             "(e.g. dataset.public_fraction=0.2)"
         )
-    return _to_arrays(_local_split_public(_key(cfg), seed)[3], cfg.task)
+    data = _local_cached(_key(cfg), seed)
+    return data.take(data.public_ids)
 
 
 def load_client_data(
@@ -99,12 +100,14 @@ def load_client_data(
             f"(num-partitions={num_partitions}): check the SuperNode's --node-config"
         )
     check_partition_count(cfg, num_partitions, seed)
-    return _client_data_cached(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
+    if cfg.source == "hub":
+        return _hub_client_data(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
+    return _local_client_data(_key(cfg), _key(part_cfg), partition_id, num_partitions, seed)
 
 
 def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
     """Examples in the clients' pool of a local data set (None for hub data sets)."""
-    return None if cfg.source == "hub" else len(_local_cached(_key(cfg), seed)[1])
+    return None if cfg.source == "hub" else len(_local_cached(_key(cfg), seed).pool_ids)
 
 
 def check_partition_count(cfg: DatasetConfig, num_partitions: int, seed: int) -> None:
@@ -135,8 +138,8 @@ def partition_arrays(
     if cfg.source == "hub":
         _, fds = _hub(cfg, num_partitions, part_cfg, seed)
         return _hub_to_arrays(cfg, fds.load_partition(partition_id, "train"))
-    partitioner = _partitioner(_key(cfg), _key(part_cfg), num_partitions, seed)
-    return _to_arrays(partitioner.load_partition(partition_id), cfg.task)
+    data = _local_cached(_key(cfg), seed)
+    return data.take(_layout(_key(cfg), _key(part_cfg), num_partitions, seed).ids(partition_id))
 
 
 def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[ArraySplit, ArraySplit]:
@@ -196,14 +199,10 @@ def partition_layout(
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """(sample ids per partition, labels per partition, test sample ids) of a local data set:
     what the partitioner produced, for inspection and tests."""
-    partitioner = _partitioner(_key(cfg), _key(part_cfg), num_partitions, seed)
-    parts = [partitioner.load_partition(i).with_format("numpy") for i in range(num_partitions)]
-    _, _, test = _local_pool_and_test(cfg, seed)
-    return (
-        [np.asarray(p[SAMPLE_ID]) for p in parts],
-        [np.asarray(p[LABEL]) for p in parts],
-        np.asarray(test.with_format("numpy")[SAMPLE_ID]),
-    )
+    layout = _layout(_key(cfg), _key(part_cfg), num_partitions, seed)
+    data = _local_cached(_key(cfg), seed)
+    ids = [layout.ids(i) for i in range(num_partitions)]
+    return ids, [data.y[i] for i in ids], data.test_ids
 
 
 # --------------------------------------------------------------------------- internals
@@ -246,46 +245,134 @@ def _load_local_arrays(cfg: DatasetConfig, seed: int) -> tuple[np.ndarray, np.nd
     )
 
 
-@lru_cache(maxsize=8)
-def _local_cached(cfg_key: tuple, seed: int):
-    """(spec, clients' pool, test split): the pool excludes the public split."""
-    return _local_split_public(cfg_key, seed)[:3]
+@dataclass(frozen=True)
+class _LocalData:
+    """A local data set converted once per process, its seeded splits as sample ids.
+
+    Why: clients and the server used to convert `datasets` columns row by row for every
+    partition (~50 ms a partition; ~11 CPU-s for a 25,000-row test split), and a 64-entry
+    cache of converted partitions missed on almost every call once a simulation ran far more
+    SuperNodes than that per actor. Here the features never enter Arrow: `x` and `y` are the
+    arrays `_load_local_arrays` made, and a split or partition is a gather `x[ids]`, `y[ids]`
+    (microseconds). Memory per process: the data set once (n x features x 4 bytes: digits
+    0.46 MB, linear 4 bytes a sample) plus 8 bytes a row for the ids."""
+
+    spec: DataSpec
+    x: np.ndarray  # float32 (n, features): row i is sample_id i
+    y: np.ndarray  # int64 (n,) for classification, float32 (n, 1) for regression
+    pool: object  # datasets.Dataset of LABEL and SAMPLE_ID: what the partitioners split
+    pool_ids: np.ndarray  # sample ids of the clients' pool, in the pool's order
+    test_ids: np.ndarray
+    public_ids: np.ndarray | None
+
+    def take(self, ids: np.ndarray) -> ArraySplit:
+        return ArraySplit(self.x[ids], self.y[ids])
 
 
 @lru_cache(maxsize=8)
-def _local_split_public(cfg_key: tuple, seed: int):
+def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
+    """The data set and its splits; the clients' pool excludes the test and public splits."""
     import datasets
 
     datasets.disable_progress_bars()  # one bar per split and client would drown the round log
 
     cfg: DatasetConfig = _from_key(cfg_key)
     x, y, spec = _load_local_arrays(cfg, seed)
+    ids = np.arange(len(y))
+    # The seeded splits and the partitioners read only the labels and the length, so the
+    # Dataset holds no features: the same rows come out as when it held them.
     if spec.task == "classification":
         features = datasets.Features(
             {
-                FEATURES: datasets.Sequence(datasets.Value("float32")),
                 LABEL: datasets.ClassLabel(num_classes=spec.num_outputs),
                 SAMPLE_ID: datasets.Value("int64"),
             }
         )
-        ids = np.arange(len(y))
-        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y, SAMPLE_ID: ids}, features=features)
+        full = datasets.Dataset.from_dict({LABEL: y, SAMPLE_ID: ids}, features=features)
         split = full.train_test_split(
             test_size=cfg.test_fraction, seed=seed, stratify_by_column=LABEL
         )
     else:
-        full = datasets.Dataset.from_dict({FEATURES: x, LABEL: y, SAMPLE_ID: np.arange(len(y))})
+        full = datasets.Dataset.from_dict({LABEL: y, SAMPLE_ID: ids})
         split = full.train_test_split(test_size=cfg.test_fraction, seed=seed)
     pool, public = split["train"], None
     if cfg.public_fraction > 0:
         stratify = {"stratify_by_column": LABEL} if spec.task == "classification" else {}
         parts = pool.train_test_split(test_size=cfg.public_fraction, seed=seed + 1, **stratify)
         pool, public = parts["train"], parts["test"]
-    return spec, pool, split["test"], public
+    return _LocalData(
+        spec,
+        x,
+        y,
+        pool,
+        _sample_ids(pool),
+        _sample_ids(split["test"]),
+        None if public is None else _sample_ids(public),
+    )
 
 
-def _local_pool_and_test(cfg: DatasetConfig, seed: int):
-    return _local_cached(_key(cfg), seed)
+def _sample_ids(ds) -> np.ndarray:
+    """The SAMPLE_ID column of a Dataset or of a selection of one (a split, a partition).
+
+    `Dataset.select` leaves the Arrow table as it is and records the selection as an indices
+    mapping (`ds._indices`: positions in `ds.data`). Reading a column through that mapping
+    gathers row by row: 0.8 s for a 100,000-row pool, ~1 ms per small partition. Composing
+    the mapping with the table's column is one numpy gather. `_indices` is not public API:
+    if a `datasets` release drops it, the public (row-gathering) read takes over."""
+    table_ids = ds.data.column(SAMPLE_ID).to_numpy()
+    if not hasattr(ds, "_indices"):
+        return ds.with_format("arrow")[:][SAMPLE_ID].to_numpy().astype(np.int64, copy=False)
+    if ds._indices is None:  # no selection: the table is the data set
+        return table_ids.astype(np.int64, copy=False)
+    return table_ids[ds._indices.column(0).to_numpy()].astype(np.int64, copy=False)
+
+
+class _Layout:
+    """One partitioning of a local pool: the partitioner, and the sample ids of every
+    partition asked for so far in this process.
+
+    Flower Datasets' partitioner decides which pool rows each partition holds (and in which
+    order); reading that once as ids (~1 ms, most of it the partitioner's `select`) replaces
+    converting the partition's rows on every cache miss. Memory: 8 bytes a pool row at most,
+    as the partitions are disjoint."""
+
+    def __init__(self, partitioner) -> None:
+        self._partitioner = partitioner
+        self._ids: dict[int, np.ndarray] = {}
+
+    def ids(self, partition_id: int) -> np.ndarray:
+        ids = self._ids.get(partition_id)
+        if ids is None:
+            ids = _sample_ids(self._partitioner.load_partition(partition_id))
+            self._ids[partition_id] = ids
+        return ids
+
+
+@lru_cache(maxsize=8)
+def _layout(cfg_key: tuple, part_key: tuple, num_partitions: int, seed: int) -> _Layout:
+    partitioner = _make_partitioner(_from_key(part_key), num_partitions, seed)
+    partitioner.dataset = _local_cached(cfg_key, seed).pool
+    return _Layout(partitioner)
+
+
+def _validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions in a partition of n examples.
+
+    The same positions, in the same order, as `datasets.Dataset.train_test_split(
+    test_size=val_fraction, seed=seed)` selects (a permutation from
+    `np.random.default_rng(seed)`, the first ceil(val_fraction * n) for validation), without
+    building two Datasets per client: tests/test_data.py checks the equality. Partitions of
+    fewer than 2 examples, or val_fraction 0, keep every example for training, in order."""
+    if val_fraction == 0 or n < 2:
+        return np.arange(n), np.arange(0)
+    n_val = math.ceil(val_fraction * n)
+    if n_val >= n:
+        raise ValueError(
+            f"dataset.val_fraction={val_fraction} leaves no training example in a partition "
+            f"of {n}: lower it or use fewer partitions"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return order[n_val:], order[:n_val]
 
 
 def _make_partitioner(part_cfg: PartitionerConfig, num_partitions: int, seed: int):
@@ -319,44 +406,13 @@ def _make_partitioner(part_cfg: PartitionerConfig, num_partitions: int, seed: in
     raise ValueError(f"partitioner.name={part_cfg.name!r}: use iid, dirichlet or pathological")
 
 
-@lru_cache(maxsize=8)
-def _partitioner(cfg_key: tuple, part_key: tuple, num_partitions: int, seed: int):
-    cfg: DatasetConfig = _from_key(cfg_key)
-    partitioner = _make_partitioner(_from_key(part_key), num_partitions, seed)
-    _, pool, _ = _local_cached(cfg_key, seed)
-    partitioner.dataset = pool
-    return partitioner
-
-
-@lru_cache(maxsize=64)
-def _client_data_cached(
+def _local_client_data(
     cfg_key: tuple, part_key: tuple, partition_id: int, num_partitions: int, seed: int
 ) -> tuple[ArraySplit, ArraySplit]:
-    cfg: DatasetConfig = _from_key(cfg_key)
-    if cfg.source == "hub":
-        _, fds = _hub(cfg, num_partitions, _from_key(part_key), seed)
-        partition = fds.load_partition(partition_id, "train")
-        to_arrays = lambda ds: _hub_to_arrays(cfg, ds)  # noqa: E731
-    else:
-        partition = _partitioner(cfg_key, part_key, num_partitions, seed).load_partition(
-            partition_id
-        )
-        to_arrays = lambda ds: _to_arrays(ds, cfg.task)  # noqa: E731
-    if cfg.val_fraction == 0 or len(partition) < 2:
-        train = to_arrays(partition)
-        return train, ArraySplit(train.x[:0], train.y[:0])
-    split = partition.train_test_split(test_size=cfg.val_fraction, seed=seed + partition_id)
-    return to_arrays(split["train"]), to_arrays(split["test"])
-
-
-def _to_arrays(ds, task: str) -> ArraySplit:
-    ds = ds.with_format("numpy")
-    x = np.asarray(ds[FEATURES], dtype=np.float32)
-    if task == "classification":
-        y = np.asarray(ds[LABEL], dtype=np.int64)
-    else:
-        y = np.asarray(ds[LABEL], dtype=np.float32).reshape(-1, 1)
-    return ArraySplit(x, y)
+    data = _local_cached(cfg_key, seed)
+    ids = _layout(cfg_key, part_key, num_partitions, seed).ids(partition_id)
+    train, val = _validation_split(len(ids), _from_key(cfg_key).val_fraction, seed + partition_id)
+    return data.take(ids[train]), data.take(ids[val])
 
 
 # --------------------------------------------------------------------------- hub data sets
@@ -391,11 +447,33 @@ def _hub(cfg: DatasetConfig, num_partitions: int, part_cfg: PartitionerConfig, s
     return _hub_cached(_key(cfg), num_partitions, _key(part_cfg), seed)
 
 
+@lru_cache(maxsize=64)
+def _hub_client_data(
+    cfg_key: tuple, part_key: tuple, partition_id: int, num_partitions: int, seed: int
+) -> tuple[ArraySplit, ArraySplit]:
+    """A hub partition's (train, validation) arrays. Unlike local data sets, the decoded
+    images are cached per partition, 64 at most: the whole train split as float32 would be
+    188 MB per process for MNIST and 614 MB for CIFAR-10."""
+    cfg: DatasetConfig = _from_key(cfg_key)
+    _, fds = _hub_cached(cfg_key, num_partitions, part_key, seed)
+    partition = fds.load_partition(partition_id, "train")
+    train, val = _validation_split(len(partition), cfg.val_fraction, seed + partition_id)
+    if len(val) == 0:
+        whole = _hub_to_arrays(cfg, partition)
+        return whole, ArraySplit(whole.x[:0], whole.y[:0])
+    return _hub_to_arrays(cfg, partition.select(train)), _hub_to_arrays(cfg, partition.select(val))
+
+
 def _hub_to_arrays(cfg: DatasetConfig, ds) -> ArraySplit:
+    """Images scaled to [0, 1] and flattened (channels first), labels as int64.
+
+    One numpy-formatted slice of the two columns decodes the images into a stacked uint8
+    array in one pass, instead of a Python loop over a lazily read column."""
     if cfg.max_samples:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
-    images = np.stack([np.asarray(img, dtype=np.float32) for img in ds[cfg.feature_key]])
+    columns = ds.with_format("numpy", columns=[cfg.feature_key, cfg.label_key])[:]
+    images = np.asarray(columns[cfg.feature_key], dtype=np.float32)
     if images.ndim == 4:  # N, H, W, C -> N, C, H, W
         images = images.transpose(0, 3, 1, 2)
     x = (images / 255.0).reshape(len(images), -1).astype(np.float32)
-    return ArraySplit(x, np.asarray(ds[cfg.label_key], dtype=np.int64))
+    return ArraySplit(x, np.asarray(columns[cfg.label_key], dtype=np.int64))
