@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import core.data as new  # noqa: E402
-from core.config import load_config  # noqa: E402
+from app.config import load_config  # noqa: E402
 from core.data import (  # noqa: E402
     FEATURES,
     LABEL,
