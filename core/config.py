@@ -224,7 +224,7 @@ class FedAdamConfig(StrategyConfig):
 
 
 @dataclass
-class PrivacyConfig:
+class PrivacyGroupConfig:
     """privacy=none, and the base of the differential-privacy options, which live with their
     protection (protections/dp/config.py)."""
 
@@ -282,7 +282,7 @@ class ExperimentConfig:
     partitioner: PartitionerConfig = MISSING
     model: ModelConfig = MISSING
     strategy: StrategyConfig = MISSING
-    privacy: PrivacyConfig = MISSING
+    privacy: PrivacyGroupConfig = MISSING
     secagg: SecAggConfig = MISSING
     training: TrainingConfig = MISSING
     compression: CompressionConfig = MISSING

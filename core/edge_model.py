@@ -20,7 +20,7 @@ from torch import nn
 INT8_MODEL_FILE = "model_int8.pt"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_linear_layers_int8(model: nn.Module) -> nn.Module:
     """A dynamically quantized copy of `model` (CPU; quantized kernels run there)."""
     with warnings.catch_warnings():
         # torch 2.13 marks torch.ao's eager quantization as migrating to torchao, which is not
@@ -37,7 +37,7 @@ def export_int8(
 ) -> dict:
     """Write `model_int8.pt` (its state_dict) and return its size on disk and, with
     `evaluate_fn`, its metrics on the server's test split."""
-    quantized = quantize_int8(model)
+    quantized = quantize_linear_layers_int8(model)
     path = Path(output_dir) / INT8_MODEL_FILE
     torch.save(quantized.state_dict(), path)
     report: dict = {"file": INT8_MODEL_FILE, "bytes": path.stat().st_size}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flwr.common import ConfigRecord, NDArrays
 
-from core.config import PrivacyConfig
+from protections.dp.config import DPConfig, DPSGDConfig
 from core.training import TrainResult
 from protections.client_step import ClientStep, RoundContext
 from protections.dp.mechanisms import (
@@ -38,7 +38,7 @@ DPSGD_STATE = "dpsgd_accountant"
 class BoundUpdate(ClientStep):
     """Client-side clipping of the update (and, for local DP, this client's own noise)."""
 
-    def __init__(self, privacy: PrivacyConfig) -> None:
+    def __init__(self, privacy: DPConfig) -> None:
         self.noise_seed = privacy.noise_seed  # refused by config unless forced
         self.target_delta = privacy.target_delta
 
@@ -78,7 +78,7 @@ class DPSGDTraining(ClientStep):
 
     replaces_training = True
 
-    def __init__(self, privacy: PrivacyConfig, max_rounds: int) -> None:
+    def __init__(self, privacy: DPSGDConfig, max_rounds: int) -> None:
         self.privacy = privacy
         self.max_rounds = max_rounds  # the worst case target_epsilon is spread over
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.config import ConfigError, ExperimentConfig, PrivacyConfig, Require
+from core.config import ConfigError, ExperimentConfig, PrivacyGroupConfig, Require
 
 ACCOUNTING = ("auto", "poisson", "without_replacement")
 _BUDGET_ON_CLIENTS = "is accounted by each client, so the server cannot stop on a budget"
 
 
 @dataclass
-class DPConfig(PrivacyConfig):
+class DPConfig(PrivacyGroupConfig):
     """The keys every differential-privacy option has."""
 
     noise_multiplier: float = 1.0  # z: noise std = z * clipping norm (dpsgd: * max_grad_norm)
@@ -104,7 +104,7 @@ class DPSGDConfig(DPConfig):
 
 # privacy=<option> -> its schema (server_fixed and client_fixed share their keys).
 OPTIONS: dict[str, object] = {
-    "none": PrivacyConfig,
+    "none": PrivacyGroupConfig,
     "server_fixed": ClientLevelDPConfig,
     "client_fixed": ClientLevelDPConfig(name="client_fixed"),
     "adaptive": AdaptiveDPConfig,

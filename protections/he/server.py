@@ -199,7 +199,7 @@ class HomomorphicAggregation(StrategyWrapper):
         return super().evaluate(server_round, parameters)
 
     # ------------------------------------------------------------------ aggregation
-    def check_update(self, server_round: int, res) -> tuple[int, list[seal.Ciphertext], list[bytes]]:
+    def open_ciphertexts(self, server_round: int, res) -> tuple[int, list[seal.Ciphertext], list[bytes]]:
         """(weight, ciphertexts, their seed ids) of a valid update; HEError says why not."""
         if self._layout is None:
             raise HEError("no model was sent this round")
@@ -263,7 +263,7 @@ class HomomorphicAggregation(StrategyWrapper):
                 if BAD_AGGREGATE_METRIC in metrics:
                     reports.append((proxy, str(metrics[BAD_AGGREGATE_METRIC])[:500]))
                     continue
-                weight, ciphertexts, ids = self.check_update(server_round, res)
+                weight, ciphertexts, ids = self.open_ciphertexts(server_round, res)
                 if round_ids.intersection(ids):
                     raise HEError("duplicate ciphertext: another update of this round has its seed")
                 if total_weight + weight > limit:
