@@ -8,7 +8,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from app.checkpoint import CheckpointError, check_resumable, load, save
 from core.config import ConfigError, load_config, resolved_yaml
 from strategies.factory import build_strategy
-from tests.test_strategies import fit_res, manager
+from tests.support.proxies import fit_res, manager
 
 SHAPES = [(3, 4), (4,)]
 

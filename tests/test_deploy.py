@@ -33,8 +33,7 @@ from app import deploy
 from core.config import load_config
 from core.data import load_client_data, load_file_data
 from protections.he.context import load_context
-from conftest import PROJECT_DIR
-
+from tests.support.flower import PROJECT_DIR
 from tests.support.processes import free_port as _free_port
 from tests.support.processes import processes_with_env, stop_processes
 

@@ -7,14 +7,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.config import ConfigError, he_params, load_config
-from core.data import data_spec, load_client_data
 from protections.he.context import (
     HEError,
     HEParams,
@@ -24,12 +22,12 @@ from protections.he.context import (
     provision,
     unpack_payload,
 )
-from core.models import build_model, get_weights
+from core.models import get_weights
 from protections.he.client import decrypt_model, encrypt_update
-from clients.torch_client import TorchClient
 from protections.dp.server import ClientSideFixedClipping, EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
-from tests.test_strategies import manager
+from tests.support.he import he_client
+from tests.support.proxies import manager
 
 PARAMS = HEParams()
 
@@ -349,25 +347,6 @@ def test_zero_noise_dp_over_he_is_the_uniform_mean(keys):
     params, _ = wrapper.aggregate_fit(1, results, [])
     expected = sum(mdl[0].astype(np.float64) for mdl in models) / 3
     np.testing.assert_allclose(decrypt(secret, params, SHAPES)[0], expected, atol=1e-4)
-
-
-def he_client(tmp_path, overrides):
-    """A real TorchClient (partition 0 of 4) holding freshly provisioned secret keys; returns
-    (client, secret context, public context, initial weights)."""
-    from flwr.common import Context, RecordDict
-
-    secret_path, public_path = provision(PARAMS, tmp_path)
-    cfg = load_config(overrides)
-    spec = data_spec(cfg.dataset)
-    train, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 4, cfg.seed)
-    model = build_model(cfg.model, spec, seed=0)
-    initial = get_weights(model)
-    state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = TorchClient(
-        model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
-        privacy=cfg.privacy, state=state, he_secret_context=str(secret_path),
-    )  # fmt: skip
-    return client, load_context(secret_path), load_context(public_path), initial
 
 
 def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):

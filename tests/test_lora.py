@@ -18,7 +18,7 @@ from core.data import data_spec
 from core.finetune import build_finetune_model, merged_model
 from protections.he.context import provision
 from core.models import build_model, get_weights
-from tests.test_finetune import PUBLIC, checkpoint, client_for  # noqa: F401 - fixture
+from tests.support.finetune import PUBLIC, client_for
 
 DIGITS = data_spec(load_config("").dataset)
 # mlp [64] on digits: Linear 0 (64 -> 64), ReLU 1, Linear 2 (64 -> 10)

@@ -1,47 +1,15 @@
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from core.config import load_config
 from strategies.factory import build_strategy, weighted_metrics
 from strategies.traffic import TrafficMeter, payload_bytes
 from protections.validation.server import RejectMalformedUpdates
-
-
-class LoopbackProxy(ClientProxy):
-    """Stands in for a connected node; the strategies under test only read `cid`."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
-
+from tests.support.proxies import LoopbackProxy, fit_res, manager
 
 GLOBAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
-
-
-def fit_res(arrays, num_examples=10):
-    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {})
-
-
-def manager(n: int) -> SimpleClientManager:
-    cm = SimpleClientManager()
-    for i in range(n):
-        cm.register(LoopbackProxy(str(i)))
-    return cm
 
 
 def test_weighted_metrics_weights_by_examples_and_skips_non_numbers():
