@@ -3,7 +3,11 @@ start (SuperLink, SuperExec, simulation, Ray) is stopped by PID afterwards.
 
 `flower.run` runs `flwr run` on a copy of exactly the files Flower packs from the project
 (tests/support/flower.py says why and checks the copy). (The sweep CLI, the notebooks and the
-deployment tests still run `flwr run` on the project itself.)"""
+deployment tests still run `flwr run` on the project itself.)
+
+Tiers (tests/support/tiers.py): a test without a tier marker is marked unit here, every
+integration and e2e test is also marked slow, and a unit test that starts a process, opens a
+network socket or a process group fails."""
 
 from __future__ import annotations
 
@@ -12,9 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.finetune import pretrain_on_public_split
 from tests.support.flower import PROJECT_DIR, FlowerEnv, fab_files_copy
 from tests.support.processes import processes_with_env
+
+# The tier hooks (tests/support/tiers.py): found here by their names, like hooks defined here.
+from tests.support.tiers import (  # noqa: F401
+    pytest_collection_modifyitems,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
+
+# pytester: tests/test_tiers.py runs pytest sessions of its own, in this process.
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +60,6 @@ def pretrained_checkpoint(tmp_path_factory) -> Path:
 def checkpoint(tmp_path_factory):
     """(path, metadata) of the default mlp pretrained in-process on digits' public split (5
     epochs), once per test module (tests/test_finetune.py, tests/test_lora.py)."""
+    from tests.support.finetune import pretrain_on_public_split  # imports the ClientApp
+
     return pretrain_on_public_split(tmp_path_factory.mktemp("ckpt") / "mlp.pt")

@@ -101,7 +101,7 @@ def test_resume_needs_a_checkpoint_and_an_output_dir(tmp_path):
         load_config("resume=true")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_resumes_from_its_checkpoint_end_to_end(flower, tmp_path):
     """`flwr run` for 2 rounds, then `resume=true num_rounds=4` into the same folder: rounds 3
     and 4 run on the checkpointed model and accountant; results.json holds all four."""

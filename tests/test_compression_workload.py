@@ -22,7 +22,9 @@ from core.models import build_model, get_weights
 from protections.workload.wire import round_times
 from core.training import train
 from strategies.factory import build_strategy
-from test_strategies import manager
+from tests.support.proxies import manager
+
+pytestmark = pytest.mark.unit
 
 CPU = torch.device("cpu")
 values = st.floats(-4, 4, allow_nan=False, width=32)

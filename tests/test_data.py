@@ -100,6 +100,7 @@ def test_linear_data_follows_its_generating_line():
     assert slope == pytest.approx(2.0, abs=0.05) and intercept == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.integration  # a fresh interpreter with an empty cache and no network
 def test_hub_data_set_without_network_fails_clearly(tmp_path):
     """MNIST through Flower Datasets, offline and with an empty cache: a clear error."""
     import subprocess

@@ -362,7 +362,7 @@ def _supernode_command(dep: Deployment, *extra: str) -> str:
             + " ".join(extra))  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
     private, _ = deploy.make_node_auth_keys()
     key = tmp_path / "stranger.key"
@@ -377,7 +377,7 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
     assert len(deployment.nodes()) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_supernode_without_tls_or_trusting_another_ca_cannot_connect(deployment, tmp_path):
     import httpx
 
@@ -407,7 +407,7 @@ def _results(dep: Deployment, name: str) -> tuple[Path, dict]:
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(deployment):
     proc = deployment.run("run-he", timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -443,7 +443,7 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
     assert evaluate(model, test, "classification", torch.device("cpu"))["accuracy"] >= 0.25
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_supernode_killed_mid_run_is_reported_and_the_run_completes(deployment):
     logs = {site: deployment.log(f"supernode-{site}") for site in range(3)}
     offsets = {site: logs[site].stat().st_size for site in logs}
@@ -500,7 +500,7 @@ def _netns_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deployment_across_network_namespaces(tmp_path):
     """The SuperLink, each SuperNode and the workstation in their own network namespace with
     their own address (a bridge in the SuperLink's namespace, a veth pair per peer); nothing

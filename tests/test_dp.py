@@ -26,6 +26,8 @@ from protections.dp.server import (
 from protections.dp.accounting import ClientLevelAccountant, Release
 from tests.support.proxies import manager
 
+pytestmark = pytest.mark.unit
+
 SHAPES = [(50, 40), (40,)]
 DIM = 50 * 40 + 40
 

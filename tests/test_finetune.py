@@ -104,7 +104,7 @@ def test_under_he_only_the_trainable_tensors_are_encrypted(checkpoint, tmp_path)
     assert len(header["lengths"]) == 1  # one ciphertext of 4096 slots
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_federated_fine_tuning_of_the_head_with_int8_updates_end_to_end(
     flower, tmp_path, pretrained_checkpoint
 ):

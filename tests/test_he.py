@@ -29,6 +29,8 @@ from protections.he.server import HomomorphicAggregation
 from tests.support.he import he_client
 from tests.support.proxies import manager
 
+pytestmark = pytest.mark.unit
+
 PARAMS = HEParams()
 
 

@@ -21,6 +21,8 @@ from protections.dp.server import EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
 from tests.support.proxies import InProcessProxy, manager
 
+pytestmark = pytest.mark.unit
+
 PARAMS = HEParams()
 PARAMS_T = {"t": new_context(PARAMS).plain_modulus}  # t depends on the parameters only
 SHAPES = [(20, 5), (7,)]  # 107 values: one ciphertext

@@ -148,7 +148,7 @@ def test_lora_config_errors():
     assert load_config("model=cnn model.lora.r=2 privacy=dpsgd").model.lora.r == 2  # Opacus copes
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path, pretrained_checkpoint):
     """The README's LoRA commands: pretrain on the public split, then `flwr run` with
     model.lora.r=4. Only adapter bytes travel each way; model.pt is the merged model (base

@@ -30,7 +30,7 @@ def test_notebook_is_committed_without_outputs(path: Path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, path.name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "path",
     # each notebook its own xdist group: the two workers share them

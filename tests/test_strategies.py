@@ -9,6 +9,8 @@ from strategies.traffic import TrafficMeter, payload_bytes
 from protections.validation.server import RejectMalformedUpdates
 from tests.support.proxies import LoopbackProxy, fit_res, manager
 
+pytestmark = pytest.mark.unit
+
 GLOBAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
 
 

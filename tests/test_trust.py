@@ -202,6 +202,7 @@ def test_summary_has_a_row_for_a_failed_job_with_its_reason(tmp_path):
 
 
 # --------------------------------------------------------------------------- console
+@pytest.mark.integration  # a fresh interpreter: the import order of a real process
 def test_a_flower_log_line_prints_once_after_opacus_is_imported():
     code = (
         "import logging\n"
