@@ -30,8 +30,9 @@ def test_unit_guard_refuses_every_way_out_of_the_process_and_fails_even_when_cau
         "start a process (os.fork)": lambda: multiprocessing.get_context("fork").Process(target=noop).start(),
         "start a process (os.system)": lambda: os.system("true"),
         "start a process (os.posix_spawn)": lambda: os.posix_spawn("/bin/true", ["true"], {}),
-        "bind a network socket at ('127.0.0.1', 0)": lambda: socket.socket().bind(("127.0.0.1", 0)),
-        "connect a network socket at ('127.0.0.1', 9)": lambda: socket.socket().connect(("127.0.0.1", 9)),
+        "bind a network socket to ('127.0.0.1', 8)": lambda: socket.socket().bind(("127.0.0.1", 8)),
+        "listen on a network socket at ('0.0.0.0', 0)": lambda: socket.socket().listen(),
+        "connect a network socket to ('127.0.0.1', 9)": lambda: socket.socket().connect(("127.0.0.1", 9)),
         "start a torch.distributed process group": lambda: dist.init_process_group(
             "gloo", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1
         ),
@@ -46,6 +47,7 @@ def test_unit_guard_refuses_every_way_out_of_the_process_and_fails_even_when_cau
                 assert f"tests/x.py::t is a unit test and tried to {what}:" in str(refused.value)
             with pytest.raises(UnitTierViolation):  # multiprocessing's default start on Linux
                 multiprocessing.get_context("spawn").Process(target=noop).start()
+            socket.socket(socket.AF_INET6).bind(("::1", 0))  # opens nothing: allowed
             a, b = socket.socketpair()  # a local pipe, not the network: allowed
             a.sendall(b"x")
             assert b.recv(1) == b"x"
@@ -146,6 +148,7 @@ BIND = socket.socket.bind  # what bind is outside any guard of this session
 def server_socket():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
+    s.listen()
     yield s
 
 def test_in_process():
@@ -168,7 +171,7 @@ def test_integration_is_not_guarded():
     result.assert_outcomes(passed=2, failed=1, errors=1)
     result.stdout.fnmatch_lines([
         "*ERROR at setup of test_fixture_binds_a_port*",
-        "unit tier: this test tried to bind a network socket at ('127.0.0.1', 0). Unit tests run in this process only*",
+        "unit tier: this test tried to listen on a network socket at ('127.0.0.1', *). Unit tests run in this process only*",
         "*_ test_swallows_the_refusal _*",
         "unit tier: this test tried to start a process. Unit tests run in this process only*",
     ])  # fmt: skip

@@ -12,8 +12,8 @@ selects exactly the unit tier; a test marked `slow` must also name its tier.
 
 `UnitGuard` enforces the unit tier while a unit test runs (its setup, call and teardown):
 starting a process (subprocess, multiprocessing in any start method, os.fork / posix_spawn /
-system), opening an IPv4/IPv6 socket (bind or connect), a torch.distributed process group or
-a gRPC server raises `UnitTierViolation` at the call, and the test fails with what it tried,
+system), an IPv4/IPv6 socket that listens, connects or binds a port (binding port 0 alone is
+allowed: it opens nothing), a torch.distributed process group or a gRPC server raises `UnitTierViolation` at the call, and the test fails with what it tried,
 also when the code under test caught the exception. Code that starts processes from C without
 going through these functions (none in this project) is not seen.
 
@@ -87,6 +87,14 @@ def assign_tiers(items: list[pytest.Item]) -> None:
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(errors))
 
 
+SOCKET_CALLS = {  # the socket.socket methods a unit test may not call on an IPv4/IPv6 socket
+    "bind": "bind a network socket to",
+    "listen": "listen on a network socket at",
+    "connect": "connect a network socket to",
+    "connect_ex": "connect a network socket to",
+}
+
+
 class UnitTierViolation(RuntimeError):
     """A unit test tried to start a process, open a network socket or a process group."""
 
@@ -135,16 +143,19 @@ class UnitGuard:
 
         def inet_only(verb: str):
             def make(original):
-                def checked(sock, address, *args):
+                def checked(sock, *args):
                     if sock.family in (socket.AF_INET, socket.AF_INET6):
-                        raise self._refuse(f"{verb} a network socket at {address!r}")
-                    return original(sock, address, *args)
+                        where = sock.getsockname() if verb == "listen" else args[0]
+                        # bind to port 0 alone opens nothing (urllib3 probes IPv6 so at import)
+                        if not (verb == "bind" and where[1] == 0):
+                            raise self._refuse(f"{SOCKET_CALLS[verb]} {where!r}")
+                    return original(sock, *args)
 
                 return checked
 
             return make
 
-        for verb in ("bind", "connect", "connect_ex"):
+        for verb in SOCKET_CALLS:
             self._patch(socket.socket, verb, inet_only(verb))
         if "torch.distributed" in sys.modules:
             self._patch(sys.modules["torch.distributed"], "init_process_group",
