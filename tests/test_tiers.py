@@ -30,7 +30,7 @@ def test_unit_guard_refuses_every_way_out_of_the_process_and_fails_even_when_cau
         "start a process (os.fork)": lambda: multiprocessing.get_context("fork").Process(target=noop).start(),
         "start a process (os.system)": lambda: os.system("true"),
         "start a process (os.posix_spawn)": lambda: os.posix_spawn("/bin/true", ["true"], {}),
-        "bind a network socket to ('127.0.0.1', 8)": lambda: socket.socket().bind(("127.0.0.1", 8)),
+        "bind a network socket to ('::1', 0)": lambda: socket.socket(socket.AF_INET6).bind(("::1", 0)),
         "listen on a network socket at ('0.0.0.0', 0)": lambda: socket.socket().listen(),
         "connect a network socket to ('127.0.0.1', 9)": lambda: socket.socket().connect(("127.0.0.1", 9)),
         "start a torch.distributed process group": lambda: dist.init_process_group(
@@ -47,7 +47,6 @@ def test_unit_guard_refuses_every_way_out_of_the_process_and_fails_even_when_cau
                 assert f"tests/x.py::t is a unit test and tried to {what}:" in str(refused.value)
             with pytest.raises(UnitTierViolation):  # multiprocessing's default start on Linux
                 multiprocessing.get_context("spawn").Process(target=noop).start()
-            socket.socket(socket.AF_INET6).bind(("::1", 0))  # opens nothing: allowed
             a, b = socket.socketpair()  # a local pipe, not the network: allowed
             a.sendall(b"x")
             assert b.recv(1) == b"x"
@@ -171,7 +170,27 @@ def test_integration_is_not_guarded():
     result.assert_outcomes(passed=2, failed=1, errors=1)
     result.stdout.fnmatch_lines([
         "*ERROR at setup of test_fixture_binds_a_port*",
-        "unit tier: this test tried to listen on a network socket at ('127.0.0.1', *). Unit tests run in this process only*",
+        "unit tier: this test tried to bind a network socket to ('127.0.0.1', 0). Unit tests run in this process only*",
         "*_ test_swallows_the_refusal _*",
         "unit tier: this test tried to start a process. Unit tests run in this process only*",
     ])  # fmt: skip
+
+
+def test_what_a_module_does_while_it_is_first_imported_is_let_through(tmp_path, monkeypatch):
+    """ray starts `cat | grep` when first imported: whichever test imports it first must not
+    fail for it. The same call from the module's function afterwards is refused."""
+    (tmp_path / "probing_module.py").write_text(
+        "import socket, subprocess\n"
+        "FOUND = subprocess.run(['true']).returncode == 0\n"
+        "socket.socket(socket.AF_INET6).bind(('::1', 0))\n"
+        "def probe():\n"
+        "    return subprocess.run(['true'])\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="^unit tier: this test tried to start a process. Unit"):
+        with UnitGuard("tests/x.py::t"):
+            import probing_module
+
+            assert probing_module.FOUND
+            with pytest.raises(UnitTierViolation):
+                probing_module.probe()

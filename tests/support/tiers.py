@@ -12,10 +12,13 @@ selects exactly the unit tier; a test marked `slow` must also name its tier.
 
 `UnitGuard` enforces the unit tier while a unit test runs (its setup, call and teardown):
 starting a process (subprocess, multiprocessing in any start method, os.fork / posix_spawn /
-system), an IPv4/IPv6 socket that listens, connects or binds a port (binding port 0 alone is
-allowed: it opens nothing), a torch.distributed process group or a gRPC server raises `UnitTierViolation` at the call, and the test fails with what it tried,
-also when the code under test caught the exception. Code that starts processes from C without
-going through these functions (none in this project) is not seen.
+system), an IPv4/IPv6 socket that binds, listens or connects, a torch.distributed process
+group or a gRPC server raises `UnitTierViolation` at the call, and the test fails with what it
+tried, also when the code under test caught the exception. A module's code that runs while it
+is first imported is let through (ray probes for AMD GPUs with `cat | grep`, urllib3 binds an
+IPv6 socket): the first import happens in whichever test of a worker needs it first, so
+refusing it would fail tests by the order they run in. Code that starts processes from C
+without going through these functions (none in this project) is not seen.
 
 The hooks at the end are this plugin; tests/conftest.py imports them (`-p tests.support.tiers`
 loads them into another pytest session).
@@ -95,6 +98,16 @@ SOCKET_CALLS = {  # the socket.socket methods a unit test may not call on an IPv
 }
 
 
+def importing() -> bool:
+    """Whether this call comes from a module's code running at its first import."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class UnitTierViolation(RuntimeError):
     """A unit test tried to start a process, open a network socket or a process group."""
 
@@ -126,6 +139,8 @@ class UnitGuard:
     def _refusing(self, what: str) -> Callable[[Callable], Callable]:
         def make(original):
             def refuse(*args, **kwargs):
+                if importing():
+                    return original(*args, **kwargs)
                 raise self._refuse(what)
 
             return refuse
@@ -144,11 +159,9 @@ class UnitGuard:
         def inet_only(verb: str):
             def make(original):
                 def checked(sock, *args):
-                    if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    if sock.family in (socket.AF_INET, socket.AF_INET6) and not importing():
                         where = sock.getsockname() if verb == "listen" else args[0]
-                        # bind to port 0 alone opens nothing (urllib3 probes IPv6 so at import)
-                        if not (verb == "bind" and where[1] == 0):
-                            raise self._refuse(f"{SOCKET_CALLS[verb]} {where!r}")
+                        raise self._refuse(f"{SOCKET_CALLS[verb]} {where!r}")
                     return original(sock, *args)
 
                 return checked
