@@ -58,7 +58,7 @@ def test_unit_guard_refuses_every_way_out_of_the_process_and_fails_even_when_cau
     message = str(failed.value)
     assert message.startswith("unit tier: this test tried to start a process; and to start a process (os.fork)")
     assert message.count("; and to ") == len(ways_out) + 1  # every refusal, the swallowed one too
-    assert "mark it integration (processes, process groups, keys) or e2e" in message
+    assert "mark it integration (processes, process groups) or e2e" in message
     after = (subprocess.Popen._execute_child, _posixsubprocess.fork_exec, os.fork, socket.socket.bind,
              dist.init_process_group)  # fmt: skip
     assert after == before  # everything put back

@@ -2,7 +2,7 @@
 
 - unit: in this process only: no child process, no process group, no network socket; the
   whole tier runs in under two minutes (`pytest -m unit`).
-- integration: real processes, process groups and keys on this machine (DDP gloo groups, the
+- integration: real processes and process groups on this machine (DDP gloo groups, the
   CLIs run as programs, headless Chromium) and the full-size privacy audit.
 - e2e: `flwr run`, a deployed SuperLink with SuperNodes, the notebooks.
 
@@ -79,7 +79,7 @@ def assign_tiers(items: list[pytest.Item]) -> None:
             item.add_marker("unit")
         if tier == "unit" and item.get_closest_marker("slow") is not None:
             errors.append(f"{item.nodeid}: marked slow but its tier is unit; mark it integration "
-                          "(processes, process groups, keys) or e2e (flwr run, deployment, notebooks)")  # fmt: skip
+                          "(processes, process groups) or e2e (flwr run, deployment, notebooks)")  # fmt: skip
             continue
         if tier != "unit" and item.get_closest_marker("slow") is None:
             item.add_marker("slow")
@@ -124,7 +124,7 @@ class UnitGuard:
         self.violations.append(what)
         return UnitTierViolation(
             f"{self.nodeid} is a unit test and tried to {what}: unit tests run in this process "
-            "only; mark it integration (processes, process groups, keys) or e2e (flwr run, "
+            "only; mark it integration (processes, process groups) or e2e (flwr run, "
             "deployment, notebooks)"
         )
 
@@ -188,7 +188,7 @@ class UnitGuard:
             pytest.fail(
                 "unit tier: this test tried to " + "; and to ".join(self.violations)
                 + ". Unit tests run in this process only: mark it integration (processes, "
-                "process groups, keys) or e2e (flwr run, deployment, notebooks)",
+                "process groups) or e2e (flwr run, deployment, notebooks)",
                 pytrace=False,
             )  # fmt: skip
 
