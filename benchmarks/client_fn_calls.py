@@ -1,7 +1,7 @@
 """Per-call cost of `client_fn` (app/client_app.py) in one process, as a simulation's Ray
 worker or a long-lived ClientApp process calls it for every message.
 
-    python benchmarks/client_fn_calls.py [--calls 20] [--overrides "model=cnn"]
+    python -m benchmarks.client_fn_calls [--calls 20] [--overrides "model=cnn"]
 
 Cycles over 4 partitions. Prints the first call (imports, config validation, model build and
 data load from cold), then the median and mean of the calls after every partition's data is
@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

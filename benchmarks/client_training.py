@@ -1,7 +1,7 @@
 """One client's local-epoch time: fp32 vs bf16/fp16 autocast vs DDP, side by side in one run.
 
-    python benchmarks/client_training.py                 # CPU: digits, the project's CNN
-    python benchmarks/client_training.py --device cuda   # GPU: a VGG-style CNN on 3x32x32
+    python -m benchmarks.client_training                 # CPU: digits, the project's CNN
+    python -m benchmarks.client_training --device cuda   # GPU: a VGG-style CNN on 3x32x32
 
 Every setting trains the same model from the same initial weights through the product's own
 code paths (`core.training.train`, `clients.ddp.train_ddp`). The time of one local epoch
@@ -21,23 +21,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from app.config import load_config  # noqa: E402
-from core.data import ArraySplit, data_spec, load_client_data  # noqa: E402
-from core.models import build_model  # noqa: E402
-from clients.ddp import train_ddp  # noqa: E402
-from core.training import train  # noqa: E402
+from app.config import load_config
+from core.data import ArraySplit, data_spec, load_client_data
+from core.models import build_model
+from clients.ddp import train_ddp
+from core.training import train
 
 
 class VGGish(nn.Module):

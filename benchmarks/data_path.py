@@ -1,8 +1,8 @@
 """Partition loading and the server's test split: the row-by-row path vs the bulk numpy path,
 side by side in one run.
 
-    python benchmarks/data_path.py                       # digits and linear (125,000 samples)
-    python benchmarks/data_path.py --partitions 10 100 --rounds 3
+    python -m benchmarks.data_path                       # digits and linear (125,000 samples)
+    python -m benchmarks.data_path --partitions 10 100 --rounds 3
 
 The old path is kept here, and only here, for the comparison: the local data set in a
 `datasets.Dataset` with its features, Flower Datasets' partitioner over the pool, each
@@ -29,14 +29,12 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import core.data as new  # noqa: E402
-from app.config import load_config  # noqa: E402
-from core.data import (  # noqa: E402
+import core.data as new
+from app.config import load_config
+from core.data import (
     FEATURES,
     LABEL,
     SAMPLE_ID,

@@ -1,6 +1,6 @@
 """One round deployed vs the same round simulated, side by side.
 
-    python benchmarks/deployment_round.py [--rounds 3] [--supernodes 3] [--overrides "..."]
+    python -m benchmarks.deployment_round [--rounds 3] [--supernodes 3] [--overrides "..."]
 
 Runs the same experiment twice, in one go, each in its own Flower home with free ports:
 - simulation: `flwr run .` on Flower's simulation engine with N SuperNodes (1 CPU each);
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.processes import free_port, isolated_flower_env, stop_flower
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.support.processes import free_port, isolated_flower_env, stop_flower  # noqa: E402
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Fine-tuning and compression side by side on digits, from one run of this script.
 
-    python benchmarks/finetuning.py [--rounds 10] [--supernodes 10] [--json out.json]
+    python -m benchmarks.finetuning [--rounds 10] [--supernodes 10] [--json out.json]
 
 Every configuration is a full `flwr run` simulation (app.sweep.run_experiment) on the same
 data: `dataset.public_fraction=0.2` everywhere, so the clients hold the same examples whether
@@ -27,9 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.support.processes import isolated_flower_env, stop_flower  # noqa: E402
+from tests.support.processes import isolated_flower_env, stop_flower
+
 
 TARGET = 0.9
 

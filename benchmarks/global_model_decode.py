@@ -7,7 +7,7 @@ with it (validation, compression, DP) and Flower's FedAvg.evaluate each decoded 
 all of them. This script times the server's share of a round that touches the global model
 (configure_fit of the configured stack, evaluate, the checkpoint's arrays) and one decode.
 
-    python benchmarks/global_model_decode.py [--overrides "privacy=server_fixed compression=fp16"]
+    python -m benchmarks.global_model_decode [--overrides "privacy=server_fixed compression=fp16"]
 
 It runs unchanged on a tree without GlobalModel (then the checkpoint decodes by itself, as
 app/experiment_server.py did), so the two trees can be compared. The evaluation function

@@ -2,7 +2,7 @@
 every DP mechanism) against NumPy's PCG64 (used only when reproducible noise is forced), side
 by side in one run, for the noise of one round at several model sizes.
 
-    python benchmarks/noise_source.py
+    python -m benchmarks.noise_source
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Privacy-utility benchmark on digits: accuracy against epsilon, side by side in one run.
 
-    python benchmarks/privacy_utility.py            # the README's table (about 30 min on 2 cores)
-    python benchmarks/privacy_utility.py --quick    # a smoke version (few rounds)
+    python -m benchmarks.privacy_utility            # the README's table (about 30 min on 2 cores)
+    python -m benchmarks.privacy_utility --quick    # a smoke version (few rounds)
 
 Two Hydra sweeps through the sweep CLI (each job a full `flwr run` simulation):
 - client-level DP (`privacy=server_fixed`): 100 SuperNodes, 20 sampled per round, a sweep of
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from app.sweep import SUMMARY_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from app.sweep import SUMMARY_FILE  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -1,6 +1,6 @@
 """Secure aggregation side by side: plaintext FedAvg, our HE aggregation, Flower's SecAgg+.
 
-    python benchmarks/secure_aggregation.py [--rounds 4] [--supernodes 10] [--models digits,1m]
+    python -m benchmarks.secure_aggregation [--rounds 4] [--supernodes 10] [--models digits,1m]
         [--json measurements.json] [--plot figure.png]
 
 Each configuration is a full Flower simulation (`flwr.simulation.run_simulation`, Ray backend)
@@ -28,13 +28,10 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {
     "digits": ("MLP [64] on digits", "model.hidden_sizes=[64]"),

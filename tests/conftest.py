@@ -1,63 +1,34 @@
 """Shared fixtures. End-to-end tests get their own FLWR_HOME and ports, and every process they
 start (SuperLink, SuperExec, simulation, Ray) is stopped by PID afterwards.
 
-`flower.run` runs `flwr run` on a copy of exactly the files Flower packs from the project (the
-FAB's files), made once per session: to build the FAB, `flwr run .` walks every file under the
-project, the virtualenv included (about 60,000 files; 4.7-8.6 s a build, measured here on two
-busy cores), on every run. The fixture checks that the copy builds a FAB byte-identical to the
-project's, so every run still sends what `flwr run .` from the project would send. (The sweep
-CLI, the notebooks and the deployment tests still run `flwr run` on the project itself.)"""
+`flower.run` runs `flwr run` on a copy of exactly the files Flower packs from the project
+(tests/support/flower.py says why and checks the copy). (The sweep CLI, the notebooks and the
+deployment tests still run `flwr run` on the project itself.)
+
+Tiers (tests/support/tiers.py): a test without a tier marker is marked unit here, every
+integration and e2e test is also marked slow, and a unit test that starts a process, opens a
+network socket or a process group fails."""
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
 import subprocess
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.support.processes import isolated_flower_env, processes_with_env, stop_processes
+from tests.support.flower import PROJECT_DIR, FlowerEnv, fab_files_copy
+from tests.support.processes import processes_with_env
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+# The tier hooks (tests/support/tiers.py): found here by their names, like hooks defined here.
+from tests.support.tiers import (  # noqa: F401
+    pytest_collection_modifyitems,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 
-
-class FlowerEnv:
-    """An isolated Flower home: `run()` calls `flwr run` with it; `stop()` ends everything."""
-
-    def __init__(self, home: Path, app_dir: Path = PROJECT_DIR) -> None:
-        self.home = home
-        self.app_dir = app_dir
-        self.env = {**os.environ, **isolated_flower_env(home)}
-
-    def run(self, overrides: str, num_supernodes: int = 4, timeout: float = 400, cwd=PROJECT_DIR):
-        command = [
-            "flwr", "run", str(self.app_dir), "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-            "--run-config", f'overrides="{overrides}"',
-        ]  # fmt: skip
-        return subprocess.run(
-            command, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
-
-    def stop(self) -> None:
-        stop_processes(processes_with_env("FLWR_HOME", str(self.home)))
-
-
-def fab_files_copy(dest: Path) -> Path:
-    """Copy the files of the project's FAB (what `flwr run .` packs) to `dest`; check that
-    `dest` builds the same FAB, byte for byte."""
-    from flwr.cli.build import build_fab_from_disk
-
-    fab = build_fab_from_disk(PROJECT_DIR)
-    names = [n for n in zipfile.ZipFile(io.BytesIO(fab)).namelist() if not n.startswith(".info/")]
-    for name in [*names, ".gitignore"]:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT_DIR / name, dest / name)
-    assert build_fab_from_disk(dest) == fab, "the copy does not build the project's FAB"
-    return dest
+# pytester: tests/test_tiers.py runs pytest sessions of its own, in this process.
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +54,12 @@ def pretrained_checkpoint(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ckpt
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(path, metadata) of the default mlp pretrained in-process on digits' public split (5
+    epochs), once per test module (tests/test_finetune.py, tests/test_lora.py)."""
+    from tests.support.finetune import pretrain_on_public_split  # imports the ClientApp
+
+    return pretrain_on_public_split(tmp_path_factory.mktemp("ckpt") / "mlp.pt")

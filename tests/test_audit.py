@@ -43,7 +43,7 @@ SMALL = audit.default_audits(scale=0.05, overrides=())
 MIN_BOUND = {"dpsgd_seed_replay": 0.0, "server_fixed/poisson_q0.5": 0.3, "adaptive/poisson": 0.25}
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # the audit at full size: about 85 s
 @pytest.mark.parametrize("name", list(SMALL))
 def test_every_reported_epsilon_survives_its_audit(name):
     result = SMALL[name]()
@@ -69,7 +69,7 @@ def old_replace_one(monkeypatch):
     monkeypatch.setitem(accounting.SENSITIVITY, accounting.NeighboringRelation.REPLACE_ONE, 1.0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # the audit at full size: about 85 s
 @pytest.mark.parametrize(
     "break_it, sampling, z",
     [
@@ -91,7 +91,7 @@ def test_a_broken_accountant_fails_the_audit(monkeypatch, break_it, sampling, z)
     assert not result.holds and result.lower_bound > result.reported_epsilon
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # the audit at full size: about 85 s
 def test_seed_replay_wins_against_a_public_seed_and_not_against_os_entropy(monkeypatch):
     """Audit defect 1: with DP-SGD's sampling and noise drawn from a generator seeded by public
     values, replaying the client tells membership every time, far beyond the epsilon; with

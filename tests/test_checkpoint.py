@@ -9,7 +9,7 @@ from app.checkpoint import CheckpointError, check_resumable, load, save
 from app.config import load_config
 from core.config import ConfigError, resolved_yaml
 from strategies.factory import build_strategy
-from tests.test_strategies import fit_res, manager
+from tests.support.proxies import fit_res, manager
 
 SHAPES = [(3, 4), (4,)]
 
@@ -102,7 +102,7 @@ def test_resume_needs_a_checkpoint_and_an_output_dir(tmp_path):
         load_config("resume=true")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_resumes_from_its_checkpoint_end_to_end(flower, tmp_path):
     """`flwr run` for 2 rounds, then `resume=true num_rounds=4` into the same folder: rounds 3
     and 4 run on the checkpointed model and accountant; results.json holds all four."""

@@ -24,7 +24,9 @@ from core.models import build_model, get_weights
 from protections.workload.wire import round_times
 from core.training import train
 from strategies.factory import build_strategy
-from test_strategies import manager
+from tests.support.proxies import manager
+
+pytestmark = pytest.mark.unit
 
 CPU = torch.device("cpu")
 values = st.floats(-4, 4, allow_nan=False, width=32)
@@ -123,7 +125,7 @@ def test_compression_combinations_that_cannot_work_fail_at_config_time():
         load_config("compression=fp16 privacy=client_fixed")
     with pytest.raises(ConfigError, match="compression.name='zip' is not one of none, fp16, int8"):
         load_config("compression.name=zip")
-    with pytest.raises(ConfigError, match="workload.capabilities"):
+    with pytest.raises(ConfigError, match=r"workload.capabilities=\[1.0, 0.0\]: each capability must be in \(0, 1\]"):
         load_config("workload=capability workload.capabilities=[1.0,0.0]")
     with pytest.raises(ConfigError, match="workload=uniform with privacy=dpsgd"):
         load_config("workload=capability privacy=dpsgd")

@@ -100,6 +100,7 @@ def test_linear_data_follows_its_generating_line():
     assert slope == pytest.approx(2.0, abs=0.05) and intercept == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.integration  # a fresh interpreter with an empty cache and no network
 def test_hub_data_set_without_network_fails_clearly(tmp_path):
     """MNIST through Flower Datasets, offline and with an empty cache: a clear error."""
     import subprocess
@@ -265,6 +266,7 @@ def test_client_arrays_are_fresh_copies():
     assert np.array_equal(again.x, before) and again.x.max() > 0
 
 
+@pytest.mark.integration  # datasets' parquet loader starts worker processes
 def test_hub_path_returns_the_images_of_a_row_by_row_reading(tmp_path, monkeypatch):
     """A hub-style data set (PNG images in Parquet, train and test splits) read offline from
     a local folder through Flower Datasets: the bulk numpy slice gives the pixels a per-image

@@ -60,7 +60,7 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
     )
 
 
-@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
+@pytest.mark.integration  # starts a gloo process group (spawned workers)
 @pytest.mark.parametrize(
     "overrides,mu,max_steps",
     [
@@ -136,7 +136,7 @@ class HangOnRank1(RaiseOnRank1):
         return self.fc(x)
 
 
-@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
+@pytest.mark.integration  # starts a gloo process group (spawned workers)
 def test_a_failing_worker_raises_its_traceback_and_leaves_no_process():
     cfg, data, spec = digits_client(overrides="training.world_size=2")
     started = time.monotonic()
@@ -147,7 +147,7 @@ def test_a_failing_worker_raises_its_traceback_and_leaves_no_process():
     assert child_pids() == [] and multiprocessing.active_children() == []
 
 
-@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
+@pytest.mark.integration  # starts a gloo process group (spawned workers)
 def test_a_hung_worker_hits_the_timeout_and_leaves_no_process():
     cfg, data, spec = digits_client(overrides="training.world_size=2 training.ddp_timeout_s=10")
     started = time.monotonic()
@@ -157,7 +157,7 @@ def test_a_hung_worker_hits_the_timeout_and_leaves_no_process():
     assert child_pids() == [] and multiprocessing.active_children() == []
 
 
-@pytest.mark.slow  # starts a gloo process group (spawned workers): not the unit tier
+@pytest.mark.integration  # starts a gloo process group (spawned workers)
 def test_concurrent_clients_get_their_own_rendezvous_ports():
     """Two clients of one machine train at once (as Ray runs them): each gets its own
     store port, and both produce their single-process weights."""
@@ -188,7 +188,7 @@ def test_simulated_client_resources_follow_the_training_config():
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_flwr_run_with_ddp_and_bf16_learns_digits(flower, tmp_path):
     out = tmp_path / "ddp"
     proc = flower.run(

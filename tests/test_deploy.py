@@ -34,8 +34,7 @@ from app.config import load_config
 from core.data import load_client_data, load_file_data
 from core.result_types import FailureRecord
 from protections.he.context import load_context
-from conftest import PROJECT_DIR
-
+from tests.support.flower import PROJECT_DIR
 from tests.support.processes import free_port as _free_port
 from tests.support.processes import processes_with_env, stop_processes
 
@@ -146,7 +145,7 @@ def test_credentials_reject_bad_arguments(tmp_path, capsys):
     assert "add --he" in capsys.readouterr().err
     assert deploy.main(["credentials", "--out", str(tmp_path), "--supernodes", "1",
                         "--he", "secagg.poly_modulus_degree=1000"]) == 2  # fmt: skip
-    assert "poly_modulus_degree" in capsys.readouterr().err
+    assert "secagg.poly_modulus_degree=1000: use a power of two >= 1024" in capsys.readouterr().err
     assert not (tmp_path / "ca.key").exists()  # nothing written before the config is valid
 
 
@@ -364,7 +363,7 @@ def _supernode_command(dep: Deployment, *extra: str) -> str:
             + " ".join(extra))  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
     private, _ = deploy.make_node_auth_keys()
     key = tmp_path / "stranger.key"
@@ -379,7 +378,7 @@ def test_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
     assert len(deployment.nodes()) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_supernode_without_tls_or_trusting_another_ca_cannot_connect(deployment, tmp_path):
     import httpx
 
@@ -409,7 +408,7 @@ def _results(dep: Deployment, name: str) -> tuple[Path, dict]:
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(deployment):
     proc = deployment.run("run-he", timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -445,7 +444,7 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
     assert evaluate(model, test, "classification", torch.device("cpu"))["accuracy"] >= 0.25
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_supernode_killed_mid_run_is_reported_and_the_run_completes(deployment):
     logs = {site: deployment.log(f"supernode-{site}") for site in range(3)}
     offsets = {site: logs[site].stat().st_size for site in logs}
@@ -502,7 +501,7 @@ def _netns_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deployment_across_network_namespaces(tmp_path):
     """The SuperLink, each SuperNode and the workstation in their own network namespace with
     their own address (a bridge in the SuperLink's namespace, a veth pair per peer); nothing

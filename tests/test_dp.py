@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flwr.common import Code, Context, FitRes, RecordDict, Status
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import FedAvg
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,7 +26,9 @@ from protections.dp.server import (
     ServerSideFixedClipping,
 )
 from protections.dp.accounting import ClientLevelAccountant, Release
-from tests.test_strategies import LoopbackProxy
+from tests.support.proxies import manager
+
+pytestmark = pytest.mark.unit
 
 SHAPES = [(50, 40), (40,)]
 DIM = 50 * 40 + 40
@@ -35,13 +36,6 @@ DIM = 50 * 40 + 40
 
 def zeros():
     return [np.zeros(s, dtype=np.float32) for s in SHAPES]
-
-
-def manager(n):
-    cm = SimpleClientManager()
-    for i in range(n):
-        cm.register(LoopbackProxy(str(i)))
-    return cm
 
 
 def run_round(wrapper, cm, global_weights, client_updates, server_round=1, examples=None):

@@ -15,7 +15,7 @@ import torch
 
 from app.sweep import TIMESTAMPED
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def test_default_experiment_on_digits_learns_and_writes_every_result(flower, tmp_path):

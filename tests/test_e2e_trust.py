@@ -12,7 +12,7 @@ import pytest
 from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE
 from app.sweep import STARTED_RUN, TIMESTAMPED, run_experiment
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SMALL = "num_rounds=1 simulation.num_supernodes=2"
 FLOWER_KEYS = ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT",

@@ -9,9 +9,7 @@ import pytest
 import torch
 from flwr.common import (
     Code,
-    Context,
     FitIns,
-    RecordDict,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -25,29 +23,10 @@ from core.finetune import build_finetune_model
 from protections.he.context import provision
 from core.models import get_weights
 from app.pretrain import pretrain
+from tests.support.finetune import PUBLIC, client_for
 
-# One xdist worker runs this whole file: its module-scoped fixture is built once.
+# One xdist worker runs this whole file: its module-scoped `checkpoint` (conftest) is built once.
 pytestmark = pytest.mark.xdist_group("finetune")
-
-PUBLIC = "dataset.public_fraction=0.2"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "mlp.pt"
-    meta = pretrain([PUBLIC], path, epochs=5)
-    return path, meta
-
-
-def client_for(cfg, partition_id=0, num_partitions=4, node_config=None):
-    ctx = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})},
-        state=RecordDict(),
-        run_config={},
-    )
-    return build_client(cfg, ctx)
 
 
 def test_public_split_is_held_by_no_client():
@@ -128,7 +107,7 @@ def test_under_he_only_the_trainable_tensors_are_encrypted(checkpoint, tmp_path)
     assert len(header["lengths"]) == 1  # one ciphertext of 4096 slots
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_federated_fine_tuning_of_the_head_with_int8_updates_end_to_end(
     flower, tmp_path, pretrained_checkpoint
 ):

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
@@ -26,13 +25,16 @@ from protections.he.context import (
     provision,
     unpack_payload,
 )
-from core.models import build_model, get_weights
+from core.models import get_weights
 from protections.he.client import decrypt_model, encrypt_update
 from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
 from protections.dp.server import ClientSideFixedClipping, EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
-from tests.test_strategies import manager
+from tests.support.he import he_client
+from tests.support.proxies import manager
+
+pytestmark = pytest.mark.unit
 
 PARAMS = HEParams()
 
@@ -354,25 +356,6 @@ def test_zero_noise_dp_over_he_is_the_uniform_mean(keys):
     np.testing.assert_allclose(decrypt(secret, params, SHAPES)[0], expected, atol=1e-4)
 
 
-def he_client(tmp_path, overrides):
-    """A real TorchClient (partition 0 of 4) holding freshly provisioned secret keys; returns
-    (client, secret context, public context, initial weights)."""
-    from flwr.common import Context, RecordDict
-
-    secret_path, public_path = provision(PARAMS, tmp_path)
-    cfg = load_config(overrides)
-    spec = data_spec(cfg.dataset)
-    train, val = load_client_data(cfg.dataset, cfg.partitioner, 0, 4, cfg.seed)
-    model = build_model(cfg.model, spec, seed=0)
-    initial = get_weights(model)
-    state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = TorchClient(
-        model, train, val, spec.task, cfg.training, torch.device("cpu"), seed=1,
-        steps=build_pipeline(cfg, he_secret_context=str(secret_path)), state=state,
-    )  # fmt: skip
-    return client, load_context(secret_path), load_context(public_path), initial
-
-
 def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
     """A real TorchClient under secagg=he privacy=client_fixed: what it encrypts is within C of
     the global model (rounding included), and it trains from the decrypted global model."""
@@ -397,24 +380,31 @@ def test_client_clips_its_encrypted_update_within_c(keys, tmp_path):
 
 
 # ------------------------------------------------------------------ configuration
+# `says` is text only the right error holds: never a piece of the overrides (a composition
+# error repeats them), never a word any message holds ("he" is in "the").
 @pytest.mark.parametrize(
     "overrides,key,says",
     [
-        ("secagg=he privacy=server_fixed", "privacy.name", "client_fixed"),
-        ("secagg=he privacy=adaptive", "privacy.name", "cannot clip"),
-        ("secagg=he strategy=fedadam", "strategy.name", "fedavg"),
-        ("secagg=he strategy=fedavgm", "strategy.name", "fedprox"),
-        ("secagg=he secagg.coeff_mod_bit_sizes=[60,60]", "coeff_mod_bit_sizes", "128-bit"),
-        ("secagg=he secagg.plain_modulus_bits=52", "plain_modulus_bits", "noise budget"),
-        ("secagg=he secagg.poly_modulus_degree=3000", "poly_modulus_degree", "power of two"),
-        ("secagg=he secagg.scale_bits=36", "scale_bits", "does not fit"),
-        ("secagg=he secagg.max_abs_value=0", "secagg.max_abs_value", "> 0"),
+        ("secagg=he privacy=server_fixed", "privacy.name", "the server cannot see updates, so it cannot clip them"),
+        ("secagg=he privacy=adaptive", "privacy.name", "the server cannot see updates, so it cannot clip them"),
+        ("secagg=he strategy=fedadam", "strategy.name", "use strategy=fedavg or strategy=fedprox"),
+        ("secagg=he strategy=fedavgm", "strategy.name", "use strategy=fedavg or strategy=fedprox"),
+        ("secagg=he secagg.coeff_mod_bit_sizes=[60,60]", "secagg.coeff_mod_bit_sizes=[60, 60]",
+         "128-bit security allows at most 109 bits in total"),
+        ("secagg=he secagg.plain_modulus_bits=52", "with plain_modulus_bits=52",
+         ">= plain_modulus_bits + 8 (the noise budget that decryption needs)"),
+        ("secagg=he secagg.poly_modulus_degree=3000", "secagg.poly_modulus_degree=3000:",
+         "use a power of two >= 1024"),
+        ("secagg=he secagg.scale_bits=36", "secagg.max_abs_value=8.0 at scale_bits=36",
+         "does not fit plain_modulus_bits=40"),
+        ("secagg=he secagg.max_abs_value=0", "secagg.max_abs_value", "secagg.max_abs_value=0.0: must be > 0"),
         ("secagg=he privacy=client_fixed privacy.clipping_norm=0.001 secagg.scale_bits=8",
-         "secagg.scale_bits", "rounding"),
-        ("secagg=ckks", "secagg", "he"),
+         "secagg.scale_bits=8:", "the fixed-point rounding of 4810 encrypted values"),
+        ("secagg=ckks", "secagg", "Could not find 'secagg/ckks'"),
     ],
 )  # fmt: skip
 def test_bad_he_settings_fail_before_training(overrides, key, says):
+    assert says not in overrides  # the test can fail
     with pytest.raises(ConfigError) as err:
         load_config(overrides)
     assert key in str(err.value) and says in str(err.value)

@@ -19,8 +19,9 @@ from protections.he.context import HEParams, load_ciphertext, new_context, pack_
 from protections.he.client import BAD_AGGREGATE_METRIC, BadAggregate, decrypt_model, encrypt_update
 from protections.dp.server import EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
-from tests.test_strategies import manager
-from tests.test_trust import InProcessProxy
+from tests.support.proxies import InProcessProxy, manager
+
+pytestmark = pytest.mark.unit
 
 PARAMS = HEParams()
 PARAMS_T = {"t": new_context(PARAMS).plain_modulus}  # t depends on the parameters only
@@ -482,7 +483,7 @@ def fuzz(secret, public, models, honest, r1, expected, cases):
 def test_a_client_reports_a_bad_global_model_instead_of_training(keys, tmp_path):
     """A real TorchClient handed an aggregate whose weight was edited: it trains nothing and
     returns the fit metric the server rolls back on."""
-    from tests.test_he import he_client
+    from tests.support.he import he_client
 
     client, secret, public, initial = he_client(tmp_path, "secagg=he")
     update = encrypt_update(secret, initial, 3, 1)

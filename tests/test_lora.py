@@ -20,7 +20,7 @@ from core.data import data_spec
 from core.finetune import build_finetune_model, merged_model
 from protections.he.context import provision
 from core.models import build_model, get_weights
-from tests.test_finetune import PUBLIC, checkpoint, client_for  # noqa: F401 - fixture
+from tests.support.finetune import PUBLIC, client_for
 
 DIGITS = data_spec(load_config("").dataset)
 # mlp [64] on digits: Linear 0 (64 -> 64), ReLU 1, Linear 2 (64 -> 10)
@@ -150,7 +150,7 @@ def test_lora_config_errors():
     assert load_config("model=cnn model.lora.r=2 privacy=dpsgd").model.lora.r == 2  # Opacus copes
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_federated_lora_fine_tuning_end_to_end(flower, tmp_path, pretrained_checkpoint):
     """The README's LoRA commands: pretrain on the public split, then `flwr run` with
     model.lora.r=4. Only adapter bytes travel each way; model.pt is the merged model (base

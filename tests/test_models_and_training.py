@@ -8,6 +8,8 @@ from core.evaluation import evaluate
 from core.models import build_model, get_weights, num_parameters, set_weights
 from core.training import train
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 

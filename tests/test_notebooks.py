@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_DIR
+from tests.support.flower import PROJECT_DIR
 
 NOTEBOOKS = sorted((PROJECT_DIR / "notebooks").glob("*.ipynb"))
 # Figures each notebook draws (01: accuracy and loss; 02: accuracy vs epsilon, epsilon per round;
@@ -30,7 +30,7 @@ def test_notebook_is_committed_without_outputs(path: Path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, path.name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "path",
     # each notebook its own xdist group: the two workers share them

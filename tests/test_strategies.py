@@ -1,47 +1,17 @@
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from app.config import load_config
 from strategies.factory import build_strategy, weighted_metrics
 from strategies.traffic import TrafficMeter, payload_bytes
 from protections.validation.server import RejectMalformedUpdates
+from tests.support.proxies import LoopbackProxy, fit_res, manager
 
-
-class LoopbackProxy(ClientProxy):
-    """Stands in for a connected node; the strategies under test only read `cid`."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
-
+pytestmark = pytest.mark.unit
 
 GLOBAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
-
-
-def fit_res(arrays, num_examples=10):
-    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {})
-
-
-def manager(n: int) -> SimpleClientManager:
-    cm = SimpleClientManager()
-    for i in range(n):
-        cm.register(LoopbackProxy(str(i)))
-    return cm
 
 
 def test_weighted_metrics_weights_by_examples_and_skips_non_numbers():
@@ -91,15 +61,57 @@ def test_traffic_meter_counts_every_payload_byte():
     assert payload_bytes(params) >= 4 * (6 + 3)
 
 
+def base_step(name, cfg, current, mean, state):
+    """The server step of each base strategy after the weighted mean `mean` (float64), written
+    from the algorithms (McMahan et al.; Hsu et al. 2019 for momentum; Reddi et al. 2021 for
+    FedAdam, with Flower's bias-corrected step size); `state` carries momentum / moments."""
+    s = cfg.strategy
+    if name in ("fedavg", "fedprox"):  # FedProx changes the clients' loss, not the server step
+        return mean
+    if name == "fedavgm":
+        grad = [w - m for w, m in zip(current, mean)]
+        state["momentum"] = [s.server_momentum * v + g for v, g in zip(state["momentum"], grad)] if "momentum" in state else grad
+        return [w - s.server_learning_rate * v for w, v in zip(current, state["momentum"])]
+    delta = [m - w for m, w in zip(mean, current)]
+    state["m"] = [s.beta_1 * m + (1 - s.beta_1) * d for m, d in zip(state.get("m", [0.0] * len(delta)), delta)]
+    state["v"] = [s.beta_2 * v + (1 - s.beta_2) * d * d for v, d in zip(state.get("v", [0.0] * len(delta)), delta)]
+    state["t"] = state.get("t", 0) + 1
+    eta = s.eta * np.sqrt(1 - s.beta_2 ** (state["t"] + 1)) / (1 - s.beta_1 ** (state["t"] + 1))
+    return [w + eta * m / (np.sqrt(v) + s.tau) for w, m, v in zip(current, state["m"], state["v"])]
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam"])
-def test_factory_builds_flower_strategies_with_configured_sampling(name):
+def test_factory_stack_samples_as_configured_meters_rejects_and_takes_the_base_step(name):
+    """The stack build_strategy makes for `strategy=<name>`, observed from outside over two
+    rounds: it samples the configured fraction, sends the training instructions (FedProx's mu
+    too), counts every byte, rejects a non-finite update with its node, and moves the model
+    the way the named algorithm with the configured settings does."""
     cfg = load_config(f"strategy={name} strategy.fraction_train=0.3")
-    strategy = build_strategy(cfg, ndarrays_to_parameters(GLOBAL), evaluate_fn=None)
-    # TrafficMeter(Workload(RejectMalformedUpdates(base)))
-    assert type(strategy.strategy.strategy.strategy).__name__.lower() == name
-    sent = strategy.configure_fit(1, ndarrays_to_parameters(GLOBAL), manager(10))
-    assert len(sent) == 3
-    config = sent[0][1].config
-    assert config["server_round"] == 1 and config["local_epochs"] == cfg.training.local_epochs
-    if name == "fedprox":
-        assert config["proximal_mu"] == pytest.approx(0.1)
+    stack = build_strategy(cfg, ndarrays_to_parameters(GLOBAL), evaluate_fn=None)
+    rng = np.random.default_rng(0)
+    current, state = [g.astype(np.float64) for g in GLOBAL], {}
+    for server_round in (1, 2):
+        sent_params = ndarrays_to_parameters([w.astype(np.float32) for w in current])
+        sent = stack.configure_fit(server_round, sent_params, manager(10))
+        assert len(sent) == 3  # 0.3 of 10 nodes
+        for _, ins in sent:
+            assert ins.config["server_round"] == server_round
+            assert ins.config["local_epochs"] == cfg.training.local_epochs and ins.config["lr"] == cfg.training.lr
+            assert ins.config["workload"] == "uniform"
+            assert ins.config.get("proximal_mu") == (pytest.approx(0.1) if name == "fedprox" else None)
+        updates = [[(w + rng.normal(0, 1, w.shape)).astype(np.float32) for w in current] for _ in sent]
+        examples = [10, 20, 30]
+        results = [(proxy, fit_res(u, n)) for (proxy, _), u, n in zip(sent, updates, examples)]
+        results.append((LoopbackProxy("bad"), fit_res([np.full((2, 3), np.nan, np.float32), np.zeros(3, np.float32)])))
+        params, _ = stack.aggregate_fit(server_round, results, [])
+        assert stack.rejected_updates(server_round) == [("bad", "tensor 0 has non-finite values")]
+        traffic = stack.traffic(server_round)
+        assert traffic.bytes_down == 3 * payload_bytes(sent_params)
+        assert traffic.bytes_up == sum(payload_bytes(res.parameters) for _, res in results)
+        mean = [sum(n * u[i].astype(np.float64) for u, n in zip(updates, examples)) / sum(examples)
+                for i in range(len(current))]  # fmt: skip
+        current = base_step(name, cfg, current, mean, state)
+        got = parameters_to_ndarrays(params)
+        for g, want in zip(got, current):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+        current = [g.astype(np.float64) for g in got]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict, ndarrays_to_parameters
-from flwr.server.client_proxy import ClientProxy
 
 from app.client_app import build_client
 from app.config import load_config
@@ -30,30 +29,7 @@ from core.models import get_weights, set_weights
 from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
 from app.sweep import STATUS_FILE, job_outcome, write_summary
 from strategies.factory import build_strategy
-
-
-class InProcessProxy(ClientProxy):
-    """A node whose calls go straight to a real Flower Client built by the ClientApp's
-    build_client (what a SuperNode runs), in this process."""
-
-    def __init__(self, cid: str, client) -> None:
-        super().__init__(cid)
-        self.client = client
-
-    def fit(self, ins, timeout, group_id):
-        return self.client.fit(ins)
-
-    def evaluate(self, ins, timeout, group_id):
-        return self.client.evaluate(ins)
-
-    def get_parameters(self, ins, timeout, group_id):
-        return self.client.get_parameters(ins)
-
-    def get_properties(self, ins, timeout, group_id):
-        return self.client.get_properties(ins)
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
+from tests.support.proxies import InProcessProxy
 
 
 def run_rounds(overrides: str, tmp_path, num_nodes: int = 2, num_rounds: int = 2):
@@ -226,6 +202,7 @@ def test_summary_has_a_row_for_a_failed_job_with_its_reason(tmp_path):
 
 
 # --------------------------------------------------------------------------- console
+@pytest.mark.integration  # a fresh interpreter: the import order of a real process
 def test_a_flower_log_line_prints_once_after_opacus_is_imported():
     code = (
         "import logging\n"
