@@ -145,6 +145,7 @@ def test_sweep_report_has_the_jobs_table_and_accuracy_against_epsilon(tmp_path):
     )
 
 
+@pytest.mark.integration  # runs `python -m app.report` as a program (its exit code and stderr)
 def test_a_directory_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="results.json.*summary.csv"):
         build_report(tmp_path)
@@ -156,6 +157,7 @@ def test_a_directory_without_results_is_a_clear_error(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.integration  # renders the report in headless Chromium
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 @pytest.mark.parametrize("kind", ["run", "sweep"])
 def test_the_report_shows_its_figures_in_headless_chromium(tmp_path, kind):

@@ -112,8 +112,7 @@ def test_an_unmarked_test_is_unit_and_not_slow_selects_the_unit_tier(run_session
     assert [line.split("::")[1] for line in result.outlines if "::" in line] == selected
 
 
-def test_contradicting_or_stale_tiers_stop_the_session_and_name_each_test(run_session, monkeypatch):
-    monkeypatch.setitem(tiers.TIERS_NOT_IN_THEIR_FILE, ("test_inner.py", "test_gone"), "integration")
+def test_contradicting_tiers_stop_the_session_and_name_each_test(run_session):
     source = """
 import pytest
 
@@ -131,7 +130,6 @@ def test_two_tiers():
     errors = "\n".join(result.errlines)
     assert "test_inner.py::test_only_slow: marked slow but its tier is unit" in errors
     assert "test_inner.py::test_two_tiers: marked e2e and unit; a test has one tier" in errors
-    assert "TIERS_NOT_IN_THEIR_FILE: test_inner.py::test_gone is no collected test" in errors
 
 
 def test_a_unit_test_that_leaves_the_process_fails_in_setup_or_call(run_session):

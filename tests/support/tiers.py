@@ -37,16 +37,6 @@ import pytest
 
 TIERS = ("unit", "integration", "e2e")
 
-# Tests whose own file cannot carry their tier marker in this change (another change owns the
-# file): (file name, test function name) -> tier. Move each marker into its file and delete
-# the entry; an entry that matches no collected test of a collected file is an error.
-TIERS_NOT_IN_THEIR_FILE: dict[tuple[str, str], str] = {
-    # runs `python -m app.report` as a program (its exit code and stderr)
-    ("test_report.py", "test_a_directory_without_results_is_a_clear_error"): "integration",
-    # renders the report in headless Chromium
-    ("test_report.py", "test_the_report_shows_its_figures_in_headless_chromium"): "integration",
-}
-
 _TIER = pytest.StashKey[str]()
 
 
@@ -58,19 +48,8 @@ def assign_tiers(items: list[pytest.Item]) -> None:
     """Give every collected test its tier marker (unit by default) and `slow` outside the unit
     tier; raise pytest.UsageError listing every test whose markers contradict each other."""
     errors = []
-    seen_files = {item.path.name for item in items}
-    unused = {k for k in TIERS_NOT_IN_THEIR_FILE if k[0] in seen_files}
     for item in items:
         marked = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
-        key = (item.path.name, getattr(item, "originalname", item.name))
-        if key in TIERS_NOT_IN_THEIR_FILE:
-            unused.discard(key)
-            if marked:
-                errors.append(f"{item.nodeid}: marked {marked[0]} in its file; delete its entry "
-                              "in tests/support/tiers.py TIERS_NOT_IN_THEIR_FILE")  # fmt: skip
-                continue
-            marked = [TIERS_NOT_IN_THEIR_FILE[key]]
-            item.add_marker(marked[0])
         if len(marked) > 1:
             errors.append(f"{item.nodeid}: marked {' and '.join(marked)}; a test has one tier")
             continue
@@ -84,8 +63,6 @@ def assign_tiers(items: list[pytest.Item]) -> None:
         if tier != "unit" and item.get_closest_marker("slow") is None:
             item.add_marker("slow")
         item.stash[_TIER] = tier
-    errors += [f"tests/support/tiers.py TIERS_NOT_IN_THEIR_FILE: {f}::{name} is no collected test"
-               for f, name in sorted(unused)]  # fmt: skip
     if errors:
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(errors))
 
