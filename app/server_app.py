@@ -37,7 +37,7 @@ from protections.he.context import (
 from core.data import centralized_test_split, check_partition_count, data_spec
 from core.evaluation import evaluate, resolve_device
 from core.edge_model import export_int8
-from app.experiment_server import ExperimentServer, NodeTrackingClientManager, RunFailed
+from app.experiment_server import ExperimentServer, NodeTrackingClientManager
 from core.finetune import build_finetune_model, merged_model
 from core.models import get_weights, num_parameters, set_weights
 from app.checkpoint import CheckpointError, check_resumable

@@ -23,11 +23,9 @@ machine: compare the columns of one run, not figures across runs.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from functools import lru_cache
-from pathlib import Path
 
 
 import numpy as np

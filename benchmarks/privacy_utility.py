@@ -90,7 +90,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n| setting | overrides | epsilon (delta 1e-5) | accuracy | rounds | seconds |")
+    print("\n| setting | overrides | epsilon (delta 1e-5) | accuracy | rounds | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         eps = "inf (no DP)" if r["epsilon"] == float("inf") else f"{r['epsilon']:.2f}"

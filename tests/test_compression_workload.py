@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.common import Code, Context, FitIns, FitRes, RecordDict, Status, ndarrays_to_parameters
+from flwr.common import Code, Context, FitIns, RecordDict, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -14,7 +14,6 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-from app.client_app import build_client
 from app.config import load_config
 from core.config import ConfigError
 from protections.he.config import he_params

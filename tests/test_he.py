@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from app.config import load_config
 from core.config import ConfigError
 from protections.he.config import he_params
-from core.data import data_spec, load_client_data
 from protections.he.context import (
     HEError,
     HEParams,
@@ -27,8 +26,6 @@ from protections.he.context import (
 )
 from core.models import get_weights
 from protections.he.client import decrypt_model, encrypt_update
-from clients.pipeline import build_pipeline
-from clients.torch_client import TorchClient
 from protections.dp.server import ClientSideFixedClipping, EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
 from tests.support.he import he_client

@@ -421,7 +421,6 @@ def test_fuzz_no_exception_escapes_every_rejection_is_recorded_no_silent_corrupt
     r1 = encrypt_update(secret, models[1], 6, 1)  # what round 1 summed (for replays)
     expected = [(10 * a.astype(np.float64) + 6 * b) / 16 for a, b in zip(models[0], models[1])]
     cases = fuzz_cases(secret, public, rng, models[1])
-    proxies = None
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # thousands of rejection lines: half the test's time

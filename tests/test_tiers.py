@@ -12,7 +12,6 @@ import subprocess
 import pytest
 import torch.distributed as dist
 
-from tests.support import tiers
 from tests.support.tiers import UnitGuard, UnitTierViolation
 
 pytestmark = pytest.mark.unit

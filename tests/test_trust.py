@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict, ndarrays_to_parameters
