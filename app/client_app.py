@@ -10,6 +10,7 @@ set from the parameters the message carries), so no message sees another's train
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from functools import lru_cache
 from logging import WARNING
@@ -120,10 +121,12 @@ def build_client(
 def warn_if_undersized(cfg: ExperimentConfig) -> None:
     """In simulation, say so when Ray gave this client fewer CPUs than its training
     processes use (plain `flwr run .` takes client resources from --federation-config, not
-    from the training config): the run works, but clients oversubscribe the cores."""
-    import ray
+    from the training config): the run works, but clients oversubscribe the cores.
 
-    if not ray.is_initialized():
+    Ray is looked up in `sys.modules`, not imported: inside a Ray actor it is already loaded,
+    and a SuperNode's ClientApp process (one per message) would pay Ray's import for nothing."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return  # a SuperNode's ClientApp process: the operator sizes the machine
     needed_cpus, _ = client_resources(cfg)
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)

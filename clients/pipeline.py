@@ -48,7 +48,6 @@ from core.config import ExperimentConfig
 from protections.client_step import ClientStep
 from protections.compression.client import CompressUpdate
 from protections.dp.client import BoundUpdate, DPSGDTraining, ReleaseOnlyAccounted
-from protections.he.client import HomomorphicEncryption
 from protections.workload.client import ScaleLocalWork
 
 
@@ -68,6 +67,10 @@ def build_pipeline(
     if p.name in ("client_fixed", "local"):  # the modes whose server half sends a clipping norm
         steps.append(BoundUpdate(p))
     if cfg.secagg.name == "he":
+        # Imported here: it loads TenSEAL, which only secagg=he uses (a ClientApp process
+        # per message pays every import; tests/test_imports.py checks).
+        from protections.he.client import HomomorphicEncryption
+
         steps.append(
             HomomorphicEncryption(
                 he_secret_context,

@@ -61,9 +61,13 @@ class ArraySplit:
 
 # --------------------------------------------------------------------------- public API
 def data_spec(cfg: DatasetConfig) -> DataSpec:
+    """What a model needs to know about `cfg`'s data. A local data set's spec is known
+    without loading it (`_LOCAL_SHAPES`): a deployment site that trains on its own
+    `data-path` file and config validation then import neither scikit-learn nor `datasets`
+    (a ClientApp process per message pays every import)."""
     if cfg.source == "hub":
         return _hub(cfg, 1, PartitionerConfig(), 0)[0]
-    return _local_cached(_key(cfg), 0).spec
+    return _local_shape(cfg)[0]
 
 
 def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
@@ -107,7 +111,9 @@ def load_client_data(
 
 def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
     """Examples in the clients' pool of a local data set (None for hub data sets)."""
-    return None if cfg.source == "hub" else len(_local_cached(_key(cfg), seed).pool_ids)
+    if cfg.source == "hub":
+        return None
+    return _pool_size(_local_shape(cfg)[1], cfg.test_fraction, cfg.public_fraction)
 
 
 def check_partition_count(cfg: DatasetConfig, num_partitions: int, seed: int) -> None:
@@ -218,7 +224,55 @@ def _from_key(key: tuple):
     return cls(*[list(v) if isinstance(v, tuple) else v for v in values])
 
 
+# The local data sets' specs and sizes, known without loading them (data_spec). Checked
+# against the loaded arrays on every load (`_load_local_arrays`), so a scikit-learn release
+# that changed a data set fails loudly instead of disagreeing with the model.
+_LOCAL_SHAPES: dict[str, tuple[DataSpec, int]] = {
+    "digits": (DataSpec("classification", 64, 10, (1, 8, 8)), 1797),
+    "breast_cancer": (DataSpec("classification", 30, 2), 569),
+}
+
+
+def _local_shape(cfg: DatasetConfig) -> tuple[DataSpec, int]:
+    """(spec, number of samples) of a local data set, without loading it."""
+    if cfg.name == "linear":
+        return DataSpec("regression", 1, 1), cfg.n_samples
+    if cfg.name in _LOCAL_SHAPES:
+        return _LOCAL_SHAPES[cfg.name]
+    _load_local_arrays_unchecked(cfg, 0)  # raises the unknown-data-set error
+    raise AssertionError("unreachable: _load_local_arrays knows only the names above")
+
+
+def _split_sizes(n: int, test_fraction: float) -> tuple[int, int]:
+    """(train, test) sizes of `datasets.Dataset.train_test_split(test_size=test_fraction)`
+    on n rows, stratified or not: the test split is ceil(fraction * n) rows, train the rest
+    (tests/test_data.py checks these against the splits `_local_cached` builds)."""
+    n_test = math.ceil(test_fraction * n)
+    return n - n_test, n_test
+
+
+def _pool_size(n: int, test_fraction: float, public_fraction: float) -> int:
+    """Rows of the clients' pool: what is left of n after the test and public splits."""
+    pool, _ = _split_sizes(n, test_fraction)
+    if public_fraction > 0:
+        pool, _ = _split_sizes(pool, public_fraction)
+    return pool
+
+
 def _load_local_arrays(cfg: DatasetConfig, seed: int) -> tuple[np.ndarray, np.ndarray, DataSpec]:
+    x, y, spec = _load_local_arrays_unchecked(cfg, seed)
+    expected_spec, expected_n = _local_shape(cfg)
+    if spec != expected_spec or len(y) != expected_n:
+        raise RuntimeError(
+            f"dataset={cfg.name} loaded as {spec} with {len(y)} samples; core/data.py "
+            f"_LOCAL_SHAPES says {expected_spec} with {expected_n}: update _LOCAL_SHAPES"
+        )
+    return x, y, spec
+
+
+def _load_local_arrays_unchecked(
+    cfg: DatasetConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, DataSpec]:
     if cfg.name == "digits":
         from sklearn.datasets import load_digits
 

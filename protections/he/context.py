@@ -62,7 +62,21 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import tenseal.sealapi as seal
+
+
+class _SealAPI:
+    """`tenseal.sealapi`, imported on first use. Config validation imports this module on
+    every party (the `secagg=he` schema's defaults are `HEParams`'), so a top-level TenSEAL
+    import was paid by every ClientApp process (one per message in deployment) whether or
+    not it encrypts; now only code that touches `seal.<name>` loads it."""
+
+    def __getattr__(self, name: str):
+        import tenseal.sealapi
+
+        return getattr(tenseal.sealapi, name)
+
+
+seal = _SealAPI()
 
 ALGORITHM = "bfv-batch-seeded/v1"  # the context files' format (unchanged)
 # The payload format: v2 adds three slots after the model values (weight, two MAC tags), see
