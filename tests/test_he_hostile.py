@@ -690,8 +690,8 @@ class EavesdroppedProxy(InProcessProxy):
 
 
 def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
-    """secagg.pairwise_masks=true over 3 real clients: each round collects the keys
-    (get_properties), the masks cancel (the run trains as well as without them), and what a
+    """secagg.pairwise_masks=true (the default) over 3 real clients: each round collects the
+    keys and shares (get_properties), the masks cancel (the run trains as well as without them), and what a
     colluding key holder decrypts from one client's payload is no model (values spread over
     the whole plaintext range instead of within max_abs_value)."""
     overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
@@ -703,7 +703,7 @@ def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
 
     rounds, masked_acc = in_process_run(overrides + " secagg.pairwise_masks=true", tmp_path / "m", 3, spying, num_rounds=3)
     assert all(r["aggregated"] and r["clients"]["trained"] == 3 for r in rounds)
-    _, plain_acc = in_process_run(overrides, tmp_path / "p", 3, spying, num_rounds=3)
+    _, plain_acc = in_process_run(overrides + " secagg.pairwise_masks=false", tmp_path / "p", 3, spying, num_rounds=3)
     assert masked_acc == plain_acc  # the masks cancel exactly: the same training, bit for bit
     t = PARAMS_T["t"]
     masked, plain = spies
