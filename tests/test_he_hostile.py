@@ -530,12 +530,24 @@ class HostileProxy(InProcessProxy):
             shapes = [a.shape for a in parameters_to_ndarrays(self.client.get_parameters(GetParametersIns({})).parameters)]
             big = [np.full(s, 0.999 * 2.0**39 / (res.num_examples * PARAMS.scale)) for s in shapes]
             wide = relaxed(self.secret, max_abs_value=1e12)
-            payload = encrypt_update(wide, big, res.num_examples, r)
+            payload = encrypt_update(wide, big, res.num_examples, r, mask=self.own_mask(r, shapes))
         elif attack == "replay":
             payload = with_header(self.sent[3], round=r)
         self.sent[r] = payload
         res.parameters = ndarrays_to_parameters(payload)
         return res
+
+
+    def own_mask(self, server_round, shapes):
+        """The double mask this node applied this round (pairwise masks are on by default):
+        a key holder forging its own payload re-applies it, so the server's unmasking fits
+        and only the key holders' checks stand between the forgery and the model."""
+        from protections.he.context import layout_hash
+        from protections.he.masks import node_mask
+
+        node = self.client.numpy_client.state_context.state
+        n = sum(int(np.prod(s)) for s in shapes)
+        return node_mask(self.secret, node, server_round, layout_hash(shapes), n)
 
 
 def in_process_run(overrides, out, nodes, hostile_cls=None, num_rounds=6):

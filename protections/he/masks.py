@@ -223,10 +223,18 @@ def masked_input(
             raise HEError(f"the shares of member {j} do not open (altered or misaddressed): {type(err).__name__}") from err
     state.update(members=members, masked=True, revealed={})
     _save(node, state)
-    count = mask_count(num_values)
+    return node_mask(ctx, node, server_round, layout, num_values)
+
+
+def node_mask(ctx: HEContext, node: RecordDict, server_round: int, layout: str, num_values: int) -> np.ndarray:
+    """The mask this node applies in `server_round` once it holds its members: PRG(b_i) plus
+    its pairwise masks with them, mod t, over `mask_count(num_values)` slots."""
+    state = _state(node, server_round, "mask")
+    count, peers = mask_count(num_values), state["peers"]
     s_private = _x25519_private(state["s"])
     mine = _public_of(s_private)
-    mask = pairwise_mask(ctx, s_private, mine, [bytes.fromhex(peers[j][1]) for j in members], server_round, layout, count)
+    members = [bytes.fromhex(peers[j][1]) for j in state["members"]]
+    mask = pairwise_mask(ctx, s_private, mine, members, server_round, layout, count)
     t_mod = np.uint64(ctx.plain_modulus)
     return (mask + self_mask(ctx, bytes.fromhex(state["b"]), server_round, layout, count)) % t_mod
 
@@ -246,12 +254,12 @@ def unmask(node: RecordDict, server_round: int, survivors: list[int]) -> dict[st
         )
     revealed = state["revealed"]
     wanted = {str(j): ("b" if j in survivors else "s") for j in members}
-    for j, kind in wanted.items():
-        if revealed.get(j, kind) != kind:
-            raise HEError(
-                f"refusing to reveal both shares of peer {j} in round {server_round}: its "
-                f"{revealed[j]}-share was already revealed (together they would unmask its update)"
-            )
+    both = sorted(int(j) for j, kind in wanted.items() if revealed.get(j, kind) != kind)
+    if both:
+        raise HEError(
+            f"refusing to reveal both shares of peers {both} in round {server_round}: the other "
+            "kind was already revealed for each (together they would unmask its update)"
+        )
     revealed.update(wanted)
     _save(node, state)
     kept = state["kept"]
