@@ -217,3 +217,12 @@ def test_shares_are_sealed_to_their_peer_and_reconstruct_only_from_the_threshold
     box, info = _box(c1, bytes.fromhex(peers[0][0]), 1, 0, 1)
     share_for_1 = json.loads(box.decrypt(bytes(12), bytes.fromhex(answers[0][1]), info))
     assert combine_shares([bytes.fromhex(kept["s"]), bytes.fromhex(share_for_1["s"])]) == s0
+
+
+@pytest.mark.parametrize("threshold", [1, 5])
+def test_a_mask_threshold_outside_two_to_the_smallest_cohort_is_a_config_error(threshold):
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"{threshold}: use 0 (ceil(2n/3) of each cohort) or a number in [2, strategy.min_train_clients=4]")):
+        load_config(f"{OVERRIDES} secagg.mask_threshold={threshold}")
+    assert load_config(f"{OVERRIDES} secagg.mask_threshold=4").secagg.mask_threshold == 4
