@@ -176,6 +176,39 @@ def test_a_round_below_the_threshold_fails_cleanly_and_the_next_round_recovers(d
     assert np.max(np.abs(mean[0] - expected)) <= 0.5 * 4 / (fed.secret.params.scale * sum(weights)) + 1e-9
 
 
+class BadShares:
+    """Node 101 turned hostile for one round: its unmask answer carries altered b-shares."""
+
+    def __init__(self, proxy):
+        self.proxy, self.honest = proxy, proxy.get_properties
+
+    def __enter__(self):
+        def tampered(ins, timeout, group_id):
+            res = self.honest(ins, timeout, group_id)
+            if ins.config.get(masks.MASK_STAGE_KEY) == "unmask":
+                shares = json.loads(res.properties[masks.B_SHARES_PROPERTY])
+                shares = {j: share[:-2] + ("00" if share[-2:] != "00" else "01") for j, share in shares.items()}
+                res.properties[masks.B_SHARES_PROPERTY] = json.dumps(shares)
+            return res
+
+        self.proxy.get_properties = tampered
+
+    def __exit__(self, *exc):
+        self.proxy.get_properties = self.honest
+
+
+def test_bad_shares_fail_the_round_recorded_never_a_corrupted_model(dropout_round):
+    fed, aggregate, _ = dropout_round
+    with BadShares(fed.proxies["101"]):
+        failed, _ = fed.round(4, aggregate)
+    assert failed is None
+    why = he_layer(fed.stack).mask_failures[4]
+    # a flipped byte either breaks the shares' padding or yields another seed than committed
+    assert re.fullmatch(r"member \d's self-mask seed does not reconstruct \(bad shares: (shares do not combine "
+                        r"\(Failed to combine shares\)|not its commitment)\)", why), why
+    assert fed.stack.round_report(4)["secagg"]["skipped"] == f"masks: {why}"
+
+
 # ------------------------------------------------------------------ the node's checks, alone
 def nodes_sharing(n, threshold, server_round=1):
     states = [RecordDict() for _ in range(n)]

@@ -268,15 +268,21 @@ class HomomorphicAggregation(StrategyWrapper):
         try:
             seeds = []
             for i in survivors:
-                seed = masks.reconstruct(b_shares[i], threshold)
+                try:
+                    seed = masks.reconstruct(b_shares[i], threshold)
+                except HEError as err:
+                    raise HEError(f"member {i}'s self-mask seed does not reconstruct (bad shares: {err})") from err
                 if hashlib.sha256(seed).hexdigest() != cohort["commits"][i]:
-                    raise HEError(f"member {i}'s self-mask seed does not match its commitment (bad shares)")
+                    raise HEError(f"member {i}'s self-mask seed does not reconstruct (bad shares: not its commitment)")
                 seeds.append(seed)
             gone = []
             for j in dropped:
-                private = masks.reconstruct(s_shares[j], threshold)
+                try:
+                    private = masks.reconstruct(s_shares[j], threshold)
+                except HEError as err:
+                    raise HEError(f"dropped member {j}'s mask key does not reconstruct (bad shares: {err})") from err
                 if masks.public_key(private).hex() != peers[j][1]:
-                    raise HEError(f"dropped member {j}'s mask key does not match its public key (bad shares)")
+                    raise HEError(f"dropped member {j}'s mask key does not reconstruct (bad shares: not its public key)")
                 gone.append((private, bytes.fromhex(peers[j][1])))
         except HEError as err:
             return str(err)
