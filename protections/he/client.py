@@ -11,8 +11,9 @@ the DECRYPTED weight. A failed check raises `BadAggregate`; the client reports i
 (a fit metric), which rolls back to the last good model.
 
 `HomomorphicEncryption` is all of this as the client's pipeline step (protections/client_step.py):
-decrypt the global model, leave the clipping step the rounding slack, announce this node's
-pairwise-mask key, encrypt the result.
+decrypt the global model, leave the clipping step the rounding slack, answer the mask
+protocol's exchanges (advertise keys, share, unmask: protections/he/masks.py), mask and
+encrypt the result.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ client instructions stay theirs) and replaces only the aggregation:
    the node and the reason (`rejected_updates`) and the round goes on with the others; no
    client input raises out of `aggregate_fit` (anything unexpected rejects that client);
 2. the accepted ciphertexts are summed (BFV addition: no key needed), client by client, so
-   a ciphertext that still fails to add rejects its client only;
+   a ciphertext that still fails to add rejects its client only; with pairwise masks
+   (secagg.pairwise_masks, the default) the survivors' leftover masks are then reconstructed
+   from their Shamir shares and subtracted (protections/he/masks.py: two get_properties
+   round trips in `configure_fit`, one here); below the threshold the round is recorded as
+   failed and the model kept;
 3. with client-level DP, calibrated Gaussian noise is added to the encrypted sum as a plaintext
    (ct + pt): the DP layer above asks for it through the `NoisySecureSum` interface this class
    implements (protections/base.py; the DP side is `EncryptedClientSideClipping` in
