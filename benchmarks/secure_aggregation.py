@@ -1,12 +1,15 @@
 """Secure aggregation side by side: plaintext FedAvg, our HE aggregation, Flower's SecAgg+.
 
     python -m benchmarks.secure_aggregation [--rounds 4] [--supernodes 10] [--models digits,1m]
-        [--json measurements.json] [--plot figure.png]
+        [--modes plaintext,he,he-masks,secaggplus] [--json measurements.json] [--plot figure.png]
 
 Each configuration is a full Flower simulation (`flwr.simulation.run_simulation`, Ray backend)
 with the same ServerApp and the same clients; only the secure aggregation differs:
 - plaintext: `DefaultWorkflow` with our strategy stack (FedAvg);
-- HE:        the same with `secagg=he` (HomomorphicAggregation; keys provisioned up front);
+- HE:        the same with `secagg=he` (HomomorphicAggregation; keys provisioned up front),
+             mode `he` without pairwise masks, `he-masks` with them (the default: self and
+             pairwise masks, Shamir shares, one get_properties round trip before fit and
+             one after, protections/he/masks.py);
 - SecAgg+:   `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` and `secaggplus_mod` on
              the clients (Flower's masking protocol), our strategy stack otherwise.
 All three run under Flower's legacy workflows so the round machinery is identical (our
@@ -37,7 +40,9 @@ MODELS = {
     "digits": ("MLP [64] on digits", "model.hidden_sizes=[64]"),
     "1m": ("MLP [1000, 1000] on digits", "model.hidden_sizes=[1000,1000]"),
 }
-MODES = ("plaintext", "he", "secaggplus")
+MODES = ("plaintext", "he", "he-masks", "secaggplus")
+# The HE modes' overrides: without and with pairwise masks (dropout recovery, the default).
+HE_MODES = {"he": "secagg=he secagg.pairwise_masks=false", "he-masks": "secagg=he secagg.pairwise_masks=true"}
 
 
 def content_bytes(message) -> int:
@@ -105,7 +110,7 @@ def make_apps(cfg, mode: str, keys_dir: Path, stats_file: Path, num_shares: int)
     def main(grid, context) -> None:
         model = build_model(cfg.model, data_spec(cfg.dataset), seed=cfg.seed)
         he_context, he_client_config = None, None
-        if mode == "he":
+        if mode in HE_MODES:
             he_context = load_context(keys_dir / PUBLIC_FILE)
             he_client_config = {HE_SECRET_PATH_KEY: str(keys_dir / SECRET_FILE)}
         strategy = build_strategy(
@@ -189,7 +194,7 @@ def main() -> None:
             provision(he_params(load_config(f"secagg=he {common}")), keys_dir)
             measured = {}
             for mode in args.modes.split(","):
-                cfg = load_config(f"{common} secagg=he" if mode == "he" else common)
+                cfg = load_config(f"{common} {HE_MODES[mode]}" if mode in HE_MODES else common)
                 print(f"# {label}, {mode}: {args.rounds} rounds ...", flush=True)
                 rounds = run_one(cfg, mode, keys_dir, work, args.supernodes, sampled)
                 later = rounds[1:] or rounds

@@ -120,6 +120,7 @@ def build_strategy(
             client_config=he_client_config,
             max_weight=cfg.secagg.max_weight,
             pairwise_masks=cfg.secagg.pairwise_masks,
+            mask_threshold=cfg.secagg.mask_threshold,
         )
         return TrafficMeter(Workload(with_privacy(he, cfg), cfg.workload.name))
     plain = RejectMalformedUpdates(with_privacy(base, cfg))

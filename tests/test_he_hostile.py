@@ -529,12 +529,24 @@ class HostileProxy(InProcessProxy):
             shapes = [a.shape for a in parameters_to_ndarrays(self.client.get_parameters(GetParametersIns({})).parameters)]
             big = [np.full(s, 0.999 * 2.0**39 / (res.num_examples * PARAMS.scale)) for s in shapes]
             wide = relaxed(self.secret, max_abs_value=1e12)
-            payload = encrypt_update(wide, big, res.num_examples, r)
+            payload = encrypt_update(wide, big, res.num_examples, r, mask=self.own_mask(r, shapes))
         elif attack == "replay":
             payload = with_header(self.sent[3], round=r)
         self.sent[r] = payload
         res.parameters = ndarrays_to_parameters(payload)
         return res
+
+
+    def own_mask(self, server_round, shapes):
+        """The double mask this node applied this round (pairwise masks are on by default):
+        a key holder forging its own payload re-applies it, so the server's unmasking fits
+        and only the key holders' checks stand between the forgery and the model."""
+        from protections.he.context import layout_hash
+        from protections.he.masks import node_mask
+
+        node = self.client.numpy_client.state_context.state
+        n = sum(int(np.prod(s)) for s in shapes)
+        return node_mask(self.secret, node, server_round, layout_hash(shapes), n)
 
 
 def in_process_run(overrides, out, nodes, hostile_cls=None, num_rounds=6):
@@ -689,8 +701,8 @@ class EavesdroppedProxy(InProcessProxy):
 
 
 def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
-    """secagg.pairwise_masks=true over 3 real clients: each round collects the keys
-    (get_properties), the masks cancel (the run trains as well as without them), and what a
+    """secagg.pairwise_masks=true (the default) over 3 real clients: each round collects the
+    keys and shares (get_properties), the masks cancel (the run trains as well as without them), and what a
     colluding key holder decrypts from one client's payload is no model (values spread over
     the whole plaintext range instead of within max_abs_value)."""
     overrides = "secagg=he strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
@@ -702,7 +714,7 @@ def test_pairwise_masks_in_a_run_train_as_well_and_hide_each_update(tmp_path):
 
     rounds, masked_acc = in_process_run(overrides + " secagg.pairwise_masks=true", tmp_path / "m", 3, spying, num_rounds=3)
     assert all(r["aggregated"] and r["clients"]["trained"] == 3 for r in rounds)
-    _, plain_acc = in_process_run(overrides, tmp_path / "p", 3, spying, num_rounds=3)
+    _, plain_acc = in_process_run(overrides + " secagg.pairwise_masks=false", tmp_path / "p", 3, spying, num_rounds=3)
     assert masked_acc == plain_acc  # the masks cancel exactly: the same training, bit for bit
     t = PARAMS_T["t"]
     masked, plain = spies

@@ -11,8 +11,9 @@ the DECRYPTED weight. A failed check raises `BadAggregate`; the client reports i
 (a fit metric), which rolls back to the last good model.
 
 `HomomorphicEncryption` is all of this as the client's pipeline step (protections/client_step.py):
-decrypt the global model, leave the clipping step the rounding slack, announce this node's
-pairwise-mask key, encrypt the result.
+decrypt the global model, leave the clipping step the rounding slack, answer the mask
+protocol's exchanges (advertise keys, share, unmask: protections/he/masks.py), mask and
+encrypt the result.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ import math
 
 import numpy as np
 import tenseal.sealapi as seal
-from flwr.common import ConfigRecord, Context, NDArrays, Scalar
+from flwr.common import Context, NDArrays, Scalar
 
+from protections.he import masks
 from protections.client_step import ClientStep, ClipSlack, RefuseRound, RoundContext
 from protections.he.context import (
     BAD_AGGREGATE_METRIC,
     EXTRA_SLOTS,
-    HE_MASK_PEERS_KEY,
-    HE_MASK_PK_PROPERTY,
     HE_ROUND_KEY,
     HE_SECRET_PATH_KEY,
     HE_WEIGHTING_KEY,
-    MASK_STATE,
     NODE_SECRET_CONTEXT,
     TAG_SLOT,
     WEIGHT_SLOT,
@@ -47,10 +46,8 @@ from protections.he.context import (
     load_ciphertext,
     load_context,
     mac_keys,
-    mask_keypair,
     num_ciphertexts,
     pack_payload,
-    pairwise_mask,
     payload_header,
     seal_to_bytes,
     unpack_payload,
@@ -76,8 +73,10 @@ def encrypt_update(
     mask: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Encrypt `weight * arrays` (fixed point) into a tagged payload for the server.
-    `mask` (num_values + 1 values mod t, `protections.he.context.pairwise_mask`) is added to the
-    values and the weight before the MAC tags are computed; the cohort's masks cancel."""
+    `mask` (mod t): of num_values + 1 values (`protections.he.context.pairwise_mask` alone,
+    the cohort's masks cancel), it is added to the values and the weight before the MAC tags
+    are computed; of num_values + EXTRA_SLOTS (`protections.he.masks.masked_input`: double
+    masking with dropout recovery), to every slot after the tags."""
     if weight <= 0:
         raise HEError(f"aggregation weight {weight} must be > 0")
     flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
@@ -99,15 +98,17 @@ def encrypt_update(
     # by the MAC tags over (values, weight) and over the weight alone.
     keys, weight_key = mac_keys(ctx, server_round, layout, n)
     padded[n + WEIGHT_SLOT] = int(weight)
-    if mask is not None:
-        if mask.shape != (n + 1,):
-            raise HEError(f"mask of {mask.shape} values, expected {n + 1}")
-        tt = np.uint64(t)
-        plain = np.where(padded[: n + 1] < 0, padded[: n + 1] + t, padded[: n + 1]).astype(np.uint64)
-        masked = ((plain + mask.astype(np.uint64) % tt) % tt).astype(np.int64)
-        padded[: n + 1] = np.where(masked > t // 2, masked - t, masked)
+    if mask is not None and mask.shape not in ((n + 1,), (n + EXTRA_SLOTS,)):
+        raise HEError(f"mask of {mask.shape} values, expected {n + 1} or {n + EXTRA_SLOTS}")
+    if mask is not None and mask.shape == (n + 1,):  # values and weight, before the tags
+        padded[: n + 1] = _add_mod(padded[: n + 1], mask, t)
     padded[n + TAG_SLOT] = centered(linear_tag(keys, padded[: n + 1], t), t)
     padded[n + WEIGHT_TAG_SLOT] = centered(weight_key * int(padded[n + WEIGHT_SLOT]), t)
+    if mask is not None and mask.shape == (n + EXTRA_SLOTS,):
+        # Double masking (protections/he/masks.py): the tags are over the unmasked values and
+        # masked too, so after the server subtracts the survivors' leftover masks the sum
+        # carries the tags of the true sum (the MAC is linear) and no slot shows an update.
+        padded[: n + EXTRA_SLOTS] = _add_mod(padded[: n + EXTRA_SLOTS], mask, t)
     encoder, encryptor = ctx.encoder, ctx.encryptor
     ciphertexts = []
     for chunk in padded.reshape(count, slots):
@@ -124,6 +125,14 @@ def encrypt_update(
         weight=int(weight),
     )
     return pack_payload(header, ciphertexts)
+
+
+def _add_mod(values: np.ndarray, mask: np.ndarray, t: int) -> np.ndarray:
+    """(values + mask) mod t in the BatchEncoder's signed range; values lie in (-t/2, t/2]."""
+    tt = np.uint64(t)
+    plain = np.where(values < 0, values + t, values).astype(np.uint64)
+    masked = ((plain + mask.astype(np.uint64) % tt) % tt).astype(np.int64)
+    return np.where(masked > t // 2, masked - t, masked)
 
 
 def check_aggregate(
@@ -286,9 +295,23 @@ class HomomorphicEncryption(ClientStep):
         return encrypt_update(he, weights, 1 if uniform else ctx.num_examples, he_round, mask=mask)
 
     def properties(self, config: dict[str, Scalar], node: Context | None) -> dict[str, Scalar]:
-        if HE_MASK_PK_PROPERTY in config:
-            return {HE_MASK_PK_PROPERTY: self._mask_key(node)[1].hex()}
-        return {}
+        """The mask protocol's exchanges outside fit (protections/he/masks.py): advertise this
+        round's keys, share, unmask."""
+        stage = config.get(masks.MASK_STAGE_KEY)
+        if stage is None:
+            return {}
+        if node is None:
+            raise HEError("pairwise masks need the client's Context (the round's keys live there)")
+        server_round = int(config[masks.MASK_ROUND_KEY])
+        if stage == "advertise":
+            return dict(masks.advertise(node.state, server_round))
+        if stage == "share":
+            peers = json.loads(str(config[masks.PEERS_KEY]))
+            return dict(masks.share(node.state, server_round, peers, int(config[masks.THRESHOLD_KEY])))
+        if stage == "unmask":
+            survivors = json.loads(str(config[masks.SURVIVORS_KEY]))
+            return dict(masks.unmask(node.state, server_round, survivors))
+        raise HEError(f"unknown mask stage {stage!r}")
 
     def _context(self, config: dict[str, Scalar]) -> HEContext:
         """This node's secret context: its node config path (deployment), else the path the
@@ -304,35 +327,13 @@ class HomomorphicEncryption(ClientStep):
             raise HEError(f"{path} is a public context: SuperNodes need the secret one")
         return he
 
-    @staticmethod
-    def _mask_key(node: Context | None):
-        """This node's X25519 key pair for pairwise masks, kept in its Flower context state
-        (created on first use)."""
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-        if node is None:
-            raise HEError("pairwise masks need the client's Context (its key lives there)")
-        state = node.state
-        if MASK_STATE in state:
-            private = X25519PrivateKey.from_private_bytes(bytes.fromhex(str(state[MASK_STATE]["key"])))
-        else:
-            private, _ = mask_keypair()
-            state[MASK_STATE] = ConfigRecord({"key": private.private_bytes_raw().hex()})
-        return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
     def _mask(self, he: HEContext, ctx: RoundContext, weights: NDArrays, he_round: int):
-        """The sum of this node's pairwise masks with the cohort the server named, or None
-        when the server asks for none (secagg.pairwise_masks=false)."""
-        if HE_MASK_PEERS_KEY not in ctx.config:
+        """This node's double mask for the cohort the server named (protections/he/masks.py),
+        or None when the server asks for none (secagg.pairwise_masks=false)."""
+        if masks.PEERS_KEY not in ctx.config:
             return None
-        peers = [bytes.fromhex(p) for p in json.loads(str(ctx.config[HE_MASK_PEERS_KEY]))]
-        private, public = self._mask_key(ctx.node)
-        if public not in peers or len(set(peers)) != len(peers) or len(peers) < 2:
-            raise HEError(
-                "the server's pairwise-mask cohort omits this node, repeats a key or has one "
-                "member: refusing to send an unmasked update"
-            )
+        if ctx.node is None:
+            raise HEError("pairwise masks need the client's Context (the round's keys live there)")
         layout = layout_hash([np.shape(a) for a in weights])
-        count = sum(int(np.size(a)) for a in weights) + 1
-        return pairwise_mask(he, private, public, peers, he_round, layout, count)
+        num_values = sum(int(np.size(a)) for a in weights)
+        return masks.masked_input(he, ctx.node.state, ctx.config, he_round, layout, num_values)

@@ -39,10 +39,13 @@ class HESecAggConfig(SecAggConfig):
     # default plaintext modulus (2^20 in total).
     max_weight: int = 100_000
     # Collusion resistance: clients add pairwise masks (X25519 + ChaCha20) that cancel in the
-    # sum, so a key holder colluding with the server sees one client's update only as uniform
-    # noise (a dropped client costs the round: rollback); one get_properties round trip per
-    # round collects the cohort's keys.
-    pairwise_masks: bool = False
+    # sum and a self mask, so a key holder colluding with the server sees one client's update
+    # only as uniform noise mod t; dropout recovery by t-of-n Shamir shares (SecAgg's double
+    # masking, protections/he/masks.py): two get_properties round trips before fit, one after.
+    pairwise_masks: bool = True
+    # The Shamir threshold: 0 = ceil(2n/3) of each round's cohort of n; never at or below n/2
+    # (the server raises it to n//2 + 1). A round with fewer survivors fails, recorded.
+    mask_threshold: int = 0
     # Deployment: the server's public context file (no secret key). null: the run provisions
     # fresh keys into <output_dir>/keys (simulation). SuperNodes name their secret context in
     # their node config (he-secret-context=/path/secret.ctx).
@@ -90,6 +93,13 @@ def check_secagg(cfg: ExperimentConfig, require: Require) -> None:
     require(s.scale_bits >= 1, "secagg.scale_bits", "must be >= 1")
     require(s.max_abs_value > 0, "secagg.max_abs_value", "must be > 0")
     require(s.max_weight >= 1, "secagg.max_weight", "must be >= 1")
+    require(
+        s.mask_threshold == 0 or 2 <= s.mask_threshold <= cfg.strategy.min_train_clients,
+        "secagg.mask_threshold",
+        f"{s.mask_threshold}: use 0 (ceil(2n/3) of each cohort) or a number in [2, "
+        f"strategy.min_train_clients={cfg.strategy.min_train_clients}] (a smaller cohort could "
+        "never be unmasked)",
+    )
     params = he_params(cfg)
     try:
         params.seal_parameters()

@@ -93,9 +93,6 @@ HE_ROUND_KEY = "he_round"  # the round the client tags its encrypted update with
 BAD_AGGREGATE_METRIC = "he_bad_aggregate"  # fit metric: why this key holder refused the model
 HE_WEIGHTING_KEY = "he_weighting"  # "examples" (FedAvg) | "uniform" (client-level DP)
 HE_SECRET_PATH_KEY = "he_secret_context"  # simulation only: where the run's keys were written
-HE_MASK_PEERS_KEY = "he_mask_peers"  # JSON list of the cohort's X25519 public keys (hex)
-HE_MASK_PK_PROPERTY = "he_mask_pk"  # get_properties: this node's mask public key (hex)
-MASK_STATE = "he_mask_key"  # the node's X25519 private key, in its Flower context state
 # Node config key (deployment): path of the SuperNode's secret context.
 NODE_SECRET_CONTEXT = "he-secret-context"
 
@@ -554,7 +551,8 @@ def centered(x: int, t: int) -> int:
 
 
 # --------------------------------------------------------------------------- pairwise masks
-# Collusion resistance (issue 14, the core only: not yet wired into the round, see README).
+# Collusion resistance (issue 14); the round's protocol with dropout recovery (self masks,
+# Shamir shares) is protections/he/masks.py, which uses these two.
 # Each pair of clients (i, j) agrees on a seed by X25519 (`cryptography`) and HKDF, expands it
 # with ChaCha20 into a vector uniform in Z_t, and i adds it while j subtracts it inside the
 # BFV plaintext (values and weight slots), so the masks cancel in the sum and the MAC, being

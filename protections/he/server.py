@@ -12,7 +12,11 @@ client instructions stay theirs) and replaces only the aggregation:
    the node and the reason (`rejected_updates`) and the round goes on with the others; no
    client input raises out of `aggregate_fit` (anything unexpected rejects that client);
 2. the accepted ciphertexts are summed (BFV addition: no key needed), client by client, so
-   a ciphertext that still fails to add rejects its client only;
+   a ciphertext that still fails to add rejects its client only; with pairwise masks
+   (secagg.pairwise_masks, the default) the survivors' leftover masks are then reconstructed
+   from their Shamir shares and subtracted (protections/he/masks.py: two get_properties
+   round trips in `configure_fit`, one here); below the threshold the round is recorded as
+   failed and the model kept;
 3. with client-level DP, calibrated Gaussian noise is added to the encrypted sum as a plaintext
    (ct + pt): the DP layer above asks for it through the `NoisySecureSum` interface this class
    implements (protections/base.py; the DP side is `EncryptedClientSideClipping` in
@@ -30,6 +34,7 @@ client instructions stay theirs) and replaces only the aggregation:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from logging import ERROR, INFO, WARNING
@@ -44,8 +49,6 @@ from protections.he.context import (
     ALGORITHM,
     BAD_AGGREGATE_METRIC,
     PAYLOAD_ALGORITHM,
-    HE_MASK_PEERS_KEY,
-    HE_MASK_PK_PROPERTY,
     HE_ROUND_KEY,
     HE_WEIGHTING_KEY,
     HEContext,
@@ -61,6 +64,7 @@ from protections.he.context import (
     unpack_payload,
 )
 from core.result_types import RollbackReport, SecAggReport
+from protections.he import masks
 from protections.base import NormalSource, StrategyWrapper
 
 
@@ -88,6 +92,7 @@ class HomomorphicAggregation(StrategyWrapper):
         uniform_weights: bool = False,
         max_weight: int = 100_000,
         pairwise_masks: bool = False,
+        mask_threshold: int = 0,
     ) -> None:
         super().__init__(strategy)
         if context.is_secret:
@@ -105,6 +110,9 @@ class HomomorphicAggregation(StrategyWrapper):
             raise HEError(f"secagg.max_weight={max_weight} must be in [1, {limit}] (the total the plaintext modulus holds)")
         self.max_weight = int(max_weight)
         self.pairwise_masks = pairwise_masks
+        self.mask_threshold = int(mask_threshold)  # 0: ceil(2n/3) of each round's cohort
+        self._cohorts: dict[int, dict[str, Any]] = {}  # round -> the mask cohort (masks.py)
+        self.mask_failures: dict[int, str] = {}  # round -> why its masks could not be removed
         self._seen: dict[bytes, int] = {}  # seed id -> the round it was summed in
         self._sent: dict[int, Parameters] = {}  # the global model sent each round
         self._last_good: Parameters | None = None  # the latest model clients accepted
@@ -160,31 +168,142 @@ class HomomorphicAggregation(StrategyWrapper):
             instructions = self._mask_cohort(server_round, instructions)
         return instructions
 
-    def _mask_cohort(self, server_round, instructions):
-        """Ask each sampled node for its mask public key (one get_properties round trip) and
-        name the cohort's keys to all; a node that does not answer is left out of the round
-        (its masks would not cancel)."""
+    def _ask(self, proxy, server_round: int, config: dict) -> dict:
         from flwr.common import GetPropertiesIns
 
-        cohort = []
+        res = proxy.get_properties(GetPropertiesIns({**config, masks.MASK_ROUND_KEY: server_round}), None, server_round)
+        return dict(res.properties)
+
+    def _mask_cohort(self, server_round, instructions):
+        """Steps 1 and 2 of the mask protocol (protections/he/masks.py): collect each sampled
+        node's keys of this round, name the cohort and the threshold to all and collect their
+        sealed shares; the fit instructions then carry the members that shared and each
+        member's inbox. A node that does not answer is left out (recorded)."""
+        advertised = []
         for proxy, ins in instructions:
             try:
-                res = proxy.get_properties(GetPropertiesIns({HE_MASK_PK_PROPERTY: ""}), None, server_round)
-                key = bytes.fromhex(str(res.properties[HE_MASK_PK_PROPERTY]))
-                if len(key) != 32:
-                    raise ValueError(f"{len(key)}-byte key")
+                res = self._ask(proxy, server_round, {masks.MASK_STAGE_KEY: "advertise"})
+                keys = [str(res[masks.SHARE_PK_PROPERTY]), str(res[masks.MASK_PK_PROPERTY])]
+                if any(len(bytes.fromhex(k)) != 32 for k in keys):
+                    raise ValueError("a key is not 32 bytes")
             except Exception as err:  # noqa: BLE001 - a node's answer is client input
-                log(WARNING, "Round %s: node %s left out: no mask key (%s)", server_round, proxy.cid, err)
+                self._reject(server_round, str(proxy.cid), HEError(f"left out of the mask cohort: no keys ({err})"))
                 continue
-            cohort.append((proxy, ins, key))
-        keys = [key for _, _, key in cohort]
-        if len(set(keys)) != len(keys):
-            log(WARNING, "Round %s: two nodes announced the same mask key: no round", server_round)
-            return []
-        peers = json.dumps([key.hex() for key in keys])
-        for _, ins, _ in cohort:
-            ins.config[HE_MASK_PEERS_KEY] = peers
-        return [(proxy, ins) for proxy, ins, _ in cohort]
+            advertised.append((proxy, ins, keys))
+        flat = [k for _, _, keys in advertised for k in keys]
+        if len(set(flat)) != len(flat):
+            return self._no_mask_round(server_round, "two nodes announced the same mask key")
+        n = len(advertised)
+        threshold = masks.threshold_for(n, self.mask_threshold)
+        if n < 2 or threshold > n:
+            return self._no_mask_round(server_round, f"a mask cohort of {n} cannot meet the threshold {threshold}")
+        peers = [keys for _, _, keys in advertised]
+        ask = {masks.MASK_STAGE_KEY: "share", masks.PEERS_KEY: json.dumps(peers), masks.THRESHOLD_KEY: threshold}
+        sealed, commits = {}, {}
+        for i, (proxy, _, _) in enumerate(advertised):
+            try:
+                res = self._ask(proxy, server_round, ask)
+                messages = json.loads(str(res[masks.SHARES_PROPERTY]))
+                commit = str(res[masks.COMMIT_PROPERTY])
+                if not isinstance(messages, list) or len(messages) != n or len(bytes.fromhex(commit)) != 32:
+                    raise ValueError("malformed shares")
+            except Exception as err:  # noqa: BLE001 - a node's answer is client input
+                self._reject(server_round, str(proxy.cid), HEError(f"left out of the mask cohort: no shares ({err})"))
+                continue
+            sealed[i], commits[i] = messages, commit
+        members = sorted(sealed)
+        if len(members) < threshold:
+            return self._no_mask_round(server_round, f"{len(members)} of {n} nodes shared, the threshold is {threshold}")
+        self._cohorts = {r: c for r, c in self._cohorts.items() if r >= server_round - 1}
+        self._cohorts[server_round] = {
+            "peers": peers, "threshold": threshold, "members": members, "commits": commits,
+            "index": {str(advertised[i][0].cid): i for i in members},
+        }  # fmt: skip
+        from flwr.common import FitIns
+
+        out = []
+        for j in members:
+            proxy, shared_ins, _ = advertised[j]
+            ins = FitIns(shared_ins.parameters, dict(shared_ins.config))  # base strategies share one
+            ins.config[masks.PEERS_KEY] = ask[masks.PEERS_KEY]
+            ins.config[masks.MEMBERS_KEY] = json.dumps(members)
+            ins.config[masks.INBOX_KEY] = json.dumps({str(i): str(sealed[i][j]) for i in members if i != j})
+            out.append((proxy, ins))
+        return out
+
+    def _no_mask_round(self, server_round: int, why: str):
+        log(ERROR, "Round %s: no masked round: %s", server_round, why)
+        self.mask_failures[server_round] = why
+        self._reports[server_round] = SecAggReport(scheme=PAYLOAD_ALGORITHM, skipped=f"masks: {why}")
+        return []
+
+    def _unmask(self, server_round: int, total: list, accepted: list) -> str | None:
+        """Step 4: ask the survivors for the b-shares of the survivors and the s-shares of the
+        members that dropped, reconstruct, and subtract what the survivors' masks leave in the
+        sum (ct - pt mod t). Returns why that is impossible, or None when done."""
+        cohort = self._cohorts[server_round]
+        peers, threshold, index = cohort["peers"], cohort["threshold"], cohort["index"]
+        survivors = sorted(index[str(entry[3][0].cid)] for entry in accepted)
+        dropped = [j for j in cohort["members"] if j not in survivors]
+        if len(survivors) < threshold:
+            return f"{len(survivors)} of {len(cohort['members'])} masked nodes survived, the threshold is {threshold}"
+        ask = {masks.MASK_STAGE_KEY: "unmask", masks.SURVIVORS_KEY: json.dumps(survivors)}
+        b_shares: dict[int, list[bytes]] = {i: [] for i in survivors}
+        s_shares: dict[int, list[bytes]] = {j: [] for j in dropped}
+        answered = 0
+        for entry in accepted:
+            proxy = entry[3][0]
+            try:
+                res = self._ask(proxy, server_round, ask)
+                got_b = json.loads(str(res[masks.B_SHARES_PROPERTY]))
+                got_s = json.loads(str(res[masks.S_SHARES_PROPERTY]))
+                b = {i: bytes.fromhex(got_b[str(i)]) for i in survivors}
+                s = {j: bytes.fromhex(got_s[str(j)]) for j in dropped}
+            except Exception as err:  # noqa: BLE001 - a node's answer is client input
+                log(WARNING, "Round %s: node %s sent no unmask shares (%s)", server_round, proxy.cid, err)
+                continue
+            answered += 1
+            for i, share in b.items():
+                b_shares[i].append(share)
+            for j, share in s.items():
+                s_shares[j].append(share)
+        if answered < threshold:
+            return f"{answered} survivors sent their shares, the threshold is {threshold}"
+        try:
+            seeds = []
+            for i in survivors:
+                try:
+                    seed = masks.reconstruct(b_shares[i], threshold)
+                except HEError as err:
+                    raise HEError(f"member {i}'s self-mask seed does not reconstruct (bad shares: {err})") from err
+                if hashlib.sha256(seed).hexdigest() != cohort["commits"][i]:
+                    raise HEError(f"member {i}'s self-mask seed does not reconstruct (bad shares: not its commitment)")
+                seeds.append(seed)
+            gone = []
+            for j in dropped:
+                try:
+                    private = masks.reconstruct(s_shares[j], threshold)
+                except HEError as err:
+                    raise HEError(f"dropped member {j}'s mask key does not reconstruct (bad shares: {err})") from err
+                if masks.public_key(private).hex() != peers[j][1]:
+                    raise HEError(f"dropped member {j}'s mask key does not reconstruct (bad shares: not its public key)")
+                gone.append((private, bytes.fromhex(peers[j][1])))
+        except HEError as err:
+            return str(err)
+        layout, num_values = self._layout
+        leftover = masks.correction(
+            self.context, server_round, layout, num_values, seeds, gone, [bytes.fromhex(peers[i][1]) for i in survivors]
+        )
+        slots = self.context.slots
+        padded = np.zeros(len(total) * slots, dtype=np.uint64)
+        padded[: leftover.size] = leftover
+        encoder, evaluator = self.context.encoder, self.context.evaluator
+        for ct, chunk in zip(total, padded.reshape(len(total), slots)):
+            plain = seal.Plaintext()
+            encoder.encode(chunk.tolist(), plain)
+            evaluator.sub_plain_inplace(ct, plain)
+        log(INFO, "Round %s: masks removed (%d survivors, %d dropped)", server_round, len(survivors), len(dropped))
+        return None
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         instructions = super().configure_evaluate(server_round, parameters, client_manager)
@@ -263,6 +382,9 @@ class HomomorphicAggregation(StrategyWrapper):
                 if BAD_AGGREGATE_METRIC in metrics:
                     reports.append((proxy, str(metrics[BAD_AGGREGATE_METRIC])[:500]))
                     continue
+                cohort = self._cohorts.get(server_round) if self.pairwise_masks else None
+                if cohort is not None and cid not in cohort["index"]:
+                    raise HEError("not a member of this round's mask cohort")
                 weight, ciphertexts, ids = self.open_ciphertexts(server_round, res)
                 if round_ids.intersection(ids):
                     raise HEError("duplicate ciphertext: another update of this round has its seed")
@@ -289,6 +411,12 @@ class HomomorphicAggregation(StrategyWrapper):
             log(WARNING, "Round %s: no valid encrypted update; the model is kept", server_round)
             self._reports[server_round] = SecAggReport(scheme=PAYLOAD_ALGORITHM, skipped="no valid encrypted update")
             return None, {}
+        if self.pairwise_masks and server_round in self._cohorts:
+            why = self._unmask(server_round, total, accepted)
+            if why is not None:  # a clean failure: recorded, the model is kept
+                self._no_mask_round(server_round, why)
+                self.aggregated[server_round] = 0
+                return None, {}
         for _, _, _, (_, ids) in accepted:
             self._seen.update(dict.fromkeys(ids, server_round))
         divisor = sum(weight for weight, _, _, _ in accepted)
