@@ -171,7 +171,9 @@ class NodeTrackingClientManager(SimpleClientManager):
 
         def ask(cid: str) -> int | None:
             try:
-                res = self.clients[cid].get_properties(ins, self.wait_timeout_s, None)
+                # No TTL of our own: like fit's (ServerConfig.round_timeout=None). The first
+                # message of a simulation waits for Ray and the ClientApp to load (tens of s).
+                res = self.clients[cid].get_properties(ins, None, None)
             except ClientFailure as err:  # unreachable now: ordered by node id, asked again later
                 log(WARNING, "node %s did not answer its partition id: %s", cid, err.reason)
                 return -1
