@@ -104,3 +104,21 @@ def test_same_seed_twice_gives_the_same_model_bit_for_bit_and_says_what_ran(flow
     assert len(rounds_a) == 3 and rounds_a == rounds_b
     assert model_a.keys() == model_b.keys() and len(model_a) > 0
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_a_job_past_its_timeout_is_stopped_on_the_superlink_and_fails(flower, tmp_path, monkeypatch):
+    for key in FLOWER_KEYS:
+        monkeypatch.setenv(key, flower.env[key])
+    out = tmp_path / "slow"
+    # 200 rounds take minutes here; the job is ended after 25 s
+    with pytest.raises(RuntimeError) as info:
+        run_experiment(f"{SMALL} num_rounds=200 simulation.job_timeout_s=25", out)
+    assert "run failed: timed out after 25 s (simulation.job_timeout_s)" in str(info.value)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and status["returncode"] != 0
+    run_id = STARTED_RUN.search((out / "flwr.log").read_text()).group(1)
+    ls = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"],
+                        env=flower.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    (run,) = json.loads(ls.stdout)["runs"]
+    assert run["status"].startswith("finished:") and run["status"] != "finished:completed", run
+    assert not (out / MODEL_FILE).exists()
