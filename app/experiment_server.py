@@ -180,10 +180,13 @@ class NodeTrackingClientManager(SimpleClientManager):
             value = res.properties.get(PARTITION_ID_PROPERTY)
             return None if value is None else int(value)
 
+        started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
             for cid, pid in zip(unknown, pool.map(ask, unknown)):
                 if pid != -1:
                     self.partition_ids[cid] = pid
+        log(INFO, "seeded sampling: asked %d nodes for their partition id (%.1f s)",
+            len(unknown), time.perf_counter() - started)  # fmt: skip
 
     def order_key(self, cid: str) -> tuple:
         """Stable position of a node: (0, partition id) where known, else (1, node id)."""
