@@ -152,7 +152,7 @@ class NodeTrackingClientManager(SimpleClientManager):
     def register(self, client: ClientProxy) -> bool:
         return super().register(NodeTrackingProxy(client))
 
-    def wait_for(self, num_clients: int, timeout: int | float = 86400) -> bool:
+    def wait_for(self, num_clients: int, timeout: float = 86400) -> bool:
         """Flower's wait, at most `wait_timeout_s`; raise ClientWaitTimeout when it ends short."""
         limit = min(float(timeout), self.wait_timeout_s)
         if super().wait_for(num_clients, timeout=limit):

@@ -13,7 +13,9 @@ only when Flower reports its run `finished:completed` (`flwr ls --run-id <id> --
 and `results.json` carries this job's run token (a fresh one per job, passed through the run
 config) with status `completed`. Anything else is a failed job: a one-line reason is printed,
 written to the job's `status.json` and its `summary.csv` row, and `python -m app.sweep` exits 1
-once every job has run. Artifacts an earlier run left in the job's directory are moved to
+once every job has run. `simulation.job_timeout_s` bounds each job: past it the run is stopped
+on the SuperLink (`flwr stop`), `flwr run` is ended, and the job fails "timed out after N s".
+Artifacts an earlier run left in the job's directory are moved to
 `previous/` first (core/results.py), so they are never reported as this job's.
 """
 
@@ -225,7 +227,7 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
 
         def stop_run() -> None:  # the SuperLink keeps a run going after its `flwr run` ends
             if started_run:
-                subprocess.run(["flwr", "stop", str(started_run[0])], env=env,
+                subprocess.run(["flwr", "stop", str(started_run[0])], env=env, check=False,
                                capture_output=True, text=True, timeout=60)  # fmt: skip
 
         returncode, timed_out = stream_process(command, env, on_line, timeout_s, stop_run)
@@ -242,7 +244,8 @@ def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
     and return its results.json. Progress lines are printed; the whole log is
     `<output_dir>/flwr.log`. Raises ConfigError before anything starts on a bad override,
     RuntimeError with the reason and the log if the run fails (Flower's status is not
-    `finished:completed`, or results.json is not this run's complete record)."""
+    `finished:completed`, results.json is not this run's complete record, or it ran past
+    `simulation.job_timeout_s`)."""
     output_dir = Path(output_dir).resolve()
     tokens = [o for o in parse_overrides(overrides) if not o.startswith("output_dir=")]
     tokens.append(f"output_dir={hydra_quote(str(output_dir))}")

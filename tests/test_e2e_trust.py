@@ -117,7 +117,7 @@ def test_a_job_past_its_timeout_is_stopped_on_the_superlink_and_fails(flower, tm
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and status["returncode"] != 0
     run_id = STARTED_RUN.search((out / "flwr.log").read_text()).group(1)
-    ls = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"],
+    ls = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], check=True,
                         env=flower.env, capture_output=True, text=True, timeout=60)  # fmt: skip
     (run,) = json.loads(ls.stdout)["runs"]
     assert run["status"].startswith("finished:") and run["status"] != "finished:completed", run
