@@ -28,17 +28,21 @@ marks it `finished:failed`) and writes no model.
 
 from __future__ import annotations
 
+import random
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import ndarrays_to_parameters
+from flwr.common import GetPropertiesIns, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.server import evaluate_clients, fit_clients
 
+from clients.torch_client import PARTITION_ID_PROPERTY
 from core.results import ClientCounts, FailureRecord, RoundRecord, RunRecorder
 from protections.base import StrategyWrapper
 
@@ -103,11 +107,106 @@ class NodeTrackingProxy(ClientProxy):
         return self.inner.reconnect(ins, timeout, group_id)
 
 
+class ClientWaitTimeout(RuntimeError):
+    """Fewer nodes than the strategy needs connected within strategy.client_wait_timeout_s."""
+
+
+def client_wait_message(waited_s: float, wanted: int, connected: int, key: str = "min_available_clients") -> str:
+    """The one text every wait for clients fails with (the ServerApp's wait before round 1,
+    app/server_app.py wait_for_nodes, and the client manager's during the rounds)."""
+    return (
+        f"waited {waited_s:g} s for {wanted} clients, {connected} connected: lower "
+        f"strategy.{key} to <= {connected} or start more SuperNodes (or raise "
+        f"strategy.client_wait_timeout_s)"
+    )
+
+
 class NodeTrackingClientManager(SimpleClientManager):
-    """Flower's client manager, handing out proxies whose failures name their node."""
+    """Flower's client manager, handing out proxies whose failures name their node; waits for
+    clients that end after `wait_timeout_s` with :class:`ClientWaitTimeout` (Flower's own wait
+    is up to 24 h); and, given a `seed`, sampling that is the same in every run.
+
+    Seeded sampling: Flower's SimpleClientManager.sample draws with the global `random` over
+    node ids, and in simulation node ids are fresh random numbers every run (Flower's
+    flwr/server/superlink/fleet/vce/vce_api.py `_register_nodes`), so the same seed sampled
+    other partitions each run. Here each node is asked once for its partition id
+    (`get_properties`, answered by clients/torch_client.py) and nodes are put in a stable
+    order: by partition id, then nodes without one (a deployment's SuperNodes started with a
+    data file only) by node id, which in deployment is stable only as long as the SuperNodes
+    keep their ids. Each round's cohort is drawn from `random.Random(f"{seed}/{round}")`
+    over that order (:meth:`begin_round` sets the round). The same order sorts each round's
+    results before aggregation (ExperimentServer), since sums of floats depend on order.
+
+    No seed (any privacy mode, app/server_app.py): Flower's sampling. A client-level DP
+    cohort never comes from here anyway: protections/dp/sampling.py PrivateCohort draws it
+    from the OS CSPRNG over `all()`, which is what the privacy accounting assumes.
+    """
+
+    def __init__(self, *, seed: int | None = None, wait_timeout_s: float = 86400.0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.wait_timeout_s = wait_timeout_s
+        self.partition_ids: dict[str, int | None] = {}  # cid -> its answer, once per node
+        self._rng = random.Random(f"{seed}/0")
 
     def register(self, client: ClientProxy) -> bool:
         return super().register(NodeTrackingProxy(client))
+
+    def wait_for(self, num_clients: int, timeout: float = 86400) -> bool:
+        """Flower's wait, at most `wait_timeout_s`; raise ClientWaitTimeout when it ends short."""
+        limit = min(float(timeout), self.wait_timeout_s)
+        if super().wait_for(num_clients, timeout=limit):
+            return True
+        raise ClientWaitTimeout(client_wait_message(limit, num_clients, len(self.clients)))
+
+    def begin_round(self, server_round: int) -> None:
+        """Draw this round's cohorts (fit, then evaluate) from a generator of (seed, round)."""
+        self._rng = random.Random(f"{self.seed}/{server_round}")
+
+    def _ask_partition_ids(self) -> None:
+        unknown = [cid for cid in self.clients if cid not in self.partition_ids]
+        if not unknown:
+            return
+        ins = GetPropertiesIns({PARTITION_ID_PROPERTY: ""})
+
+        def ask(cid: str) -> int | None:
+            try:
+                # No TTL of our own: like fit's (ServerConfig.round_timeout=None). The first
+                # message of a simulation waits for Ray and the ClientApp to load (tens of s).
+                res = self.clients[cid].get_properties(ins, None, None)
+            except ClientFailure as err:  # unreachable now: ordered by node id, asked again later
+                log(WARNING, "node %s did not answer its partition id: %s", cid, err.reason)
+                return -1
+            value = res.properties.get(PARTITION_ID_PROPERTY)
+            return None if value is None else int(value)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
+            for cid, pid in zip(unknown, pool.map(ask, unknown)):
+                if pid != -1:
+                    self.partition_ids[cid] = pid
+        log(INFO, "seeded sampling: asked %d nodes for their partition id (%.1f s)",
+            len(unknown), time.perf_counter() - started)  # fmt: skip
+
+    def order_key(self, cid: str) -> tuple:
+        """Stable position of a node: (0, partition id) where known, else (1, node id)."""
+        pid = self.partition_ids.get(cid)
+        node = int(cid) if cid.lstrip("-").isdigit() else cid
+        return (0, pid, node) if pid is not None else (1, node, 0)
+
+    def stable_order(self, cids) -> list[str]:
+        return sorted(cids, key=self.order_key)
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None) -> list[ClientProxy]:
+        if self.seed is None:
+            return super().sample(num_clients, min_num_clients, criterion)
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        self._ask_partition_ids()
+        cids = [c for c in self.clients if criterion is None or criterion.select(self.clients[c])]
+        if num_clients > len(cids):
+            log(INFO, "Sampling failed: %d clients available, %d requested", len(cids), num_clients)
+            return []
+        return [self.clients[c] for c in self._rng.sample(self.stable_order(cids), num_clients)]
 
 
 def describe_failures(failures: list, stage: str) -> list[FailureRecord]:
@@ -150,14 +249,51 @@ class ExperimentServer(Server):
         self.first_failure: str | None = None
         self.stop_reason = "not started"
 
+    def _in_stable_order(self, results: list) -> list:
+        """(proxy, res) pairs by the client manager's stable node order. Flower's thread pool
+        returns them as they complete, and the strategies sum updates in list order: float
+        addition is not associative, so the order must not depend on which node was faster."""
+        manager = self._client_manager
+        if not isinstance(manager, NodeTrackingClientManager):
+            return results
+        return sorted(results, key=lambda pair: manager.order_key(str(pair[0].cid)))
+
     def fit_round(self, server_round: int, timeout: float | None):
-        """Flower's round, plus the round whose Poisson cohort was empty: under client-level
-        DP that round still releases (noise alone), so the strategy aggregates no results."""
-        res = super().fit_round(server_round=server_round, timeout=timeout)
-        if res is None and self.strategy.empty_round(server_round):
-            parameters, metrics = self.strategy.aggregate_fit(server_round, [], [])
-            return parameters, metrics, ([], [])
-        return res
+        """Flower's round (flwr/server/server.py Server.fit_round) with results aggregated in
+        a stable order and cohorts drawn for this round; plus the round whose Poisson cohort
+        was empty: under client-level DP that round still releases (noise alone), so the
+        strategy aggregates no results."""
+        if isinstance(self._client_manager, NodeTrackingClientManager):
+            self._client_manager.begin_round(server_round)
+        instructions = self.strategy.configure_fit(
+            server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
+        )
+        if not instructions:
+            if self.strategy.empty_round(server_round):
+                parameters, metrics = self.strategy.aggregate_fit(server_round, [], [])
+                return parameters, metrics, ([], [])
+            return None
+        results, failures = fit_clients(
+            client_instructions=instructions, max_workers=self.max_workers, timeout=timeout,
+            group_id=server_round,
+        )  # fmt: skip
+        results = self._in_stable_order(results)
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        return parameters, metrics, (results, failures)
+
+    def evaluate_round(self, server_round: int, timeout: float | None):
+        """Flower's federated evaluation round, its results averaged in the stable order."""
+        instructions = self.strategy.configure_evaluate(
+            server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
+        )
+        if not instructions:
+            return None
+        results, failures = evaluate_clients(
+            instructions, max_workers=self.max_workers, timeout=timeout, group_id=server_round
+        )
+        results = self._in_stable_order(results)
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
+        return loss, metrics, (results, failures)
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         # Every measurement goes to results.json; the History stays empty, so Flower's

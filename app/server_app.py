@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -37,19 +38,27 @@ from protections.he.context import (
 from core.data import centralized_test_split, check_partition_count, data_spec
 from core.evaluation import evaluate, resolve_device
 from core.edge_model import export_int8
-from app.experiment_server import ExperimentServer, NodeTrackingClientManager
+from app.experiment_server import (
+    ClientWaitTimeout,
+    ExperimentServer,
+    NodeTrackingClientManager,
+    RunFailed,
+    client_wait_message,
+)
 from core.finetune import build_finetune_model, merged_model
 from core.models import get_weights, num_parameters, set_weights
 from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
-from core.results import Comm, FinalRecord, Int8Model, RunRecorder
+from core.results import CONFIG_FILE, Comm, FinalRecord, Int8Model, RunRecorder
 from strategies.factory import build_strategy
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
+LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
 RUN_TOKEN_KEY = "run-token"  # run config (pyproject.toml): set by app.sweep / run_experiment
-# Deployment: how long the ServerApp waits for enough SuperNodes before failing the run.
-NODE_WAIT_S = 120.0
+# strategy.client_wait_timeout_s=null. Deployment: how long a wait for enough SuperNodes
+# lasts before the run fails.
+NODE_WAIT_S = 600.0
 # Simulation: Flower registers every node while the ServerApp loads (a race it wins by seconds).
 SIMULATION_NODE_WAIT_S = 10.0
 
@@ -58,6 +67,26 @@ def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).expanduser()
     return DEFAULT_RUNS_ROOT / f"{datetime.now():%Y%m%d-%H%M%S}-run{run_id}"
+
+
+def point_latest(runs_root: Path, run_dir: Path) -> Path:
+    """Make `<runs_root>/latest` a symlink to `run_dir`, atomically: a temporary link is
+    renamed over the old one (os.replace), so a reader always finds a complete link, either
+    the previous run's or this one's. The target is relative, so the tree can be moved."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    link = runs_root / LATEST_LINK
+    temporary = runs_root / f".{LATEST_LINK}.{os.getpid()}.tmp"
+    temporary.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(run_dir, runs_root), temporary)
+    os.replace(temporary, link)
+    return link
+
+
+def client_wait_timeout(cfg: ExperimentConfig, simulation: bool) -> float:
+    """strategy.client_wait_timeout_s, or its default for this kind of federation."""
+    if cfg.strategy.client_wait_timeout_s is not None:
+        return float(cfg.strategy.client_wait_timeout_s)
+    return SIMULATION_NODE_WAIT_S if simulation else NODE_WAIT_S
 
 
 def warn_if_runtime_environment() -> None:
@@ -127,6 +156,8 @@ def main(grid: Grid, context: Context) -> None:
         output_dir, cfg, token=str(context.run_config.get(RUN_TOKEN_KEY, "")),
         flwr_run_id=context.run_id, resumed=None if resume is None else resume.results,
     )  # fmt: skip
+    if not cfg.output_dir:  # under the runs root: it is the newest run there
+        point_latest(DEFAULT_RUNS_ROOT, output_dir)
     if recorder.archived is not None:
         log(WARNING, "%s held an earlier run's results: moved them to %s",
             output_dir, recorder.archived)  # fmt: skip
@@ -141,33 +172,58 @@ def main(grid: Grid, context: Context) -> None:
 
 def wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> int:
     """The number of SuperNodes, once there are enough for the strategy's minimums; raise
-    ConfigError naming the key when there are not (simulation: within seconds, since every
-    node is registered at the start; deployment: after NODE_WAIT_S for more to connect). Flower's own
-    sampling would otherwise wait up to 24 h or stop after 0 rounds."""
+    ClientWaitTimeout with the numbers and the keys to change when there are not within
+    strategy.client_wait_timeout_s (client_wait_timeout). Flower's own sampling would
+    otherwise wait up to 24 h or stop after 0 rounds."""
     s = cfg.strategy
     needed = {"min_train_clients": s.min_train_clients, "min_available_clients": s.min_available_clients}
     if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
         needed["min_evaluate_clients"] = s.min_evaluate_clients
     key, want = max(needed.items(), key=lambda kv: kv[1])
     simulation = type(grid).__name__ == "InMemoryGrid"
-    deadline = time.monotonic() + (SIMULATION_NODE_WAIT_S if simulation else NODE_WAIT_S)
+    wait_s = client_wait_timeout(cfg, simulation)
+    deadline = time.monotonic() + wait_s
     nodes = len(list(grid.get_node_ids()))
     if nodes < want and not simulation:
         log(INFO, "%d SuperNodes connected, strategy.%s=%d: waiting up to %.0f s for more",
-            nodes, key, want, NODE_WAIT_S)  # fmt: skip
+            nodes, key, want, wait_s)  # fmt: skip
     while nodes < want and time.monotonic() < deadline:
         time.sleep(0.5)
         nodes = len(list(grid.get_node_ids()))
     if nodes < want:
-        hint = (
-            f"flwr run . --federation-config 'num-supernodes={want}'" if simulation
-            else f"start {want - nodes} more SuperNodes"
-        )  # fmt: skip
-        raise ConfigError(
-            f"strategy.{key}={want} but the federation has {nodes} SuperNodes: no round "
-            f"could sample enough clients. Lower strategy.{key} to <= {nodes}, or: {hint}"
-        )
+        message = client_wait_message(wait_s, want, nodes, key)
+        if simulation:
+            message += f"; in simulation: flwr run . --federation-config 'num-supernodes={want}'"
+        raise ClientWaitTimeout(f"strategy.{key}={want} but the federation has {nodes} SuperNodes: {message}")
     return nodes
+
+
+def start_line(cfg: ExperimentConfig, nodes: int, parameters: int, output_dir: Path, simulation: bool) -> str:
+    """What runs, in one line, before round 1 (from the config and the connected nodes)."""
+    kind = "simulation" if simulation else "deployment"
+    sampling = (
+        f"cohorts seeded (seed={cfg.seed})" if cfg.privacy.name == "none"
+        else "cohorts from the OS CSPRNG (privacy)"
+    )  # fmt: skip
+    return (
+        f"Experiment: {kind} of {nodes} SuperNodes, {cfg.num_rounds} rounds, "
+        f"strategy={cfg.strategy.name} privacy={cfg.privacy.name} secagg={cfg.secagg.name}, "
+        f"dataset={cfg.dataset.name} partitioner={cfg.partitioner.name} model={cfg.model.name} "
+        f"({parameters} parameters), {sampling}, results -> {output_dir}"
+    )
+
+
+def federation_mismatch(cfg: ExperimentConfig, nodes: int) -> str | None:
+    """The warning when the simulation that runs is not the one simulation.num_supernodes
+    describes (a plain `flwr run .` takes its size from pyproject.toml or --federation-config)."""
+    if nodes == cfg.simulation.num_supernodes:
+        return None
+    return (
+        f"{nodes} SuperNodes connected but simulation.num_supernodes={cfg.simulation.num_supernodes}: "
+        f"this run uses {nodes} partitions (config.yaml records {nodes}); to run the configured "
+        f"size use python -m app.sweep, or flwr run . --federation-config "
+        f"'num-supernodes={cfg.simulation.num_supernodes}'"
+    )
 
 
 def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> None:
@@ -176,8 +232,15 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     if cfg.training.torch_threads > 0:
         torch.set_num_threads(cfg.training.torch_threads)
     nodes = wait_for_nodes(grid, cfg)
-    if type(grid).__name__ == "InMemoryGrid":  # simulation: one partition per SuperNode
+    simulation = type(grid).__name__ == "InMemoryGrid"
+    if simulation:  # one partition per SuperNode
         check_partition_count(cfg.dataset, nodes, cfg.seed)
+        mismatch = federation_mismatch(cfg, nodes)
+        if mismatch:
+            log(WARNING, "%s", mismatch)
+    # config.yaml records the federation that ran (simulation.num_supernodes = the nodes).
+    ran = replace(cfg, simulation=replace(cfg.simulation, num_supernodes=nodes))
+    (output_dir / CONFIG_FILE).write_text(resolved_yaml(ran))
 
     spec = data_spec(cfg.dataset)
     test_data = centralized_test_split(cfg.dataset, cfg.seed)
@@ -201,21 +264,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         he_context=he_context,
         he_client_config=he_client_config,
     )
-    log(
-        INFO,
-        "Experiment: dataset=%s partitioner=%s model=%s (%d parameters) strategy=%s, "
-        "privacy=%s secagg=%s, %d rounds, %d SuperNodes connected, results -> %s",
-        cfg.dataset.name,
-        cfg.partitioner.name,
-        cfg.model.name,
-        num_parameters(model),
-        cfg.strategy.name,
-        cfg.privacy.name,
-        cfg.secagg.name,
-        cfg.num_rounds,
-        nodes,
-        output_dir,
-    )
+    log(INFO, "%s", start_line(cfg, nodes, num_parameters(model), output_dir, simulation))
 
     config_yaml = resolved_yaml(cfg)
 
@@ -224,7 +273,12 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
                         config_yaml)  # fmt: skip
 
     server = ExperimentServer(
-        client_manager=NodeTrackingClientManager(), strategy=strategy, recorder=recorder,
+        client_manager=NodeTrackingClientManager(
+            # Seeded cohorts only without DP (a DP cohort is PrivateCohort's, never seeded).
+            seed=cfg.seed if cfg.privacy.name == "none" else None,
+            wait_timeout_s=client_wait_timeout(cfg, simulation),
+        ),
+        strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
     )  # fmt: skip
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))

@@ -13,7 +13,9 @@ only when Flower reports its run `finished:completed` (`flwr ls --run-id <id> --
 and `results.json` carries this job's run token (a fresh one per job, passed through the run
 config) with status `completed`. Anything else is a failed job: a one-line reason is printed,
 written to the job's `status.json` and its `summary.csv` row, and `python -m app.sweep` exits 1
-once every job has run. Artifacts an earlier run left in the job's directory are moved to
+once every job has run. `simulation.job_timeout_s` bounds each job: past it the run is stopped
+on the SuperLink (`flwr stop`), `flwr run` is ended, and the job fails "timed out after N s".
+Artifacts an earlier run left in the job's directory are moved to
 `previous/` first (core/results.py), so they are never reported as this job's.
 """
 
@@ -23,8 +25,10 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -96,9 +100,12 @@ def flower_run_status(run_id: int, env: dict, wait_s: float = 30.0) -> dict | No
         time.sleep(1.0)
 
 
-def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None) -> dict:
+def job_outcome(
+    job_dir: Path, token: str, returncode: int, flower: dict | None, timed_out_s: float | None = None
+) -> dict:
     """ok only when Flower says completed and results.json is this run's and complete;
-    otherwise failed with the most precise reason at hand."""
+    otherwise failed with the most precise reason at hand. `timed_out_s`: the launcher ended
+    the job after that many seconds (simulation.job_timeout_s), whatever it wrote."""
     results: RunRecord | None = None
     invalid = ""
     results_path = job_dir / RESULTS_FILE
@@ -113,7 +120,9 @@ def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None)
     ours = run is not None and bool(token) and run.token == token
     flower_status = flower.get("status") if flower else None
     reason = ""
-    if ours and run.status == "failed":
+    if timed_out_s is not None:
+        reason = f"timed out after {timed_out_s:g} s (simulation.job_timeout_s)"
+    elif ours and run.status == "failed":
         reason = run.error or ""
     elif flower_status is not None and flower_status != FLOWER_COMPLETED:
         reason = f"Flower reports the run {flower_status}: {flower.get('status-details', '')}"
@@ -146,9 +155,57 @@ def job_outcome(job_dir: Path, token: str, returncode: int, flower: dict | None)
     return outcome
 
 
+def stream_process(command, env, on_line, timeout_s=None, on_timeout=None) -> tuple[int, bool]:
+    """Run `command`, handing each output line to `on_line`; after `timeout_s` seconds call
+    `on_timeout()` (e.g. `flwr stop`), then end the process and its children (its own
+    process group: SIGTERM, SIGKILL 10 s later). Returns (exit status, whether it timed out)."""
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        try:
+            if on_timeout is not None:
+                on_timeout()
+        finally:
+            _end_group(proc)
+
+    timer = threading.Timer(timeout_s, expire) if timeout_s else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line)
+        returncode = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return returncode, expired.is_set()
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
     """Run one simulation; return {"status": "ok", **results.json} or a failure record
-    {"status": "failed", "reason": ..., "log": ...}."""
+    {"status": "failed", "reason": ..., "log": ...}. Past simulation.job_timeout_s the run
+    is stopped on the SuperLink (`flwr stop`), `flwr run` is ended, and the job fails with
+    "timed out after N s"."""
     env = dict(os.environ)
     # The app is installed in this environment: Flower must not build a per-run one.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -156,20 +213,27 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
     archive_previous_run(job_dir)  # an earlier run's results are never reported as ours
     (job_dir / STATUS_FILE).unlink(missing_ok=True)
     command = flwr_run_command(cfg, overrides, token)
-    run_id = None
+    started_run: list[int] = []
+    timeout_s = cfg.simulation.job_timeout_s
     with open(job_dir / FLWR_LOG, "w") as log_file:
-        proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
+
+        def on_line(line: str) -> None:
             log_file.write(line)
             started = STARTED_RUN.search(line)
-            if started and run_id is None:
-                run_id = int(started.group(1))
+            if started and not started_run:
+                started_run.append(int(started.group(1)))
             if PROGRESS.search(line) and not TIMESTAMPED.match(line):
                 sys.stdout.write(line)
-        returncode = proc.wait()
+
+        def stop_run() -> None:  # the SuperLink keeps a run going after its `flwr run` ends
+            if started_run:
+                subprocess.run(["flwr", "stop", str(started_run[0])], env=env, check=False,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        returncode, timed_out = stream_process(command, env, on_line, timeout_s, stop_run)
+    run_id = started_run[0] if started_run else None
+    if timed_out:
+        return job_outcome(job_dir, token, returncode, None, timed_out_s=timeout_s)
     flower = flower_run_status(run_id, env) if run_id is not None else None
     return job_outcome(job_dir, token, returncode, flower)
 
@@ -180,7 +244,8 @@ def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
     and return its results.json. Progress lines are printed; the whole log is
     `<output_dir>/flwr.log`. Raises ConfigError before anything starts on a bad override,
     RuntimeError with the reason and the log if the run fails (Flower's status is not
-    `finished:completed`, or results.json is not this run's complete record)."""
+    `finished:completed`, results.json is not this run's complete record, or it ran past
+    `simulation.job_timeout_s`)."""
     output_dir = Path(output_dir).resolve()
     tokens = [o for o in parse_overrides(overrides) if not o.startswith("output_dir=")]
     tokens.append(f"output_dir={hydra_quote(str(output_dir))}")

@@ -27,6 +27,11 @@ from protections.client_step import (
     RoundContext,
 )
 
+# Asked once per node by the server's client manager (app/experiment_server.py), which orders
+# nodes by it so that seeded sampling and aggregation order do not depend on node ids (random
+# per run). Answered with the node config's partition-id; a node without one leaves it out.
+PARTITION_ID_PROPERTY = "partition-id"
+
 
 class TorchClient(NumPyClient):
     def __init__(
@@ -58,7 +63,11 @@ class TorchClient(NumPyClient):
         return get_weights(self.model, self.wire_names)
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        return self.pipeline.properties(config, self.state_context)
+        answers = self.pipeline.properties(config, self.state_context)
+        node_config = self.state_context.node_config if self.state_context is not None else {}
+        if PARTITION_ID_PROPERTY in config and "partition-id" in node_config:
+            answers[PARTITION_ID_PROPERTY] = int(node_config["partition-id"])
+        return answers
 
     def _round(self, config: dict[str, Scalar], fitting: bool) -> RoundContext:
         server_round = int(config.get("server_round", 0))

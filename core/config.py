@@ -190,6 +190,10 @@ class StrategyConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
+    # How long a wait for enough connected clients may last before the run fails with the
+    # numbers (before round 1 and whenever a round samples). null: 600 s in deployment,
+    # 10 s in simulation (where every node registers within seconds of the start).
+    client_wait_timeout_s: float | None = None
 
 
 @dataclass
@@ -270,6 +274,9 @@ class SimulationConfig:
     # max(1, torch_threads) CPUs each, and one GPU per process with training.device=cuda.
     client_cpus: int | None = None
     client_gpus: float | None = None
+    # app.sweep / run_experiment: stop a job's `flwr run` (and the run on the SuperLink) after
+    # this many seconds and record it failed, "timed out after N s". null: no limit.
+    job_timeout_s: float | None = None
 
 
 @dataclass
@@ -597,6 +604,9 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
     if isinstance(d, LocalDatasetConfig):
         require(0.0 <= d.public_fraction < 1.0, "dataset.public_fraction", "must be in [0, 1)")
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
+    for key, value in (("strategy.client_wait_timeout_s", cfg.strategy.client_wait_timeout_s),
+                       ("simulation.job_timeout_s", cfg.simulation.job_timeout_s)):  # fmt: skip
+        require(value is None or value > 0, key, "must be > 0 seconds, or null for the default")
     c, w = cfg.compression, cfg.workload
     if c.name != "none":
         require(

@@ -75,3 +75,50 @@ def test_sweep_exits_non_zero_and_summarizes_a_failed_job(flower, tmp_path):
     (row,) = list(csv.DictReader(summary.open()))
     assert row["status"] == "failed"
     assert row["reason"].startswith("RunFailed: no client update was aggregated in any of 1 rounds")
+
+
+def test_same_seed_twice_gives_the_same_model_bit_for_bit_and_says_what_ran(flower, tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from core.results import CONFIG_FILE
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        # a plain `flwr run` of 3 SuperNodes, while simulation.num_supernodes says 10
+        proc = flower.run(f"num_rounds=3 seed=5 output_dir={out}", num_supernodes=3)
+        text = proc.stdout + proc.stderr
+        assert "Experiment: simulation of 3 SuperNodes, 3 rounds, strategy=fedavg privacy=none" in text, text[-3000:]
+        assert "cohorts seeded (seed=5)" in text
+        assert "3 SuperNodes connected but simulation.num_supernodes=10" in text
+        results = json.loads((out / RESULTS_FILE).read_text())
+        assert results["run"]["status"] == "completed", results["run"]
+        assert OmegaConf.load(out / CONFIG_FILE).simulation.num_supernodes == 3
+        assert "did not answer its partition id" not in text
+        rounds = [{k: r.get(k) for k in ("centralized", "federated", "train", "clients")} for r in results["rounds"]]
+        for r in rounds:  # wall time is the one measurement that may differ
+            assert r["train"].pop("train_seconds") > 0
+        runs.append((torch.load(out / MODEL_FILE), rounds))
+    (model_a, rounds_a), (model_b, rounds_b) = runs
+    assert len(rounds_a) == 3 and rounds_a == rounds_b
+    assert model_a.keys() == model_b.keys() and len(model_a) > 0
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_a_job_past_its_timeout_is_stopped_on_the_superlink_and_fails(flower, tmp_path, monkeypatch):
+    for key in FLOWER_KEYS:
+        monkeypatch.setenv(key, flower.env[key])
+    out = tmp_path / "slow"
+    # 200 rounds take minutes here; the job is ended after 25 s
+    with pytest.raises(RuntimeError) as info:
+        run_experiment(f"{SMALL} num_rounds=200 simulation.job_timeout_s=25", out)
+    assert "run failed: timed out after 25 s (simulation.job_timeout_s)" in str(info.value)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and status["returncode"] != 0
+    run_id = STARTED_RUN.search((out / "flwr.log").read_text()).group(1)
+    ls = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], check=True,
+                        env=flower.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    (run,) = json.loads(ls.stdout)["runs"]
+    assert run["status"].startswith("finished:") and run["status"] != "finished:completed", run
+    assert not (out / MODEL_FILE).exists()

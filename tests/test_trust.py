@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from core.data import data_spec, load_client_data
 from core.evaluation import evaluate
 from app.experiment_server import (
     MAX_REASON_CHARS,
+    ClientWaitTimeout,
     ExperimentServer,
     NodeTrackingClientManager,
     RunFailed,
@@ -26,14 +31,23 @@ from app.experiment_server import (
 from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
-from app.sweep import STATUS_FILE, job_outcome, write_summary
+from app.server_app import (
+    NODE_WAIT_S,
+    SIMULATION_NODE_WAIT_S,
+    client_wait_timeout,
+    federation_mismatch,
+    point_latest,
+    start_line,
+)
+from app.sweep import STATUS_FILE, job_outcome, stream_process, write_summary
 from strategies.factory import build_strategy
-from tests.support.proxies import InProcessProxy
+from tests.support.proxies import InProcessProxy, LoopbackProxy
 
 
-def run_rounds(overrides: str, tmp_path, num_nodes: int = 2, num_rounds: int = 2):
+def run_rounds(overrides: str, tmp_path, num_nodes: int = 2, num_rounds: int = 2, node_ids=None, seed=None):
     """The ServerApp's round loop (ExperimentServer + the configured strategy stack) over
-    `num_nodes` real clients of the default data set."""
+    `num_nodes` real clients of the default data set; `node_ids[i]`: partition i's node id
+    (default 100 + i); `seed`: the client manager's sampling seed (None: Flower's sampling)."""
     cfg = load_config(overrides)
     spec = data_spec(cfg.dataset)
     model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
@@ -46,13 +60,14 @@ def run_rounds(overrides: str, tmp_path, num_nodes: int = 2, num_rounds: int = 2
 
     strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
     recorder = RunRecorder(tmp_path, cfg, token="t0")
-    manager = NodeTrackingClientManager()
+    manager = NodeTrackingClientManager(seed=seed)
+    node_ids = node_ids or [100 + i for i in range(num_nodes)]
     for i in range(num_nodes):
         context = Context(
-            run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+            run_id=1, node_id=node_ids[i], state=RecordDict(), run_config={},
             node_config={"partition-id": i, "num-partitions": num_nodes},
         )  # fmt: skip
-        manager.register(InProcessProxy(str(100 + i), build_client(cfg, context)))
+        manager.register(InProcessProxy(str(node_ids[i]), build_client(cfg, context)))
     server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder)
     history, _ = server.fit(num_rounds=num_rounds, timeout=None)
     return server, recorder, history
@@ -212,3 +227,178 @@ def test_a_flower_log_line_prints_once_after_opacus_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (proc.stdout + proc.stderr).count("marker-once") == 1
+
+
+# --------------------------------------------------------------------------- reproducible
+def partition_clients(cfg, num_nodes):
+    """One real client per partition (what each SuperNode's ClientApp builds)."""
+    clients = []
+    for i in range(num_nodes):
+        context = Context(
+            run_id=1, node_id=i, state=RecordDict(), run_config={},
+            node_config={"partition-id": i, "num-partitions": num_nodes},
+        )  # fmt: skip
+        clients.append(build_client(cfg, context))
+    return clients
+
+
+def cohorts(clients, node_ids, seed, rounds=4, size=3):
+    """The partitions a seeded manager samples in each round, with partition i on node_ids[i]."""
+    manager = NodeTrackingClientManager(seed=seed)
+    partition_of = {}
+    for i, (client, node) in enumerate(zip(clients, node_ids)):
+        manager.register(InProcessProxy(str(node), client))
+        partition_of[str(node)] = i
+    out = []
+    for server_round in range(1, rounds + 1):
+        manager.begin_round(server_round)
+        out.append(sorted(partition_of[p.cid] for p in manager.sample(size)))
+    return out
+
+
+def test_seeded_sampling_draws_the_same_partitions_whatever_the_node_ids():
+    clients = partition_clients(load_config(""), 8)
+    ids_a = [5_000 + 17 * i for i in range(8)]
+    ids_b = [9_999_999 - 31 * i for i in range(8)]  # other ids, in the reverse order
+    first = cohorts(clients, ids_a, seed=3)
+    assert cohorts(clients, ids_b, seed=3) == first  # the partition ids fix the order
+    assert len({tuple(c) for c in first}) > 1  # rounds draw different cohorts
+    assert all(len(c) == 3 and len(set(c)) == 3 for c in first)
+    assert cohorts(clients, ids_a, seed=4) != first
+
+
+def test_nodes_without_a_partition_id_are_ordered_by_node_id_after_the_others():
+    clients = partition_clients(load_config(""), 2)
+    manager = NodeTrackingClientManager(seed=0)
+    manager.register(InProcessProxy("900", clients[1]))  # answers partition 1
+    manager.register(LoopbackProxy("7"))  # cannot answer: get_properties raises
+    manager.register(LoopbackProxy("30"))
+    manager.register(InProcessProxy("901", clients[0]))  # answers partition 0
+    manager.begin_round(1)
+    assert len(manager.sample(4)) == 4
+    assert manager.partition_ids == {"900": 1, "901": 0}
+    assert manager.stable_order(manager.all()) == ["901", "900", "7", "30"]
+
+
+def test_same_seed_same_model_bit_for_bit_whatever_the_node_ids(tmp_path):
+    overrides = "strategy.fraction_train=0.5 strategy.fraction_evaluate=0.5"
+    runs = []
+    for name, ids in (("a", [11, 12, 13, 14]), ("b", [987654, 3, 55555, 42])):
+        server, recorder, _ = run_rounds(overrides, tmp_path / name, 4, 2, node_ids=ids, seed=0)
+        arrays = [a.copy() for a in server.strategy.global_model.arrays(server.parameters)]
+        runs.append((arrays, [r["centralized"] for r in recorder.rounds]))
+    (arrays_a, metrics_a), (arrays_b, metrics_b) = runs
+    assert len(arrays_a) == len(arrays_b) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(arrays_a, arrays_b))
+    assert metrics_a == metrics_b and len(metrics_a) == 2
+
+
+def test_results_are_aggregated_in_the_stable_node_order_not_completion_order():
+    manager = NodeTrackingClientManager(seed=0)
+    for cid in ("40", "3", "17"):
+        manager.register(LoopbackProxy(cid))
+    manager.partition_ids.update({"40": 0, "17": 1})  # "3" answered none
+    server = ExperimentServer(client_manager=manager, strategy=None, recorder=None)
+    results = [(manager.all()[cid], cid) for cid in ("3", "17", "40")]
+    assert [res for _, res in server._in_stable_order(results)] == ["40", "17", "3"]
+
+
+# --------------------------------------------------------------------------- no hangs
+def test_a_wait_for_more_clients_than_connect_ends_with_the_numbers_and_the_keys():
+    manager = NodeTrackingClientManager(seed=None, wait_timeout_s=0.3)
+    for cid in ("1", "2", "3"):
+        manager.register(LoopbackProxy(cid))
+    started = time.monotonic()
+    with pytest.raises(ClientWaitTimeout) as info:
+        manager.sample(12)  # Flower's own sample would wait 24 h here
+    assert 0.25 < time.monotonic() - started < 5
+    assert str(info.value) == (
+        "waited 0.3 s for 12 clients, 3 connected: lower strategy.min_available_clients to <= 3 "
+        "or start more SuperNodes (or raise strategy.client_wait_timeout_s)"
+    )
+    assert manager.wait_for(3) is True  # enough: no wait, no error
+
+
+def test_client_wait_timeout_key_defaults_and_refuses_non_positive_values():
+    from core.config import ConfigError
+
+    assert client_wait_timeout(load_config(""), simulation=True) == SIMULATION_NODE_WAIT_S == 10.0
+    assert client_wait_timeout(load_config(""), simulation=False) == NODE_WAIT_S == 600.0
+    cfg = load_config("strategy.client_wait_timeout_s=42.5")
+    assert client_wait_timeout(cfg, simulation=False) == 42.5
+    with pytest.raises(ConfigError) as info:
+        load_config("strategy.client_wait_timeout_s=0")
+    assert "strategy.client_wait_timeout_s=0.0: must be > 0 seconds" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config("simulation.job_timeout_s=-5")
+    assert "simulation.job_timeout_s=-5.0: must be > 0 seconds" in str(info.value)
+
+
+def test_a_timed_out_job_is_a_failed_row_with_its_reason(tmp_path):
+    finished_run(tmp_path / "0", "a", 0.8)  # even a complete results.json: the job was ended
+    outcome = job_outcome(tmp_path / "0", "a", -15, None, timed_out_s=90)
+    assert outcome["status"] == "failed"
+    assert outcome["reason"] == "timed out after 90 s (simulation.job_timeout_s)"
+    (row,) = list(csv.DictReader(write_summary(tmp_path).open()))
+    assert (row["status"], row["reason"]) == ("failed", "timed out after 90 s (simulation.job_timeout_s)")
+
+
+@pytest.mark.integration  # starts a process
+def test_a_job_past_its_timeout_is_stopped_and_its_process_group_ended():
+    lines, stops = [], []
+    code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('child', child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    started = time.monotonic()
+    returncode, timed_out = stream_process(
+        [sys.executable, "-c", code], None, lines.append, 1.5, lambda: stops.append(True)
+    )
+    assert timed_out is True and stops == [True]
+    assert returncode == -signal.SIGTERM
+    assert time.monotonic() - started < 30
+    child = int(lines[0].split()[1])
+    time.sleep(0.5)
+    stat = Path(f"/proc/{child}/stat")
+    # the grandchild went with the group: gone, or a zombie no one has reaped yet
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    returncode, timed_out = stream_process([sys.executable, "-c", "print('done')"], None, lines.append, 30)
+    assert (returncode, timed_out, lines[-1]) == (0, False, "done\n")
+
+
+# --------------------------------------------------------------------------- what runs
+def test_the_start_line_says_what_runs():
+    cfg = load_config("num_rounds=3 strategy=fedprox")
+    line = start_line(cfg, 4, 4810, Path("/runs/x"), simulation=True)
+    assert line == (
+        "Experiment: simulation of 4 SuperNodes, 3 rounds, strategy=fedprox privacy=none "
+        "secagg=none, dataset=digits partitioner=iid model=mlp (4810 parameters), cohorts "
+        "seeded (seed=0), results -> /runs/x"
+    )
+    dp = load_config("privacy=server_fixed")
+    assert "cohorts from the OS CSPRNG (privacy)" in start_line(dp, 10, 1, Path("/r"), False)
+    assert start_line(dp, 10, 1, Path("/r"), False).startswith("Experiment: deployment of 10 SuperNodes")
+
+
+def test_a_federation_of_another_size_than_configured_is_named():
+    cfg = load_config("")  # simulation.num_supernodes=10
+    assert federation_mismatch(cfg, 10) is None
+    warning = federation_mismatch(cfg, 3)
+    assert warning.startswith("3 SuperNodes connected but simulation.num_supernodes=10")
+    assert "flwr run . --federation-config 'num-supernodes=10'" in warning
+
+
+def test_latest_points_at_the_newest_run_and_is_replaced_atomically(tmp_path):
+    root = tmp_path / "runs"
+    first, second = root / "20260101-000000-run1", root / "20260101-000100-run2"
+    for run_dir in (first, second):
+        run_dir.mkdir(parents=True)
+        (run_dir / RESULTS_FILE).write_text(run_dir.name)
+    link = point_latest(root, first)
+    assert link == root / "latest" and (link / RESULTS_FILE).read_text() == first.name
+    point_latest(root, second)  # over an existing link: a plain os.symlink would raise
+    assert os.readlink(link) == second.name  # relative: the runs tree can be moved
+    assert (link / RESULTS_FILE).read_text() == second.name
+    assert sorted(p.name for p in root.iterdir()) == sorted([first.name, second.name, "latest"])
