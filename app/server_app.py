@@ -42,7 +42,6 @@ from app.experiment_server import (
     ClientWaitTimeout,
     ExperimentServer,
     NodeTrackingClientManager,
-    RunFailed,
     client_wait_message,
 )
 from core.finetune import build_finetune_model, merged_model
