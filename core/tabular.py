@@ -189,11 +189,12 @@ def preprocess(train: ArraySplit, val: ArraySplit, cfg: TabularDatasetConfig):
     if k == 0 or (cfg.standardize == "none" and cfg.missing != "mean"):
         return train, val
     numeric = train.x[:, :k].astype(np.float64)
+    # Impute, then scale (scikit-learn's SimpleImputer then StandardScaler, fitted on `train`).
     with np.errstate(all="ignore"):  # an all-missing column: its mean is nan, handled below
         mean = np.nanmean(numeric, axis=0) if len(numeric) else np.zeros(k)
-        std = np.nanstd(numeric, axis=0) if len(numeric) else np.ones(k)
     mean = np.where(np.isfinite(mean), mean, 0.0)
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)  # a constant column stays centred
+    std = np.where(np.isnan(numeric), mean, numeric).std(axis=0) if len(numeric) else np.ones(k)
+    std = np.where(std > 0, std, 1.0)  # a constant column is only centred
 
     def apply(split: ArraySplit) -> ArraySplit:
         x = split.x.copy()

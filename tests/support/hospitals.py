@@ -24,8 +24,11 @@ LACTATE_OFFSET = 1.5
 COLUMNS = ["hospital_id", "age", "bp", "lactate", "ward", "sex", "outcome"]
 
 
-def hospitals(n_per_site: int = 200, seed: int = 0, missing_rate: float = 0.05):
-    """A DataFrame of 3 * n_per_site patients, the sites' rows in blocks a, b, c."""
+def hospitals(
+    n_per_site: int = 200, seed: int = 0, missing_rate: float = 0.05, lactate_offset: float = LACTATE_OFFSET
+):
+    """A DataFrame of 3 * n_per_site patients, the sites' rows in blocks a, b, c; hospital b
+    measures lactate `lactate_offset` too high (0: the sites differ only in population)."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
@@ -40,7 +43,7 @@ def hospitals(n_per_site: int = 200, seed: int = 0, missing_rate: float = 0.05):
         bp = rng.normal(125, 15, n)  # no effect on the outcome: a distractor
         logit = 0.08 * (age - 60) + 1.2 * (lactate - 2) + 1.5 * (ward == "icu") - 0.4 * (sex == "F") - 0.3
         outcome = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-        measured = lactate + (LACTATE_OFFSET if site == "b" else 0.0)
+        measured = lactate + (lactate_offset if site == "b" else 0.0)
         frame = pd.DataFrame(
             {
                 "hospital_id": site,
