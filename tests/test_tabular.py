@@ -314,5 +314,6 @@ def test_flwr_run_on_the_readme_example_files(flower, tmp_path):
     assert results["run"]["status"] == "completed"
     final = results["final"]
     assert set(final["centralized"]) == {"loss", "accuracy", "auroc", "sensitivity", "specificity"}
-    assert final["centralized"]["accuracy"] >= 0.70 and final["centralized"]["auroc"] >= 0.75
+    # measured: accuracy 0.753, AUROC 0.822 (the test file's majority class: 0.54)
+    assert final["centralized"]["accuracy"] >= 0.70 and final["centralized"]["auroc"] >= 0.78
     assert {"auroc", "sensitivity", "specificity"} <= set(final["federated"])
