@@ -4,6 +4,10 @@ Local data sets (no network): scikit-learn's `digits` and `breast_cancer`, which
 the package, and a generated `linear` regression. They become a `datasets.Dataset` that
 Flower Datasets' partitioners split across clients, exactly as `FederatedDataset` does for hub
 data sets (`mnist`, `cifar10`, behind `dataset=` and needing the network).
+`dataset=tabular` is your own CSV or Parquet file, read and checked by core/tabular.py: its
+rows are the clients' pool (split by the partitioner, or by site through NaturalIdPartitioner),
+each client preprocesses its own rows, and the server's test set is the separate
+`dataset.test_path` (or none: :func:`centralized_evaluation_data`).
 
 Splits, all derived from `seed` so that every process computes the same ones:
 - the server holds a stratified `test_fraction` of the data set for centralized evaluation
@@ -165,6 +169,13 @@ def partition_arrays(
     `python -m app.deploy export-data` writes to a site's data file."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition {partition_id} is outside 0..{num_partitions - 1}")
+    if isinstance(cfg, TabularDatasetConfig):
+        # Its sites already hold their files: a site's data-path is its own CSV/Parquet with
+        # the schema's columns (core/tabular.py), not an export of preprocessed arrays.
+        raise ValueError(
+            "dataset=tabular: each site's data-path is its own .csv/.parquet with the schema's "
+            "columns; split dataset.path by site (e.g. with pandas) instead of exporting arrays"
+        )
     check_partition_count(cfg, num_partitions, seed)
     if cfg.source == "hub":
         _, fds = _hub(cfg, num_partitions, part_cfg, seed)

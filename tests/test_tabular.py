@@ -28,6 +28,7 @@ from core.data import (
     data_spec,
     load_client_data,
     load_file_data,
+    partition_arrays,
     partition_layout,
 )
 from core.evaluation import evaluate
@@ -140,6 +141,32 @@ def test_iid_partitioner_over_one_file_without_sites(table):
     assert {frame.hospital_id[j] for j in ids[0]} == set(SITES)  # shuffled, not by site
 
 
+def test_multiclass_labels_by_name_and_regression(table, tmp_path):
+    """Label values as written (dataset.classes in class-id order), under a label-skew
+    partitioner; a regression label is read as a number."""
+    _, frame = table
+    graded = frame.assign(grade=np.array(["low", "mid", "high"])[np.arange(len(frame)) % 3])
+    graded.to_csv(tmp_path / "graded.csv", index=False)
+    cfg = load_config(
+        overrides(tmp_path / "graded.csv", "dataset.site_column=''", "dataset.label=grade",
+                  "dataset.task=multiclass", "dataset.classes=[low,mid,high]",
+                  "partitioner=dirichlet", "partitioner.alpha=0.3", "simulation.num_supernodes=4")
+    )  # fmt: skip
+    assert data_spec(cfg.dataset).num_outputs == 3
+    ids, labels, _ = partition_layout(cfg.dataset, cfg.partitioner, 4, cfg.seed)
+    for i, y in zip(ids, labels):
+        assert y.tolist() == [["low", "mid", "high"].index(g) for g in graded.grade[i]]
+    assert sorted(np.concatenate(ids).tolist()) == list(range(len(frame)))
+    cfg = load_config(
+        overrides(tmp_path / "graded.csv", "dataset.label=age", "dataset.task=regression",
+                  "dataset.features=[bp,lactate]")
+    )  # fmt: skip
+    train, _ = load_client_data(cfg.dataset, cfg.partitioner, 2, 3, cfg.seed)
+    assert train.y.dtype == np.float32 and train.y.shape == (len(train), 1)
+    ages = set(frame.age[frame.hospital_id == "c"].round(3))
+    assert {round(float(v), 3) for v in train.y[:, 0]} <= ages
+
+
 def test_site_count_mismatch_names_both_numbers(table):
     folder, _ = table
     cfg = load_config(overrides(folder / "train.csv", "simulation.num_supernodes=4"))
@@ -208,6 +235,8 @@ def test_a_sites_own_file_follows_the_schema(table, tmp_path):
     train, val = load_file_data(str(tmp_path / "site.csv"), cfg.dataset, 11)
     assert len(train) + len(val) == 120 and train.x.shape[1] == 8
     np.testing.assert_allclose(train.x[:, :3].mean(axis=0), 0, atol=1e-5)  # its own statistics
+    with pytest.raises(ValueError, match="each site's data-path is its own .csv/.parquet"):
+        partition_arrays(cfg.dataset, cfg.partitioner, 0, 3, 0)  # app.deploy export-data
     site.drop(columns=["bp", "sex"]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match=r"data-path=.*bad.csv lacks the columns \['bp', 'sex'\]"):
         load_file_data(str(tmp_path / "bad.csv"), cfg.dataset, 11)
@@ -287,8 +316,8 @@ def test_cost_of_per_client_standardization(offset, lo_client, hi_client, lo_glo
     for seed in range(3):
         train = hospitals(300, seed=seed, lactate_offset=offset)
         test = hospitals(300, seed=seed + 100, lactate_offset=offset)
-        for scaling in acc:
-            acc[scaling].append(_accuracy(train, test, scaling))
+        for scaling, values in acc.items():
+            values.append(_accuracy(train, test, scaling))
     client, global_ = np.mean(acc["client"]), np.mean(acc["global"])
     print(f"lactate offset {offset}: per-client {client:.4f}, global {global_:.4f}")
     assert lo_client < client < hi_client and lo_global < global_ < hi_global
