@@ -35,7 +35,7 @@ from protections.he.context import (
     is_payload,
     load_context,
 )
-from core.data import centralized_test_split, check_partition_count, data_spec
+from core.data import centralized_evaluation_data, check_partition_count, data_spec
 from core.evaluation import evaluate, resolve_device
 from core.edge_model import export_int8
 from app.experiment_server import (
@@ -242,7 +242,8 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     (output_dir / CONFIG_FILE).write_text(resolved_yaml(ran))
 
     spec = data_spec(cfg.dataset)
-    test_data = centralized_test_split(cfg.dataset, cfg.seed)
+    # None: the server holds no data (dataset=tabular without test_path): no centralized evaluation
+    test_data = centralized_evaluation_data(cfg.dataset, cfg.seed)
     device = resolve_device(cfg.training.device)
     # Fine-tuning: both start from the checkpoint; only `wire` tensors travel (core/finetune.py).
     model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
@@ -259,7 +260,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
     strategy = build_strategy(
         cfg,
         ndarrays_to_parameters(get_weights(model, wire)),
-        evaluate_fn=evaluate_centrally,
+        evaluate_fn=evaluate_centrally if test_data is not None else None,
         he_context=he_context,
         he_client_config=he_client_config,
     )
@@ -285,7 +286,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
 
     summary = finish_run(
         server, recorder, model, wire, nodes, started, output_dir,
-        lambda m: evaluate(m, test_data, spec.task, torch.device("cpu")),
+        None if test_data is None else lambda m: evaluate(m, test_data, spec.task, torch.device("cpu")),
     )  # fmt: skip
     log(INFO, "Finished: %s", summary)
     log(INFO, "Results in %s", output_dir)

@@ -92,6 +92,56 @@ class HubDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class CategoricalColumn:
+    """One categorical input column of dataset=tabular and its declared categories (the
+    one-hot order)."""
+
+    column: str = MISSING
+    categories: list[str] = MISSING
+
+
+@dataclass
+class TabularDatasetConfig(DatasetConfig):
+    """dataset=tabular: your own CSV or Parquet file, declared column by column (core/tabular.py).
+
+    The model's input is the numeric `features` followed by the one-hot `categorical` columns.
+    Categories are declared here, never learned from the data: the one-hot layout is part of
+    the model every client and the server share, and a vocabulary learned from the rows would
+    carry one site's raw values into it (a value outside the declared list is an error at the
+    site that holds it, naming the column). Clients standardize with their own training
+    split's statistics (`standardize=client`); nothing about a client's data goes to the
+    server. `test_path`: the server's held-out file (same columns) for centralized
+    evaluation; empty: no centralized evaluation. `test_fraction` does not apply (the test set
+    is `test_path`). `site_column`: one SuperNode per site through Flower Datasets'
+    NaturalIdPartitioner (partition i is the i-th site in sorted order), instead of the
+    partitioner."""
+
+    name: str = "tabular"
+    source: str = "file"
+    task: str = "binary"  # binary | multiclass | regression
+    path: str = ""  # absolute path of the .csv or .parquet file the simulated clients share
+    features: list[str] = field(default_factory=list)  # numeric columns
+    # e.g. [{column:ward,categories:[icu,surgery,medicine]}] (a list: Hydra replaces it whole)
+    categorical: list[CategoricalColumn] = field(default_factory=list)
+    label: str = "label"
+    # Label values as written in the file, in class-id order; empty: 0 and 1 (binary only).
+    classes: list[str] = field(default_factory=list)
+    missing: str = "error"  # error | drop (the row) | mean (each client's own training mean)
+    standardize: str = "client"  # client (own mean/std of its training split) | none
+    site_column: str = ""  # e.g. hospital_id; empty: partition with the partitioner
+    test_path: str = ""
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dataset.task": ("binary", "multiclass", "regression"),
+        "dataset.missing": ("error", "drop", "mean"),
+        "dataset.standardize": ("client", "none"),
+    }
+
+    def vocabulary(self) -> dict[str, list[str]]:
+        """Categorical column -> its categories, in the model's input order."""
+        return {c.column: list(c.categories) for c in self.categorical}
+
+
+@dataclass
 class PartitionerConfig:
     """partitioner=iid: shuffled, equal-size shards (flwr_datasets IidPartitioner)."""
 
@@ -313,6 +363,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "linear": SyntheticDatasetConfig,
         "mnist": HubDatasetConfig,
         "cifar10": HubDatasetConfig(name="cifar10", hub_name="uoft-cs/cifar10", feature_key="img"),
+        "tabular": TabularDatasetConfig,
     },
     "partitioner": {
         "iid": PartitionerConfig,
@@ -554,7 +605,8 @@ def check_ranges(cfg: ExperimentConfig) -> None:
 def check_values(cfg: ExperimentConfig, require: Require) -> None:
     """Values of the task's groups that have the right type but cannot work, naming the key
     and what to use instead (the protections check theirs in protections/*/config.py)."""
-    for key, choices in CHOICES.items():
+    # A dataset option may declare its own choices (dataset=tabular: binary|multiclass|regression).
+    for key, choices in {**CHOICES, **getattr(type(cfg.dataset), "choices", {})}.items():
         if value_of(cfg, key) not in choices:
             raise ConfigError(
                 f"Invalid experiment configuration: {key}={value_of(cfg, key)!r} is not one of "
@@ -589,7 +641,7 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
     if isinstance(p, PathologicalPartitionerConfig):
         require(p.classes_per_partition >= 1, "partitioner.classes_per_partition", "must be at least 1")
     require(
-        d.task == "classification" or p.name == "iid",
+        d.task != "regression" or p.name == "iid",
         "partitioner.name",
         "label-skew partitioners need class labels; a regression data set "
         f"({d.name}) takes partitioner=iid",
@@ -601,6 +653,8 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
     )
     if isinstance(d, HubDatasetConfig):
         require(bool(d.hub_name), "dataset.hub_name", "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)")
+    if isinstance(d, TabularDatasetConfig):
+        _check_tabular(d, p, require)
     if isinstance(d, LocalDatasetConfig):
         require(0.0 <= d.public_fraction < 1.0, "dataset.public_fraction", "must be in [0, 1)")
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
@@ -655,6 +709,66 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         not cfg.resume or cfg.output_dir is not None,
         "resume",
         "resume=true continues the run in output_dir: set output_dir to that run's folder",
+    )
+
+
+def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Require) -> None:
+    """dataset=tabular's schema, checked from the config alone (the file is read later, by
+    whoever holds it: core/tabular.py checks its columns and values)."""
+    for key in ("path", "test_path"):
+        value = getattr(d, key)
+        require(
+            not value or Path(value).expanduser().is_absolute(),
+            f"dataset.{key}",
+            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
+            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/site.csv)",
+        )
+    require(
+        bool(d.features or d.categorical),
+        "dataset.features",
+        "declare the model's input columns: dataset.features=[age,bp] (numeric) and/or "
+        "dataset.categorical=[{column:ward,categories:[icu,surgery]}]",
+    )
+    require(bool(d.label), "dataset.label", "name the label column, e.g. dataset.label=outcome")
+    columns = [*d.features, *d.vocabulary()]
+    require(
+        len(set(columns)) == len(columns),
+        "dataset.features",
+        "a column is listed twice (in features and/or categorical): list each once",
+    )
+    for key, reused in (("label", d.label), ("site_column", d.site_column)):
+        require(
+            reused not in columns,
+            f"dataset.{key}",
+            f"{reused!r} is also an input column: remove it from dataset.features/categorical",
+        )
+    for column, categories in d.vocabulary().items():
+        require(
+            len(categories) >= 1 and len(set(categories)) == len(categories),
+            "dataset.categorical",
+            f"column {column!r} needs a list of distinct categories, e.g. "
+            f"{{column:{column},categories:[a,b]}}",
+        )
+    if d.task == "multiclass":
+        require(
+            len(d.classes) >= 2,
+            "dataset.classes",
+            "dataset.task=multiclass needs its label values in class order, e.g. "
+            "dataset.classes=[low,mid,high]",
+        )
+    if d.task == "binary":
+        require(
+            len(d.classes) in (0, 2),
+            "dataset.classes",
+            "dataset.task=binary has two label values: [negative, positive] (empty: 0 and 1)",
+        )
+    if d.task == "regression":
+        require(not d.classes, "dataset.classes", "dataset.task=regression has no classes: use []")
+    require(
+        not d.site_column or p.name == "iid",
+        "partitioner.name",
+        f"dataset.site_column={d.site_column} partitions by site (one SuperNode per site): "
+        "use partitioner=iid (the default) with it, or drop dataset.site_column",
     )
 
 

@@ -4,6 +4,10 @@ Local data sets (no network): scikit-learn's `digits` and `breast_cancer`, which
 the package, and a generated `linear` regression. They become a `datasets.Dataset` that
 Flower Datasets' partitioners split across clients, exactly as `FederatedDataset` does for hub
 data sets (`mnist`, `cifar10`, behind `dataset=` and needing the network).
+`dataset=tabular` is your own CSV or Parquet file, read and checked by core/tabular.py: its
+rows are the clients' pool (split by the partitioner, or by site through NaturalIdPartitioner),
+each client preprocesses its own rows, and the server's test set is the separate
+`dataset.test_path` (or none: :func:`centralized_evaluation_data`).
 
 Splits, all derived from `seed` so that every process computes the same ones:
 - the server holds a stratified `test_fraction` of the data set for centralized evaluation
@@ -20,6 +24,7 @@ the server scale identically without exchanging statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import DatasetConfig, PartitionerConfig
+from core.config import DatasetConfig, PartitionerConfig, TabularDatasetConfig
 
 FEATURES = "x"
 LABEL = "label"
@@ -67,16 +72,36 @@ def data_spec(cfg: DatasetConfig) -> DataSpec:
     (a ClientApp process per message pays every import)."""
     if cfg.source == "hub":
         return _hub(cfg, 1, PartitionerConfig(), 0)[0]
+    if isinstance(cfg, TabularDatasetConfig):  # from the schema alone: no file is read
+        from core.tabular import tabular_spec
+
+        return tabular_spec(cfg)
     return _local_shape(cfg)[0]
 
 
 def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
     """The server's held-out test split."""
+    if isinstance(cfg, TabularDatasetConfig):
+        test = centralized_evaluation_data(cfg, seed)
+        if test is None:
+            raise ValueError("dataset=tabular holds no test split: set dataset.test_path")
+        return test
     if cfg.source == "hub":
         _, fds = _hub(cfg, 1, PartitionerConfig(), seed)
         return _hub_to_arrays(cfg, fds.load_split("test"))
     data = _local_cached(_key(cfg), seed)
     return data.take(data.test_ids)
+
+
+def centralized_evaluation_data(cfg: DatasetConfig, seed: int) -> ArraySplit | None:
+    """What the server evaluates the global model on, or None when it holds no data: then
+    the run has no centralized evaluation (dataset=tabular without dataset.test_path; the
+    clients' federated evaluation still runs)."""
+    if isinstance(cfg, TabularDatasetConfig):
+        from core.tabular import server_test_split
+
+        return server_test_split(cfg)
+    return centralized_test_split(cfg, seed)
 
 
 def public_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
@@ -113,12 +138,24 @@ def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
     """Examples in the clients' pool of a local data set (None for hub data sets)."""
     if cfg.source == "hub":
         return None
+    if isinstance(cfg, TabularDatasetConfig):  # a user's file: its size is known once read
+        return len(_local_cached(_key(cfg), seed).pool_ids)
     return _pool_size(_local_shape(cfg)[1], cfg.test_fraction, cfg.public_fraction)
 
 
 def check_partition_count(cfg: DatasetConfig, num_partitions: int, seed: int) -> None:
     """Every partition needs at least one example: more SuperNodes than the pool has
     examples is a clear error, not the partitioner's IndexError."""
+    if isinstance(cfg, TabularDatasetConfig) and cfg.site_column:
+        sites = _local_cached(_key(cfg), seed).site_names
+        if num_partitions != len(sites):
+            raise ValueError(
+                f"dataset.site_column={cfg.site_column} gives {len(sites)} sites {list(sites)}, "
+                f"one SuperNode each, but the federation has num_supernodes={num_partitions}: "
+                f"use {len(sites)} SuperNodes (simulation.num_supernodes / --federation-config "
+                f"'num-supernodes={len(sites)}')"
+            )
+        return
     pool = client_pool_size(cfg, seed)
     if pool is not None and num_partitions > pool:
         raise ValueError(
@@ -140,6 +177,13 @@ def partition_arrays(
     `python -m app.deploy export-data` writes to a site's data file."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition {partition_id} is outside 0..{num_partitions - 1}")
+    if isinstance(cfg, TabularDatasetConfig):
+        # Its sites already hold their files: a site's data-path is its own CSV/Parquet with
+        # the schema's columns (core/tabular.py), not an export of preprocessed arrays.
+        raise ValueError(
+            "dataset=tabular: each site's data-path is its own .csv/.parquet with the schema's "
+            "columns; split dataset.path by site (e.g. with pandas) instead of exporting arrays"
+        )
     check_partition_count(cfg, num_partitions, seed)
     if cfg.source == "hub":
         _, fds = _hub(cfg, num_partitions, part_cfg, seed)
@@ -157,6 +201,10 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
     features must be scaled as the configured data set's (see the module docstring): the
     server evaluates the model on its own split of that data set. The validation split
     (`val_fraction`) is a seeded random subset of the file's rows."""
+    if isinstance(cfg, TabularDatasetConfig):  # the schema's columns, by name (core/tabular.py)
+        from core.tabular import load_site_file
+
+        return load_site_file(path, cfg, seed)
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"data-path {path} is not a file: check the SuperNode's --node-config")
@@ -213,15 +261,30 @@ def partition_layout(
 
 # --------------------------------------------------------------------------- internals
 def _key(cfg) -> tuple:
-    """Hashable cache key for a config dataclass (its type and field values)."""
-    return (type(cfg),) + tuple(
-        tuple(v) if isinstance(v, list) else v for v in vars(cfg).values()
-    )
+    """Hashable cache key for a config dataclass (its type and field values; lists as
+    tuples, a nested dataclass such as dataset=tabular's categorical columns as its key)."""
+    return (type(cfg),) + tuple(_freeze(v) for v in vars(cfg).values())
+
+
+class _Frozen(tuple):
+    """A nested dataclass's key inside a cache key."""
+
+
+def _freeze(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _Frozen(_key(v))
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _thaw(v):
+    if isinstance(v, _Frozen):
+        return _from_key(tuple(v))
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
 def _from_key(key: tuple):
     cls, *values = key
-    return cls(*[list(v) if isinstance(v, tuple) else v for v in values])
+    return cls(*[_thaw(v) for v in values])
 
 
 # The local data sets' specs and sizes, known without loading them (data_spec). Checked
@@ -318,6 +381,7 @@ class _LocalData:
     pool_ids: np.ndarray  # sample ids of the clients' pool, in the pool's order
     test_ids: np.ndarray
     public_ids: np.ndarray | None
+    site_names: tuple[str, ...] = ()  # dataset=tabular with site_column: partition i's site
 
     def take(self, ids: np.ndarray) -> ArraySplit:
         return ArraySplit(self.x[ids], self.y[ids])
@@ -331,6 +395,8 @@ def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
     datasets.disable_progress_bars()  # one bar per split and client would drown the round log
 
     cfg: DatasetConfig = _from_key(cfg_key)
+    if isinstance(cfg, TabularDatasetConfig):
+        return _tabular_pool(cfg, seed, datasets)
     x, y, spec = _load_local_arrays(cfg, seed)
     ids = np.arange(len(y))
     # The seeded splits and the partitioners read only the labels and the length, so the
@@ -363,6 +429,37 @@ def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
         _sample_ids(split["test"]),
         None if public is None else _sample_ids(public),
     )
+
+
+def _tabular_pool(cfg: TabularDatasetConfig, seed: int, datasets) -> _LocalData:
+    """dataset=tabular: every usable row of `path` is the clients' pool (the server's test
+    set is its own file, `test_path`). Sample id = the row's position in the file; `x` holds
+    the raw features, which each client preprocesses itself (core/tabular.py)."""
+    from core.tabular import SITE, load_pool, tabular_spec
+
+    x_kept, y_kept, kept, sites = load_pool(cfg)
+    spec = tabular_spec(cfg)
+    n = int(kept.max()) + 1 if len(kept) else 0
+    x = np.zeros((n, spec.num_features), dtype=np.float32)
+    y = np.zeros((n, *y_kept.shape[1:]), dtype=y_kept.dtype)
+    x[kept], y[kept] = x_kept, y_kept
+    columns = {LABEL: y_kept, SAMPLE_ID: kept.astype(np.int64)}
+    features = {SAMPLE_ID: datasets.Value("int64")}
+    if spec.task == "classification":  # the label-skew partitioners read class labels
+        features[LABEL] = datasets.ClassLabel(num_classes=spec.num_outputs)
+    else:
+        columns[LABEL] = y_kept.reshape(-1)
+        features[LABEL] = datasets.Value("float32")
+    if sites is not None:
+        columns[SITE] = sites
+        features[SITE] = datasets.Value("string")
+    pool = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    if sites is None:  # seeded order, as the other local pools (IidPartitioner shards in order)
+        pool = pool.shuffle(seed=seed)
+    return _LocalData(
+        spec, x, y, pool, _sample_ids(pool), np.arange(0), None,
+        tuple(sorted({str(s) for s in sites})) if sites is not None else (),
+    )  # fmt: skip
 
 
 def _sample_ids(ds) -> np.ndarray:
@@ -404,7 +501,15 @@ class _Layout:
 
 @lru_cache(maxsize=8)
 def _layout(cfg_key: tuple, part_key: tuple, num_partitions: int, seed: int) -> _Layout:
-    partitioner = _make_partitioner(_from_key(part_key), num_partitions, seed)
+    cfg = _from_key(cfg_key)
+    if isinstance(cfg, TabularDatasetConfig) and cfg.site_column:  # one partition per site
+        from flwr_datasets.partitioner import NaturalIdPartitioner
+
+        from core.tabular import SITE
+
+        partitioner = NaturalIdPartitioner(partition_by=SITE)
+    else:
+        partitioner = _make_partitioner(_from_key(part_key), num_partitions, seed)
     partitioner.dataset = _local_cached(cfg_key, seed).pool
     return _Layout(partitioner)
 
@@ -465,7 +570,12 @@ def _local_client_data(
 ) -> tuple[ArraySplit, ArraySplit]:
     data = _local_cached(cfg_key, seed)
     ids = _layout(cfg_key, part_key, num_partitions, seed).ids(partition_id)
-    train, val = _validation_split(len(ids), _from_key(cfg_key).val_fraction, seed + partition_id)
+    cfg = _from_key(cfg_key)
+    train, val = _validation_split(len(ids), cfg.val_fraction, seed + partition_id)
+    if isinstance(cfg, TabularDatasetConfig):  # the client's own imputation and scaling
+        from core.tabular import preprocess
+
+        return preprocess(data.take(ids[train]), data.take(ids[val]), cfg)
     return data.take(ids[train]), data.take(ids[val])
 
 

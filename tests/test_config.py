@@ -10,7 +10,11 @@ from app.config import OPTIONS, load_config, schema_for, to_experiment_config
 from core.config import ConfigError, ExperimentConfig, resolved_yaml, schema_keys, schema_type
 
 GROUP_OPTIONS = [(group, option) for group, options in OPTIONS.items() for option in options]
-COMPATIBLE = {"dataset=linear": "partitioner=iid model=linear", "model=cnn": "dataset=digits"}
+COMPATIBLE = {
+    "dataset=linear": "partitioner=iid model=linear",
+    "model=cnn": "dataset=digits",
+    "dataset=tabular": "dataset.features=[x]",  # a file schema declares its input columns
+}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
@@ -329,7 +333,10 @@ SETTABLE = [(g, o) for g, o in GROUP_OPTIONS if len(option_defaults(g, o)) > 1]
 def own_keys_with_values(draw):
     group, option = draw(st.sampled_from(SETTABLE))
     defaults = option_defaults(group, option)
-    keys = draw(st.lists(st.sampled_from(sorted(k for k in defaults if k != "name")), min_size=1, unique=True))
+    # keys COMPATIBLE sets for the option keep its value (dataset=tabular: its input columns)
+    fixed = {t.split("=")[0] for t in COMPATIBLE.get(f"{group}={option}", "").split()}
+    own = sorted(k for k in defaults if k != "name" and f"{group}.{k}" not in fixed)
+    keys = draw(st.lists(st.sampled_from(own), min_size=1, unique=True))
     values = {}
     for key in keys:
         default = defaults[key]
@@ -348,7 +355,8 @@ def own_keys_with_values(draw):
 @given(own_keys_with_values())
 def test_keys_of_the_chosen_option_are_accepted_and_taken_as_given(case):
     group, option, values = case
-    overrides = [f"{group}={option}"] + [f"{group}.{k}={override_text(v)}" for k, v in values.items()]
+    overrides = [f"{group}={option}", *COMPATIBLE.get(f"{group}={option}", "").split()]
+    overrides += [f"{group}.{k}={override_text(v)}" for k, v in values.items()]
     node = getattr(load_config(" ".join(overrides)), group)
     assert {key: getattr(node, key) for key in values} == values
 
