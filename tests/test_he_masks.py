@@ -118,10 +118,12 @@ def test_a_colluding_key_holder_sees_one_clients_ciphertext_as_uniform_noise(dro
         view = alone(fed.secret, res)
         update = np.concatenate([a.ravel() for a in trained(fed.clients[int(proxy.cid) - 100])])
         counts = np.bincount((view.astype(np.float64) / t * 32).astype(int), minlength=32)
-        assert stats.chisquare(counts).pvalue > 0.001, counts
-        assert stats.kstest(view.astype(np.float64) / t, "uniform").pvalue > 0.001
+        # p > 1e-6 per check (not 0.001): the masks come from fresh OS keys every run, so a
+        # 0.001 threshold over 3 clients x 3 checks would fail about one CI run in a hundred
+        assert stats.chisquare(counts).pvalue > 1e-6, counts
+        assert stats.kstest(view.astype(np.float64) / t, "uniform").pvalue > 1e-6
         r = np.corrcoef(view[: update.size].astype(np.float64), update.astype(np.float64))[0, 1]
-        assert abs(r) < 4 / np.sqrt(update.size), r  # 4 standard errors of a zero correlation
+        assert abs(r) < 5 / np.sqrt(update.size), r  # 5 standard errors of a zero correlation
         # the same key holder reading an unmasked payload sees the model: the test can fail
     unmasked = np.rint(update * res.num_examples * fed.secret.params.scale).astype(np.int64) % t
     assert stats.kstest(unmasked.astype(np.float64) / t, "uniform").pvalue < 1e-6

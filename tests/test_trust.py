@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict, ndarrays_to_parameters
