@@ -87,6 +87,7 @@ def test_ddp_two_processes_give_the_single_process_weights(overrides, mu, max_st
     assert child_pids() == []
 
 
+@pytest.mark.integration  # in .ci/run's fresh environment its first bf16 training started processes
 def test_bf16_autocast_ends_within_one_point_of_fp32_on_digits():
     cfg, data, spec = digits_client(num_partitions=1, overrides="training.local_epochs=8")
     test = centralized_test_split(cfg.dataset, cfg.seed)
