@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 from flwr.common import Context, RecordDict, ndarrays_to_parameters
-from flwr.server.client_proxy import ClientProxy
 from omegaconf import OmegaConf
 
 from app.client_app import build_client
@@ -28,29 +27,8 @@ from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import RunRecorder, load_results
 from strategies.factory import build_strategy
+from tests.support.proxies import InProcessProxy
 
-
-class InProcessProxy(ClientProxy):
-    """A node whose calls go straight to a real client built by the ClientApp's build_client."""
-
-    def __init__(self, cid: str, client) -> None:
-        super().__init__(cid)
-        self.client = client
-
-    def fit(self, ins, timeout, group_id):
-        return self.client.fit(ins)
-
-    def evaluate(self, ins, timeout, group_id):
-        return self.client.evaluate(ins)
-
-    def get_parameters(self, ins, timeout, group_id):
-        return self.client.get_parameters(ins)
-
-    def get_properties(self, ins, timeout, group_id):
-        return self.client.get_properties(ins)
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def recorded_run(path, overrides: str, num_nodes: int = 2):

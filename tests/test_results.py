@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict, ndarrays_to_parameters
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from app.client_app import build_client
@@ -44,27 +43,8 @@ from core.results import (
 from protections.base import NoisySecureSum, StrategyWrapper
 from protections.dp.server import EncryptedClientSideClipping
 from strategies.factory import build_strategy
+from tests.support.proxies import InProcessProxy
 
-
-class InProcessProxy(ClientProxy):
-    def __init__(self, cid: str, client) -> None:
-        super().__init__(cid)
-        self.client = client
-
-    def fit(self, ins, timeout, group_id):
-        return self.client.fit(ins)
-
-    def evaluate(self, ins, timeout, group_id):
-        return self.client.evaluate(ins)
-
-    def get_parameters(self, ins, timeout, group_id):
-        return self.client.get_parameters(ins)
-
-    def get_properties(self, ins, timeout, group_id):
-        return self.client.get_properties(ins)
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def run_loop(overrides: str, tmp_path, num_rounds: int = 3, checkpoints=None):
