@@ -77,31 +77,77 @@ def test_sweep_exits_non_zero_and_summarizes_a_failed_job(flower, tmp_path):
     assert row["reason"].startswith("RunFailed: no client update was aggregated in any of 1 rounds")
 
 
-def test_same_seed_twice_gives_the_same_model_bit_for_bit_and_says_what_ran(flower, tmp_path):
+def _kill_serverapp_after_checkpoint(flower, proc, out, after_round: int, timeout: float = 300) -> int:
+    """SIGKILL the ServerApp (the `flwr-simulation` process) as soon as the checkpoint of
+    `after_round` is on disk: a crash mid-run, not a clean stop. Returns the checkpoint's round."""
+    import os
+    import signal
+    import time
+
+    from app.checkpoint import CHECKPOINT_DIR, STATE_FILE
+
+    state = out / CHECKPOINT_DIR / STATE_FILE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            reached = json.loads(state.read_text())["round"]
+        except (OSError, ValueError, KeyError):
+            reached = 0
+        if reached >= after_round:
+            for pid in flower.pids_running("flwr-simulation"):
+                os.kill(pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # flwr run --stream may keep waiting: end it
+                proc.kill()
+                proc.wait()
+            return json.loads(state.read_text())["round"]
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of round {after_round} before the run ended: "
+                         + (proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"))
+
+
+def test_same_seed_gives_the_same_model_bit_for_bit_even_across_a_kill_and_resume(flower, tmp_path):
+    """Run a: 5 rounds. Run b, same config: its ServerApp is SIGKILLed once round 2's checkpoint
+    is written, then `resume=true` finishes it. Without DP noise both end with the same model,
+    bit for bit, and the same per-round records: sampling, training and the resumed strategy
+    state are all reproducible from the seed and the checkpoint."""
     import torch
     from omegaconf import OmegaConf
 
     from core.results import CONFIG_FILE
 
-    runs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        # a plain `flwr run` of 3 SuperNodes, while simulation.num_supernodes says 10
-        proc = flower.run(f"num_rounds=3 seed=5 output_dir={out}", num_supernodes=3)
-        text = proc.stdout + proc.stderr
-        assert "Experiment: simulation of 3 SuperNodes, 3 rounds, strategy=fedavg privacy=none" in text, text[-3000:]
-        assert "cohorts seeded (seed=5)" in text
-        assert "3 SuperNodes connected but simulation.num_supernodes=10" in text
+    def records(out):
         results = json.loads((out / RESULTS_FILE).read_text())
         assert results["run"]["status"] == "completed", results["run"]
-        assert OmegaConf.load(out / CONFIG_FILE).simulation.num_supernodes == 3
-        assert "did not answer its partition id" not in text
         rounds = [{k: r.get(k) for k in ("centralized", "federated", "train", "clients")} for r in results["rounds"]]
         for r in rounds:  # wall time is the one measurement that may differ
             assert r["train"].pop("train_seconds") > 0
-        runs.append((torch.load(out / MODEL_FILE), rounds))
-    (model_a, rounds_a), (model_b, rounds_b) = runs
-    assert len(rounds_a) == 3 and rounds_a == rounds_b
+        return results, rounds
+
+    config = "num_rounds=5 seed=5"
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a plain `flwr run` of 3 SuperNodes, while simulation.num_supernodes says 10
+    proc = flower.run(f"{config} output_dir={a}", num_supernodes=3)
+    text = proc.stdout + proc.stderr
+    assert "Experiment: simulation of 3 SuperNodes, 5 rounds, strategy=fedavg privacy=none" in text, text[-3000:]
+    assert "cohorts seeded (seed=5)" in text
+    assert "3 SuperNodes connected but simulation.num_supernodes=10" in text
+    assert "did not answer its partition id" not in text
+    assert OmegaConf.load(a / CONFIG_FILE).simulation.num_supernodes == 3
+    results_a, rounds_a = records(a)
+
+    killed_at = _kill_serverapp_after_checkpoint(flower, flower.start(f"{config} output_dir={b}", num_supernodes=3), b, 2)
+    assert 2 <= killed_at < 5, killed_at
+    assert not (b / MODEL_FILE).exists()  # the crashed run wrote no final model
+    flower.stop()  # what the crash left behind (its SuperLink, Ray): as after a machine restart
+
+    proc = flower.run(f"{config} output_dir={b} resume=true", num_supernodes=3)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results_b, rounds_b = records(b)
+    assert results_b["run"]["resumed_after_round"] == killed_at
+    assert len(rounds_a) == 5 and rounds_a == rounds_b
+    model_a, model_b = torch.load(a / MODEL_FILE), torch.load(b / MODEL_FILE)
     assert model_a.keys() == model_b.keys() and len(model_a) > 0
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 

@@ -28,15 +28,38 @@ class FlowerEnv:
         self.app_dir = app_dir
         self.env = {**os.environ, **isolated_flower_env(home)}
 
-    def run(self, overrides: str, num_supernodes: int = 4, timeout: float = 400, cwd=PROJECT_DIR):
-        command = [
+    def command(self, overrides: str, num_supernodes: int = 4) -> list[str]:
+        return [
             "flwr", "run", str(self.app_dir), "--stream",
             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
             "--run-config", f'overrides="{overrides}"',
         ]  # fmt: skip
+
+    def run(self, overrides: str, num_supernodes: int = 4, timeout: float = 400, cwd=PROJECT_DIR):
         return subprocess.run(
-            command, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
+            self.command(overrides, num_supernodes),
+            env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def start(self, overrides: str, num_supernodes: int = 4, cwd=PROJECT_DIR) -> subprocess.Popen:
+        """`flwr run` in the background (its output to a pipe), for tests that act mid-run."""
+        return subprocess.Popen(
+            self.command(overrides, num_supernodes), env=self.env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def pids_running(self, executable: str) -> list[int]:
+        """PIDs of this home's processes whose command line names `executable`
+        (e.g. "flwr-simulation": the process that runs the ServerApp in simulation)."""
+        found = []
+        for pid in processes_with_env("FLWR_HOME", str(self.home)):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(a.decode(errors="replace")).name == executable for a in argv[:2]):
+                found.append(pid)
+        return found
 
     def stop(self) -> None:
         stop_processes(processes_with_env("FLWR_HOME", str(self.home)))
