@@ -36,7 +36,7 @@ from protections.he.context import (
 )
 from protections.workload.wire import full_local_steps, scaled_steps
 from strategies.factory import build_strategy
-from tests.test_trust import InProcessProxy
+from tests.support.proxies import InProcessProxy
 
 TWO_NODES = "strategy.fraction_train=1.0 strategy.fraction_evaluate=0"
 
@@ -236,7 +236,7 @@ def test_capability_workload_round_trip(tmp_path):
 def test_a_protected_he_client_refuses_evaluation_before_decrypting(tmp_path):
     """ReleaseOnlyAccounted is outermost, so its `receive` runs before HE's: a model encrypted
     under keys this node does not hold is refused for privacy, never decrypted."""
-    from tests.test_he import he_client
+    from tests.support.he import he_client
 
     client, _, _, initial = he_client(tmp_path, "secagg=he privacy=client_fixed")
     foreign = new_context(HEParams())

@@ -27,37 +27,16 @@ from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import RunRecorder, load_results
 from strategies.factory import build_strategy
-from tests.support.proxies import InProcessProxy
+from tests.support.rounds import in_process_run
 
 
 
 def recorded_run(path, overrides: str, num_nodes: int = 2):
-    """A run's output directory as the ServerApp writes it: its round loop (ExperimentServer
-    and the configured strategy stack) over real in-process clients, recorded by the real
-    RunRecorder, and its end of run (app/server_app.py finish_run: final, model, int8 copy)."""
-    cfg = load_config(f"{overrides} strategy.fraction_train=1.0 strategy.fraction_evaluate=1.0")
-    spec = data_spec(cfg.dataset)
-    test = centralized_test_split(cfg.dataset, cfg.seed)
-    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
-    eval_model = build_finetune_model(cfg.model, spec, seed=cfg.seed)[0]
-
-    def evaluate_centrally(server_round, weights, config):
-        set_weights(eval_model, weights, wire)
-        metrics = evaluate(eval_model, test, spec.task, torch.device("cpu"))
-        return metrics.pop("loss"), metrics
-
-    started = time.perf_counter()
-    strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
-    recorder = RunRecorder(path, cfg, token="t")
-    manager = NodeTrackingClientManager()
-    for i in range(num_nodes):
-        context = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                          node_config={"partition-id": i, "num-partitions": num_nodes})  # fmt: skip
-        manager.register(InProcessProxy(str(100 + i), build_client(cfg, context)))
-    server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder)
-    server.fit(num_rounds=cfg.num_rounds, timeout=None)
-    finish_run(server, recorder, model, wire, num_nodes, started, path,
-               lambda m: evaluate(m, test, spec.task, torch.device("cpu")))  # fmt: skip
+    """A run's output directory as the ServerApp writes it: its round loop over real
+    in-process clients, recorded by the real RunRecorder, and its end of run
+    (tests/support/rounds.py)."""
+    in_process_run(f"{overrides} strategy.fraction_train=1.0 strategy.fraction_evaluate=1.0", path,
+                   num_nodes=num_nodes, centralized_test=True).fit().finish()  # fmt: skip
     return path
 
 

@@ -43,39 +43,21 @@ from core.results import (
 from protections.base import NoisySecureSum, StrategyWrapper
 from protections.dp.server import EncryptedClientSideClipping
 from strategies.factory import build_strategy
-from tests.support.proxies import InProcessProxy
+from tests.support.rounds import in_process_run
 
 
 
 def run_loop(overrides: str, tmp_path, num_rounds: int = 3, checkpoints=None):
-    """The round loop over two real in-process clients; returns the server and recorder."""
-    cfg = load_config(f"{overrides} strategy.fraction_train=1.0")
-    spec = data_spec(cfg.dataset)
-    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
-    test = load_client_data(cfg.dataset, cfg.partitioner, 0, 2, cfg.seed)[0]
-
-    def evaluate_centrally(server_round, weights, config):
-        set_weights(model, weights, wire)
-        metrics = evaluate(model, test, spec.task, torch.device("cpu"))
-        return metrics.pop("loss"), metrics
-
-    strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
-    recorder = RunRecorder(tmp_path, cfg, token="t")
-    manager = NodeTrackingClientManager()
-    for i in range(2):
-        context = Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                          node_config={"partition-id": i, "num-partitions": 2})  # fmt: skip
-        manager.register(InProcessProxy(str(100 + i), build_client(cfg, context)))
+    """The round loop over two real in-process clients (tests/support/rounds.py); returns the
+    server and recorder. `checkpoints`: a list that gets (round, arrays, global model) per round."""
 
     def checkpoint(server_round, arrays, state):  # with the round's global model
-        checkpoints.append((server_round, arrays, server.parameters))
+        checkpoints.append((server_round, arrays, run.server.parameters))
 
-    server = ExperimentServer(
-        client_manager=manager, strategy=strategy, recorder=recorder,
-        checkpoint_fn=None if checkpoints is None else checkpoint,
-    )  # fmt: skip
-    server.fit(num_rounds=num_rounds, timeout=None)
-    return server, recorder
+    run = in_process_run(f"{overrides} strategy.fraction_train=1.0", tmp_path,
+                         checkpoint_fn=None if checkpoints is None else checkpoint)  # fmt: skip
+    run.fit(num_rounds)
+    return run.server, run.recorder
 
 
 def test_what_the_recorder_writes_reads_back_into_the_same_record_and_text(tmp_path):

@@ -43,35 +43,15 @@ from app.server_app import (
 from app.sweep import STATUS_FILE, job_outcome, stream_process, write_summary
 from strategies.factory import build_strategy
 from tests.support.proxies import InProcessProxy, LoopbackProxy
+from tests.support.rounds import in_process_run
 
 
 def run_rounds(overrides: str, tmp_path, num_nodes: int = 2, num_rounds: int = 2, node_ids=None, seed=None):
-    """The ServerApp's round loop (ExperimentServer + the configured strategy stack) over
-    `num_nodes` real clients of the default data set; `node_ids[i]`: partition i's node id
-    (default 100 + i); `seed`: the client manager's sampling seed (None: Flower's sampling)."""
-    cfg = load_config(overrides)
-    spec = data_spec(cfg.dataset)
-    model, wire = build_finetune_model(cfg.model, spec, seed=cfg.seed)
-    test = load_client_data(cfg.dataset, cfg.partitioner, 0, num_nodes, cfg.seed)[0]
-
-    def evaluate_centrally(server_round, weights, config):
-        set_weights(model, weights, wire)
-        metrics = evaluate(model, test, spec.task, torch.device("cpu"))
-        return metrics.pop("loss"), metrics
-
-    strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
-    recorder = RunRecorder(tmp_path, cfg, token="t0")
-    manager = NodeTrackingClientManager(seed=seed)
-    node_ids = node_ids or [100 + i for i in range(num_nodes)]
-    for i in range(num_nodes):
-        context = Context(
-            run_id=1, node_id=node_ids[i], state=RecordDict(), run_config={},
-            node_config={"partition-id": i, "num-partitions": num_nodes},
-        )  # fmt: skip
-        manager.register(InProcessProxy(str(node_ids[i]), build_client(cfg, context)))
-    server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder)
-    history, _ = server.fit(num_rounds=num_rounds, timeout=None)
-    return server, recorder, history
+    """The ServerApp's round loop over `num_nodes` real clients (tests/support/rounds.py);
+    `node_ids[i]`: partition i's node id; `seed`: the client manager's sampling seed."""
+    run = in_process_run(overrides, tmp_path, num_nodes=num_nodes, node_ids=node_ids, seed=seed)
+    run.fit(num_rounds)
+    return run.server, run.recorder, run.history
 
 
 def test_rejected_updates_count_as_failed_with_their_node_and_the_run_fails(tmp_path):
