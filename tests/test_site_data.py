@@ -1,19 +1,27 @@
 """A deployed site's own data file (node config `data-path`, core/data.py load_file_data):
-checked before anything trains (finite features and labels, shapes, label range, each error
-naming the file, the rows and the columns but never a cell's value).
+checked once when the ClientApp first loads it (finite features and labels, shapes, label
+range, each error naming the file, the rows and the columns but never a cell's value) and
+cached per process (app/client_app.py cached_file_data) until the file or the config changes.
 
 The sentinel values below stand for a patient's data: an error's whole text, chained
 exceptions included (a simulation's traceback reaches results.json), must not contain them."""
 
 from __future__ import annotations
 
+import os
 import traceback
+from collections import OrderedDict
 
 import numpy as np
 import pytest
+from flwr.common import Code, Context, FitIns, RecordDict, ndarrays_to_parameters
 
+import app.client_app as client_app
+from app.client_app import SITE_FILES_CACHED, build_client, cached_file_data
 from app.config import load_config
 from core.data import data_spec, load_file_data
+from core.finetune import build_finetune_model
+from core.models import get_weights
 
 SECRET_NUMBER = 987654.321
 SECRET_TEXT = "PATIENT_SECRET"
@@ -47,6 +55,112 @@ def error_of(call) -> str:
     text = "".join(traceback.format_exception(info.value))
     assert SECRET_TEXT not in text and "987654" not in text, text
     return str(info.value)
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """An empty per-process cache, and the number of times load_file_data reads a file."""
+    monkeypatch.setattr(client_app, "_site_files", OrderedDict())
+    reads = []
+
+    def counting(path, cfg, seed):
+        reads.append(str(path))
+        return load_file_data(path, cfg, seed)
+
+    monkeypatch.setattr(client_app, "load_file_data", counting)
+    return reads
+
+
+# --------------------------------------------------------------------------- cached per process
+def test_a_site_file_is_read_once_and_again_when_it_changes_or_the_config_does(tmp_path, cache):
+    cfg = load_config("").dataset
+    path = digits_file(tmp_path / "site.npz")
+    first = cached_file_data(str(path), cfg, 3)
+    second = cached_file_data(str(path), cfg, 3)
+    assert len(cache) == 1  # the second call did not read the file
+    assert len(first[0]) + len(first[1]) == 40 and len(first[1]) == 4  # ceil(0.1 * 40)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        assert a.x is not b.x  # copies of the cached arrays
+
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched
+    cached_file_data(str(path), cfg, 3)
+    assert len(cache) == 2
+    cached_file_data(str(path), cfg, 3)
+    assert len(cache) == 2
+
+    digits_file(path, n=40, seed=1)  # rewritten: same size, other rows
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000))  # coarse clocks
+    rewritten = cached_file_data(str(path), cfg, 3)
+    assert len(cache) == 3
+    with np.load(path) as stored:  # the new rows, not the cached old ones
+        expected_y = np.sort(stored["y"])
+    np.testing.assert_array_equal(np.sort(np.concatenate([rewritten[0].y, rewritten[1].y])), expected_y)
+    assert not np.array_equal(expected_y, np.sort(np.concatenate([first[0].y, first[1].y])))
+
+    cached_file_data(str(path), cfg, 4)  # another seed (another site's split)
+    assert len(cache) == 4
+    cached_file_data(str(path), load_config("dataset.val_fraction=0.5").dataset, 3)
+    assert len(cache) == 5
+    cached_file_data(str(path), cfg, 3)  # the first key is still cached
+    assert len(cache) == 5
+    assert len(client_app._site_files) == 3  # one entry per (file, config, seed)
+
+
+def test_the_cache_keeps_a_bounded_number_of_files(tmp_path, cache):
+    cfg = load_config("").dataset
+    paths = [digits_file(tmp_path / f"site{i}.npz") for i in range(SITE_FILES_CACHED + 1)]
+    for path in paths:
+        cached_file_data(str(path), cfg, 0)
+    assert len(client_app._site_files) == SITE_FILES_CACHED
+    cached_file_data(str(paths[-1]), cfg, 0)  # the newest: cached
+    assert len(cache) == SITE_FILES_CACHED + 1
+    cached_file_data(str(paths[0]), cfg, 0)  # the oldest went first: read again
+    assert len(cache) == SITE_FILES_CACHED + 2
+
+
+def test_a_file_that_fails_its_checks_is_not_cached_and_loads_once_fixed(tmp_path, cache):
+    cfg = load_config("").dataset
+    path = tmp_path / "site.npz"
+    x = np.zeros((10, 64), dtype=np.float32)
+    x[3, 7] = np.nan
+    np.savez(path, x=x, y=np.zeros(10, dtype=np.int64))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="1 row has NaN or infinite features"):
+            cached_file_data(str(path), cfg, 0)
+    assert len(cache) == 2 and not client_app._site_files
+    x[3, 7] = 1.0
+    np.savez(path, x=x, y=np.zeros(10, dtype=np.int64))
+    train, val = cached_file_data(str(path), cfg, 0)
+    assert len(train) + len(val) == 10 and len(cache) == 3
+
+
+def test_training_on_a_cached_site_file_leaves_the_cache_as_read(tmp_path, cache):
+    """The ClientApp's build_client with a data-path: two messages, one read; the cached
+    arrays are read-only and what training got are writable copies."""
+    cfg = load_config("model=linear")
+    path = digits_file(tmp_path / "site.npz")
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"data-path": str(path), "partition-id": 0})  # fmt: skip
+    model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset), seed=cfg.seed)
+    parameters = ndarrays_to_parameters(get_weights(model, wire))
+    for _ in range(2):
+        client = build_client(cfg, context)
+        res = client.fit(FitIns(parameters, {"server_round": 1}))
+        assert res.status.code == Code.OK and res.num_examples == 36  # 40 - ceil(0.1 * 40)
+    assert len(cache) == 1
+    ((_, (train, val)),) = client_app._site_files.values()
+    assert not train.x.flags.writeable and not train.y.flags.writeable and not val.x.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        train.x[0, 0] = -1.0
+    given, _ = cached_file_data(str(path), cfg.dataset, cfg.seed + 0)
+    assert given.x.flags.writeable
+    given.x[:] = -1.0  # whatever a message does to its arrays ...
+    again, _ = cached_file_data(str(path), cfg.dataset, cfg.seed + 0)
+    np.testing.assert_array_equal(again.x, train.x)  # ... the next one gets the file's rows
+    assert again.x.min() >= 0
 
 
 # --------------------------------------------------------------------------- checked (.npz)
