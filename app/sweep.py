@@ -292,7 +292,9 @@ def _job_rows(sweep_dir: Path) -> list[tuple[dict, list[str]]]:
         results = load_results(job_dir / RESULTS_FILE) if ok else None
         final = results.final if results is not None else None
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.exists() else []
+        overrides = []
+        if overrides_file.exists():
+            overrides = [str(o) for o in OmegaConf.load(overrides_file)]
         row = {
             "job": job_dir.name,
             "overrides": " ".join(overrides),

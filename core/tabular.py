@@ -63,7 +63,8 @@ def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool
         table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         # The parser's own message names lines and field counts, not cells (tests/test_tabular.py).
-        raise ValueError(f"{key}={path} is not a readable .csv: {' '.join(str(err).split())}") from None
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{key}={path} is not a readable .csv: {reason}") from None
     except Exception as err:  # pyarrow, decoding: their messages may quote the file's bytes
         kind = "text (UTF-8) .csv" if path.suffix == ".csv" else ".parquet file"
         raise ValueError(f"{key}={path} is not a readable {kind} ({type(err).__name__})") from None
