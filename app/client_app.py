@@ -1,10 +1,13 @@
 """ClientApp: `client_fn` reads run and node config and builds a TorchClient.
 
-A process that serves many messages (a simulation's Ray worker; a SuperNode's ClientApp
-process) pays the per-process work once: the validated config is cached by the run's
-overrides string, and the model by what it is built from; each message gets that model back
-in its freshly built state (every tensor, the frozen ones included; the trained ones are then
-set from the parameters the message carries), so no message sees another's training.
+A process that serves many messages (a simulation's Ray worker) pays the per-process work
+once: the validated config is cached by the run's overrides string, the model by what it is
+built from, and a site's own data file (node config `data-path`) by its path, size,
+modification time and the data set config and seed it is split with. Each message gets that
+model back in its freshly built state (every tensor, the frozen ones included; the trained
+ones are then set from the parameters the message carries), and copies of the file's arrays,
+so no message sees another's training. Flower 1.41's SuperNode (`--isolation subprocess`)
+starts a ClientApp process per message: there every message still reads and checks its file.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 from logging import WARNING
+from pathlib import Path
 
 import torch
 from flwr.client import Client, ClientApp
@@ -23,8 +28,8 @@ from torch import nn
 from app.config import load_config
 from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
-from core.config import ExperimentConfig, client_resources
-from core.data import NODE_DATA_PATH, data_spec, load_client_data, load_file_data
+from core.config import DatasetConfig, ExperimentConfig, client_resources
+from core.data import NODE_DATA_PATH, ArraySplit, data_spec, load_client_data, load_file_data
 from core.evaluation import resolve_device
 from core.finetune import build_finetune_model
 from protections.he.context import NODE_SECRET_CONTEXT
@@ -44,6 +49,10 @@ def cached_config(overrides: str) -> ExperimentConfig:
 
 
 _models = threading.local()  # per thread: two clients served at once never share a model
+
+SITE_FILES_CACHED = 4  # (file, config, seed) entries a process keeps; the oldest goes first
+_site_files: OrderedDict[tuple, tuple[tuple, tuple[ArraySplit, ArraySplit]]] = OrderedDict()
+_site_files_lock = threading.Lock()
 
 
 def cached_model(cfg: ExperimentConfig) -> tuple[nn.Module, list[str] | None]:
@@ -68,6 +77,46 @@ def cached_model(cfg: ExperimentConfig) -> tuple[nn.Module, list[str] | None]:
     return model, wire_names
 
 
+def cached_file_data(path: str, cfg: DatasetConfig, seed: int) -> tuple[ArraySplit, ArraySplit]:
+    """`core.data.load_file_data` (a site's file, read and checked), once per process for the
+    same file, data set config and seed. The file counts as changed, and is read again, when
+    its size, modification time (ns) or inode differ (a copy that keeps the time, rsync -t,
+    is a new inode). The cached arrays are read-only; each call returns writable copies, so
+    training can never change what the next message trains on. A file that fails its checks
+    is not cached: the next message reads it again (fixed, it loads)."""
+    resolved = str(Path(path).expanduser().resolve())
+    key = (resolved, repr(cfg), seed)
+    stamp = _file_stamp(resolved)
+    with _site_files_lock:
+        entry = _site_files.get(key)
+        if entry is not None and stamp is not None and entry[0] == stamp:
+            _site_files.move_to_end(key)
+            return _copies(entry[1])
+    splits = load_file_data(path, cfg, seed)  # raises, naming the file, on a bad one
+    for split in splits:
+        split.x.setflags(write=False)
+        split.y.setflags(write=False)
+    if stamp is not None and _file_stamp(resolved) == stamp:  # not rewritten while read
+        with _site_files_lock:
+            _site_files[key] = (stamp, splits)
+            _site_files.move_to_end(key)
+            while len(_site_files) > SITE_FILES_CACHED:
+                _site_files.popitem(last=False)
+    return _copies(splits)
+
+
+def _file_stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # load_file_data says what is wrong with the path
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _copies(splits: tuple[ArraySplit, ArraySplit]) -> tuple[ArraySplit, ArraySplit]:
+    return tuple(ArraySplit(s.x.copy(), s.y.copy()) for s in splits)  # type: ignore[return-value]
+
+
 def build_client(
     cfg: ExperimentConfig,
     context: Context,
@@ -83,7 +132,7 @@ def build_client(
     if NODE_DATA_PATH in node_config:
         # Deployment: the site's own data file. Seeds differ per node as partitions do.
         site = int(node_config.get("partition-id", context.node_id % 1_000_003))
-        train_data, val_data = load_file_data(
+        train_data, val_data = cached_file_data(
             str(node_config[NODE_DATA_PATH]), cfg.dataset, cfg.seed + site
         )
     else:

@@ -3,10 +3,12 @@
     python -m app.report <run dir | sweep dir> [--out report.html]
 
 A run directory is one with `results.json` (and `config.yaml`); a sweep directory is one with
-`summary.csv` (written by `python -m app.sweep -m ...`) and a folder per job. The page is one
-file: tables, and figures embedded as PNG data URIs, so it can be mailed or archived as is. It
-reads only the results contract (results.json through core/results.py `load_results`, which
-checks it; config.yaml; summary.csv), never logs.
+`summary.csv` (written by `python -m app.sweep -m ...`) and a folder per job; when the sweep
+repeated configurations over seeds, its `summary_by_config.csv` is shown first, as mean ± sd
+over each configuration's ok jobs. The page is one file: tables, and figures embedded as PNG
+data URIs, so it can be mailed or archived as is. It reads only the results contract
+(results.json through core/results.py `load_results`, which checks it; config.yaml;
+summary.csv and summary_by_config.csv), never logs.
 Default output: `<dir>/report.html`.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.results import CONFIG_FILE, RESULTS_FILE, RoundRecord, load_results, plot_rounds
-from app.sweep import SUMMARY_FILE
+from app.sweep import SUMMARY_BY_CONFIG_FILE, SUMMARY_FILE
 
 REPORT_FILE = "report.html"
 
@@ -174,7 +176,8 @@ def sweep_report(sweep_dir: Path) -> str:
     if not rows:
         raise ReportError(f"{sweep_dir / SUMMARY_FILE} has no jobs yet")
     columns = list(rows[0])
-    sections = ["<h2>Jobs</h2>", _table(columns, [[_maybe_number(r[c]) for c in columns] for r in rows])]
+    sections = _by_config_section(sweep_dir / SUMMARY_BY_CONFIG_FILE)
+    sections += ["<h2>Jobs</h2>", _table(columns, [[_maybe_number(r[c]) for c in columns] for r in rows])]
     metric = next(
         (m for m in ("centralized_accuracy", "federated_accuracy", "centralized_loss") if m in columns),
         None,
@@ -218,6 +221,37 @@ def sweep_report(sweep_dir: Path) -> str:
         ax.legend(fontsize=8)
     sections.append(_figure(_png(fig), "Loss per round, every job"))
     return _page(f"Sweep report: {sweep_dir.name}", sections)
+
+
+def _by_config_section(path: Path) -> list[str]:
+    """summary_by_config.csv as a table: a row per configuration, each metric as mean ± sd
+    over its ok jobs (the mean alone for one job); nothing when the file is absent."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    metrics = [c[: -len("_mean")] for c in rows[0] if c.endswith("_mean")]
+    header = ["configuration", "seeds", "ok", "failed", *metrics]
+    body = [
+        [r["config"] or "(defaults)", r["seeds"], int(r["n_ok"]), int(r["n_failed"]),
+         *[_mean_sd(r[f"{m}_mean"], r[f"{m}_sd"]) for m in metrics]]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        "<h2>Configurations: mean ± sd over seeds</h2>",
+        "<p>Sample standard deviation over each configuration's ok jobs; failed jobs are "
+        "counted, not averaged.</p>",
+        _table(header, body),
+    ]
+
+
+def _mean_sd(mean: str, sd: str) -> str:
+    if mean == "":
+        return ""
+    text = f"{float(mean):.4g}"
+    return text if sd == "" else f"{text} ± {float(sd):.4g}"
 
 
 def _maybe_number(value: str) -> Any:

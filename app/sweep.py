@@ -6,7 +6,11 @@
 Every job validates its configuration first (a bad override fails before anything starts),
 then launches `flwr run <project> --stream` with the job's overrides, the federation size
 from `simulation.*`, and `output_dir` set to Hydra's job directory. In a sweep, the sweep
-directory gets `summary.csv` with the final metrics of every job, rewritten after each job.
+directory gets `summary.csv` with the final metrics of every job, rewritten after each job,
+and, once a configuration has run with two or more seeds (`-m strategy=fedavg,fedprox
+seed=0,1,2`), `summary_by_config.csv`: one row per configuration (the overrides without
+`seed=`) with its seeds, how many jobs were ok and failed, and the mean and sample standard
+deviation of every final metric over its ok jobs (failed jobs are counted, never averaged).
 
 Success is checked, not assumed: `flwr run` exits 0 even for a failed run, so a job is `ok`
 only when Flower reports its run `finished:completed` (`flwr ls --run-id <id> --format json`)
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,6 +50,8 @@ from core.results import RESULTS_FILE, ResultsError, RunRecord, archive_previous
 
 PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
+# Jobs that differ only by `seed=`, as one row each: mean and sd over seeds (summarize_by_config).
+SUMMARY_BY_CONFIG_FILE = "summary_by_config.csv"
 STATUS_FILE = "status.json"  # the launcher's verdict on one job: status, reason, Flower's status
 FLWR_LOG = "flwr.log"
 STARTED_RUN = re.compile(r"Successfully started run (\d+)")
@@ -259,8 +267,24 @@ def run_experiment(overrides: str | list[str], output_dir: str | Path) -> dict:
 
 def write_summary(sweep_dir: Path) -> Path:
     """One summary.csv row per job under `sweep_dir`: its status and, for a failed job, the
-    reason; for a finished one, its final metrics."""
-    rows = []
+    reason; for a finished one, its final metrics. When jobs repeat a configuration with
+    other seeds, also summary_by_config.csv (:func:`summarize_by_config`)."""
+    jobs = _job_rows(sweep_dir)
+    rows = [row for row, _ in jobs]
+    path = sweep_dir / SUMMARY_FILE
+    _write_csv(path, rows)
+    by_config = summarize_by_config(jobs)
+    grouped = sweep_dir / SUMMARY_BY_CONFIG_FILE
+    if by_config:
+        _write_csv(grouped, by_config)
+    else:  # no configuration has two jobs (yet): no table of one-job means
+        grouped.unlink(missing_ok=True)
+    return path
+
+
+def _job_rows(sweep_dir: Path) -> list[tuple[dict, list[str]]]:
+    """(summary.csv row, the job's Hydra overrides as a list) of every job, in job order."""
+    jobs = []
     for status_path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"), key=_job_number):
         job_dir = status_path.parent
         outcome = json.loads(status_path.read_text())
@@ -268,9 +292,12 @@ def write_summary(sweep_dir: Path) -> Path:
         results = load_results(job_dir / RESULTS_FILE) if ok else None
         final = results.final if results is not None else None
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = []
+        if overrides_file.exists():
+            overrides = [str(o) for o in OmegaConf.load(overrides_file)]
         row = {
             "job": job_dir.name,
-            "overrides": " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else "",
+            "overrides": " ".join(overrides),
             "status": outcome["status"],
             "reason": outcome.get("reason", ""),
             "rounds_completed": (
@@ -289,16 +316,80 @@ def write_summary(sweep_dir: Path) -> Path:
         comm = final.comm_total if final is not None else None
         row["bytes_down_total"] = comm.bytes_down if comm is not None else ""
         row["bytes_up_total"] = comm.bytes_up if comm is not None else ""
-        rows.append(row)
+        jobs.append((row, overrides))
+    return jobs
+
+
+def split_seed(overrides: list[str]) -> tuple[list[str], str]:
+    """(the overrides without the top-level `seed=` one, that seed's value or "" when the job
+    ran with the default seed). `+seed=`/`++seed=` count as `seed=`; `dataset.seed=` and
+    other nested keys are part of the configuration."""
+    rest, seed = [], ""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "seed":
+            seed = value
+        else:
+            rest.append(override)
+    return rest, seed
+
+
+def summarize_by_config(jobs: list[tuple[dict, list[str]]]) -> list[dict]:
+    """summary_by_config.csv: one row per configuration (the jobs' overrides with `seed=`
+    removed), in the order of its first job, or no rows when no configuration has two jobs.
+
+    Columns: `config` (those overrides), `jobs` and `seeds` (space separated, in job order;
+    "default" for a job without a `seed=` override), `n_ok`, `n_failed`, then for every
+    numeric column of summary.csv (final metrics, epsilon and delta, rounds, time, bytes)
+    `<column>_mean` and `<column>_sd`: the mean and the sample standard deviation (n - 1;
+    `statistics.fmean` and `statistics.stdev`) over the configuration's ok jobs that recorded
+    it. A failed job is counted in `n_failed` and never averaged in. `_sd` is blank under two
+    values, `nan` when a value is infinite (epsilon = inf at noise multiplier 0); `_mean` is
+    blank when no ok job recorded the column."""
+    groups: dict[str, list[tuple[dict, str]]] = {}
+    for row, overrides in jobs:
+        config, seed = split_seed(overrides)
+        groups.setdefault(" ".join(config), []).append((row, seed or "default"))
+    if all(len(members) < 2 for members in groups.values()):
+        return []
+    metrics: list[str] = []
+    for row, _ in jobs:
+        metrics += [k for k, v in row.items() if k not in metrics and _is_number(v)]
+    out = []
+    for config, members in groups.items():
+        ok = [row for row, _ in members if row["status"] == "ok"]
+        summary = {
+            "config": config,
+            "jobs": " ".join(row["job"] for row, _ in members),
+            "seeds": " ".join(seed for _, seed in members),
+            "n_ok": len(ok),
+            "n_failed": len(members) - len(ok),
+        }
+        for metric in metrics:
+            values = [row[metric] for row in ok if _is_number(row.get(metric))]
+            summary[f"{metric}_mean"] = statistics.fmean(values) if values else ""
+            if len(values) < 2:
+                summary[f"{metric}_sd"] = ""
+            elif all(math.isfinite(v) for v in values):
+                summary[f"{metric}_sd"] = statistics.stdev(values)
+            else:  # statistics.stdev cannot take inf; the spread of infinities is undefined
+                summary[f"{metric}_sd"] = math.nan
+        out.append(summary)
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    path = sweep_dir / SUMMARY_FILE
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    return path
 
 
 def _or_blank(value):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,13 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
     row, the features first and the label last (a non-numeric first line is a header). The
     features must be scaled as the configured data set's (see the module docstring): the
     server evaluates the model on its own split of that data set. The validation split
-    (`val_fraction`) is a seeded random subset of the file's rows."""
+    (`val_fraction`) is a seeded random subset of the file's rows.
+
+    Checked before anything trains, each a ValueError naming the file: the arrays or cells are
+    numbers, the shapes fit the data set, every feature is finite, and every label is finite
+    (regression) or an integer class id in range (classification). The messages give counts,
+    the first bad row (`.npz`: its index; `.csv`: its line) and the columns, never a cell's
+    value: in deployment a client's error reaches the server and its results.json."""
     if isinstance(cfg, TabularDatasetConfig):  # the schema's columns, by name (core/tabular.py)
         from core.tabular import load_site_file
 
@@ -210,12 +216,112 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
         raise ValueError(f"data-path {path} is not a file: check the SuperNode's --node-config")
     spec = data_spec(cfg)
     if path.suffix == ".npz":
-        with np.load(path) as stored:
-            missing = {"x", "y"} - set(stored.files)
-            if missing:
-                raise ValueError(f"{path} lacks the arrays {sorted(missing)}: store x and y")
-            x, y = np.asarray(stored["x"]), np.asarray(stored["y"])
+        x, y = _read_npz(path)
+        where = partial(_npz_place, path)
     elif path.suffix == ".csv":
+        x, y, header = _read_csv(path)
+        where = partial(_csv_place, path, header)
+    else:
+        raise ValueError(f"data-path {path}: use a .npz (arrays x, y) or a .csv file")
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"{path}: x and y must be arrays with a row per sample, not scalars")
+    x = x.reshape(len(x), -1)
+    y_column = y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)
+    if x.shape[1] != spec.num_features or len(y) != len(x) or len(x) == 0 or not y_column:
+        raise ValueError(
+            f"{path} holds x of shape {x.shape} and y of shape {y.shape}; dataset={cfg.name} "
+            f"needs (n, {spec.num_features}) features and n labels, n >= 1"
+        )
+    y = y.reshape(-1)
+    finite = np.isfinite(x)
+    bad_rows = np.flatnonzero(~finite.all(axis=1))
+    if len(bad_rows):
+        bad_columns = np.flatnonzero(~finite.all(axis=0)).tolist()
+        raise ValueError(
+            f"{path}: {_rows(len(bad_rows))} NaN or infinite features, the first "
+            f"{where(row=bad_rows[0])}, in {where(columns=bad_columns)}: every feature must "
+            "be a finite number (drop or impute those rows at the site)"
+        )
+    if spec.task == "classification":
+        with np.errstate(invalid="ignore"):
+            valid = np.isfinite(y) & (np.mod(y, 1) == 0) & (y >= 0) & (y < spec.num_outputs)
+        bad_rows = np.flatnonzero(~valid)
+        if len(bad_rows):
+            raise ValueError(
+                f"{path}: labels must be integers in 0..{spec.num_outputs - 1} for "
+                f"dataset={cfg.name}; {_count(len(bad_rows), 'label is', 'labels are')} not (NaN, "
+                f"infinite, fractional or out of range), the first {where(row=bad_rows[0])}"
+            )
+        y = y.astype(np.int64)
+    else:
+        bad_rows = np.flatnonzero(~np.isfinite(y))
+        if len(bad_rows):
+            raise ValueError(
+                f"{path}: {_rows(len(bad_rows))} a NaN or infinite label, the first "
+                f"{where(row=bad_rows[0])}: dataset={cfg.name} needs a finite number per sample"
+            )
+        y = y.astype(np.float32).reshape(-1, 1)
+    x = x.astype(np.float32)
+    n_val = 0 if cfg.val_fraction == 0 else min(math.ceil(cfg.val_fraction * len(y)), len(y) - 1)
+    order = np.random.default_rng(seed).permutation(len(y))
+    val, train = order[:n_val], order[n_val:]
+    return ArraySplit(x[train], y[train]), ArraySplit(x[val], y[val])
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"1 {one}" if n == 1 else f"{n} {many}"
+
+
+def _rows(n: int) -> str:
+    return _count(n, "row has", "rows have")
+
+
+def _list(items: list, most: int = 10) -> str:
+    shown = ", ".join(map(str, items[:most]))
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of a site's .npz, as numeric arrays. numpy's own errors here describe the file's
+    structure, not its values; they are re-raised naming the file (and not chained, so no
+    message of numpy's travels in a traceback)."""
+    import zipfile
+
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        problem = type(err).__name__
+    else:
+        problem = ""
+    if problem or not isinstance(stored, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({problem or 'a single .npy array'}): "
+            "write it with numpy.savez(path, x=features, y=labels)"
+        )
+    with stored:
+        missing = {"x", "y"} - set(stored.files)
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {sorted(missing)}: store x and y")
+        arrays = {}
+        for name in ("x", "y"):
+            try:
+                arrays[name] = np.asarray(stored[name])
+            except ValueError:  # an object (pickled) array: refused without allow_pickle
+                arrays[name] = None
+            if arrays[name] is None or arrays[name].dtype.kind not in "biuf":
+                dtype = "object" if arrays[name] is None else arrays[name].dtype
+                raise ValueError(
+                    f"{path}: array {name} has dtype {dtype}, not numbers: store {name} as a "
+                    "numeric (float or integer) array"
+                )
+    return arrays["x"], arrays["y"]
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """(features, labels, header lines) of a site's .csv. numpy.loadtxt's own error names the
+    offending cell's text, so it is never passed on: :func:`_csv_problem` finds the rows and
+    columns instead."""
+    try:
         with path.open() as f:
             first = f.readline().split(",")
         try:
@@ -224,28 +330,73 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
         except ValueError:
             header = 1
         table = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
-        x, y = table[:, :-1], table[:, -1]
-    else:
-        raise ValueError(f"data-path {path}: use a .npz (arrays x, y) or a .csv file")
-    x = x.reshape(len(x), -1).astype(np.float32)
-    if x.shape[1] != spec.num_features or len(y) != len(x) or len(x) == 0:
-        raise ValueError(
-            f"{path} holds x of shape {x.shape} and {len(y)} labels; dataset={cfg.name} needs "
-            f"(n, {spec.num_features}) features and n labels, n >= 1"
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8) .csv file") from None
+    except ValueError:
+        raise ValueError(_csv_problem(path, header)) from None
+    return table[:, :-1], table[:, -1], header
+
+
+def _csv_problem(path: Path, header: int) -> str:
+    """What numpy.loadtxt refused in `path`, as counts, lines and column numbers only."""
+    width, ragged, bad_lines, bad_columns = None, [], [], set()
+    with path.open() as f:
+        for line_number, line in enumerate(f, start=1):
+            if line_number <= header:
+                continue
+            content = line.split("#", 1)[0].strip()  # loadtxt's comments and blank lines
+            if not content:
+                continue
+            cells = content.split(",")
+            width = len(cells) if width is None else width
+            if len(cells) != width:
+                ragged.append(line_number)
+                continue
+            columns = []
+            for j, cell in enumerate(cells, start=1):
+                try:
+                    float(cell)
+                except ValueError:
+                    columns.append(j)
+            if columns:
+                bad_lines.append(line_number)
+                bad_columns.update(columns)
+    if bad_lines:
+        return (
+            f"{path}: {_rows(len(bad_lines))} cells that are not numbers (empty or text), the "
+            f"first on line {bad_lines[0]}, in columns {_list(sorted(bad_columns))} (1-based, as "
+            "in the file): every cell must be a number (only the first line may be a header)"
         )
-    if spec.task == "classification":
-        if not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= spec.num_outputs:
-            raise ValueError(
-                f"{path}: labels must be integers in 0..{spec.num_outputs - 1} for "
-                f"dataset={cfg.name}, found {y.min()}..{y.max()}"
-            )
-        y = y.astype(np.int64).reshape(-1)
-    else:
-        y = y.astype(np.float32).reshape(-1, 1)
-    n_val = 0 if cfg.val_fraction == 0 else min(math.ceil(cfg.val_fraction * len(y)), len(y) - 1)
-    order = np.random.default_rng(seed).permutation(len(y))
-    val, train = order[:n_val], order[n_val:]
-    return ArraySplit(x[train], y[train]), ArraySplit(x[val], y[val])
+    if ragged:
+        return (
+            f"{path}: {_rows(len(ragged))} another number of cells than the first row's "
+            f"{width}, the first on line {ragged[0]}: every row holds the features, then the label"
+        )
+    return f"{path} could not be read as comma-separated numbers (numpy.loadtxt refused it)"
+
+
+def _npz_place(path: Path, row: int | None = None, columns: list[int] = ()) -> str:
+    """Where a row (its index) or feature columns (of x, 0-based) of a .npz are."""
+    if row is not None:
+        return f"at index {int(row)}"
+    return f"x columns {_list(list(columns))} (0-based)"
+
+
+def _csv_place(path: Path, header: int, row: int | None = None, columns: list[int] = ()) -> str:
+    """Where a row (its line in the file: header, comments and blank lines counted, as
+    numpy.loadtxt skips them) or feature columns (1-based, as a spreadsheet shows them) of a
+    .csv are. The file is read again only for an error's message."""
+    if row is None:
+        return f"columns {_list([c + 1 for c in columns])} (1-based, as in the file)"
+    seen = -1
+    with path.open() as f:
+        for line_number, line in enumerate(f, start=1):
+            if line_number <= header or not line.split("#", 1)[0].strip():
+                continue
+            seen += 1
+            if seen == row:
+                return f"on line {line_number}"
+    return f"in data row {int(row) + 1}"
 
 
 def partition_layout(

@@ -5,8 +5,10 @@ What happens where, and why:
 - Reading (pandas, pyarrow for Parquet) checks the file against the schema before anything
   trains: a missing column, a non-numeric feature, a label outside the declared classes, a
   category outside the declared vocabulary or a missing value under `missing=error` is a
-  ValueError naming the column and the fix. The messages name columns and counts, never a
-  cell's value: in deployment a client's error reaches the server.
+  ValueError naming the file, the column and the fix; so is an infinite number (an empty cell
+  is a missing value, handled by `missing`). The messages name columns and counts, never a
+  cell's value (nor the file's header, which a file without one has read from its first
+  row): in deployment a client's error reaches the server.
 - Categories are declared in config
   (`dataset.categorical=[{column:ward,categories:[icu,surgery]}]`), never
   learned from the rows: the one-hot layout is part of the shared model, and a vocabulary
@@ -55,22 +57,30 @@ def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"{key}={path} is not a file: give the absolute path of a .csv or .parquet")
-    if path.suffix == ".csv":
-        table = pd.read_csv(path)
-    elif path.suffix in (".parquet", ".pq"):
-        table = pd.read_parquet(path)
-    else:
+    if path.suffix not in (".csv", ".parquet", ".pq"):
         raise ValueError(f"{key}={path}: dataset=tabular reads .csv or .parquet files")
+    try:
+        table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        # The parser's own message names lines and field counts, not cells (tests/test_tabular.py).
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{key}={path} is not a readable .csv: {reason}") from None
+    except Exception as err:  # pyarrow, decoding: their messages may quote the file's bytes
+        kind = "text (UTF-8) .csv" if path.suffix == ".csv" else ".parquet file"
+        raise ValueError(f"{key}={path} is not a readable {kind} ({type(err).__name__})") from None
     wanted = [*cfg.features, *cfg.vocabulary(), cfg.label]
     if site:
         wanted.append(cfg.site_column)
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         where = "dataset.site_column" if missing == [cfg.site_column] and site else "the schema"
+        # Not the file's own column names: a file without a header row has its first row
+        # read as the header, and those are a patient's values.
         raise ValueError(
             f"{key}={path} lacks the columns {missing} that {where} declares (dataset.features, "
-            f"dataset.categorical, dataset.label{', dataset.site_column' if site else ''}); its "
-            f"columns are {list(table.columns)}: rename the file's columns or fix the schema"
+            f"dataset.categorical, dataset.label{', dataset.site_column' if site else ''}) among "
+            f"its {len(table.columns)} columns (its header row, the first line): rename the "
+            "file's columns or fix the schema"
         )
     return table
 
@@ -93,6 +103,12 @@ def encode(table, cfg: TabularDatasetConfig, key: str) -> tuple[np.ndarray, np.n
                 "categories, or clean the file"
             )
         numeric[:, j] = values.to_numpy(dtype=float)
+        infinite = int(np.isinf(numeric[:, j]).sum())  # "inf", "1e999": numbers, not missing
+        if infinite:
+            raise ValueError(
+                f"{key}: column {column!r} (dataset.features) has {infinite} infinite values: "
+                "features must be finite numbers (an empty cell is a missing value)"
+            )
     onehots, cat_missing = [], np.zeros(len(table), dtype=bool)
     for column, categories in cfg.vocabulary().items():
         values = _as_text(table[column])
@@ -110,8 +126,10 @@ def encode(table, cfg: TabularDatasetConfig, key: str) -> tuple[np.ndarray, np.n
     feature_missing = np.isnan(numeric).any(axis=1) | cat_missing
     if cfg.missing == "error" and (feature_missing.any() or label_missing.any()):
         columns = [c for c in (*cfg.features, *cfg.vocabulary(), cfg.label) if table[c].isna().any()]
+        rows = int((feature_missing | label_missing).sum())
         raise ValueError(
-            f"{key}: columns {columns} have missing values and dataset.missing=error: set "
+            f"{key}: columns {columns} have missing values and dataset.missing=error "
+            f"({rows} row{'s' if rows != 1 else ''} of {len(table)}): set "
             "dataset.missing=drop (drop those rows) or dataset.missing=mean (each client "
             "imputes its own training mean)"
         )
@@ -126,9 +144,11 @@ def _as_text(column):
     import pandas as pd
 
     if pd.api.types.is_float_dtype(column):
-        whole = column.dropna()
-        if (whole == np.round(whole)).all():
-            column = column.astype("Int64")
+        # Value by value: one fractional value (a typo) leaves the whole ones 1, not 1.0.
+        whole = column.notna() & (column == np.round(column)) & (column.abs() < 2**53)
+        text = column.astype("string")
+        text[whole] = column[whole].astype("Int64").astype("string")
+        return text
     return column.astype("string")
 
 
@@ -144,6 +164,12 @@ def _labels(column, cfg: TabularDatasetConfig, key: str) -> tuple[np.ndarray, np
                 "dataset.task=regression needs numbers"
             )
         y = values.to_numpy(dtype=float)
+        infinite = int(np.isinf(y).sum())
+        if infinite:
+            raise ValueError(
+                f"{key}: label column {cfg.label!r} has {infinite} infinite values: "
+                "dataset.task=regression needs finite numbers"
+            )
         return y.astype(np.float32).reshape(-1, 1), np.isnan(y)
     classes = cfg.classes or ["0", "1"]
     values = _as_text(column)
@@ -169,13 +195,13 @@ def load_pool(cfg: TabularDatasetConfig):
             "dataset.path=/abs/path/data.csv (a deployed SuperNode reads its own data-path)"
         )
     table = read_table(cfg.path, cfg, "dataset.path", site=bool(cfg.site_column))
-    x, y, kept = encode(table, cfg, "dataset.path")
+    x, y, kept = encode(table, cfg, f"dataset.path={cfg.path}")
     sites = None
     if cfg.site_column:
         column = _as_text(table[cfg.site_column])
         if column.isna().any():
             raise ValueError(
-                f"dataset.path: site column {cfg.site_column!r} has "
+                f"dataset.path={cfg.path}: site column {cfg.site_column!r} has "
                 f"{int(column.isna().sum())} empty values: every row needs its site"
             )
         sites = column.to_numpy(dtype=str)[kept]
@@ -218,7 +244,7 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 def load_site_file(path: str, cfg: TabularDatasetConfig, seed: int) -> tuple[ArraySplit, ArraySplit]:
     """A deployed site's own file (node config `data-path`): the schema's columns, checked
     and encoded as in simulation, split into train/validation, then preprocessed by the site."""
-    x, y, _ = encode(read_table(path, cfg, "data-path"), cfg, "data-path")
+    x, y, _ = encode(read_table(path, cfg, "data-path"), cfg, f"data-path={path}")
     if len(y) == 0:
         raise ValueError(f"data-path={path} has no usable row (after dataset.missing={cfg.missing})")
     train, val = split_rows(len(y), cfg.val_fraction, seed)
@@ -230,6 +256,7 @@ def server_test_split(cfg: TabularDatasetConfig) -> ArraySplit | None:
     site's (None without `test_path`: then there is no centralized evaluation)."""
     if not cfg.test_path:
         return None
-    x, y, _ = encode(read_table(cfg.test_path, cfg, "dataset.test_path"), cfg, "dataset.test_path")
+    table = read_table(cfg.test_path, cfg, "dataset.test_path")
+    x, y, _ = encode(table, cfg, f"dataset.test_path={cfg.test_path}")
     test, _ = preprocess(ArraySplit(x, y), ArraySplit(x[:0], y[:0]), cfg)
     return test

@@ -8,6 +8,7 @@ binary metrics (sklearn.metrics), and a `flwr run` on the README's example files
 from __future__ import annotations
 
 import json
+import traceback
 
 import numpy as np
 import pandas as pd
@@ -206,6 +207,93 @@ def test_bad_files_fail_before_training_naming_the_column(table, tmp_path):
     assert "oncology" not in msg  # a site's raw values never travel in an error
     msg = _client_error(tmp_path / "f.csv", frame, "dataset.missing=error")
     assert "columns ['lactate', 'ward'] have missing values and dataset.missing=error" in msg
+
+
+SECRET_NUMBER = 987654.321  # stand for a patient's values: no error may contain them
+SECRET_TEXT = "PATIENT_SECRET"
+
+
+def _site_error(path, cfg, write) -> str:
+    """The ValueError of a deployed site's data-path (load_file_data); no sentinel in its whole
+    formatted chain (a simulation's traceback reaches results.json)."""
+    write(path)
+    with pytest.raises(ValueError) as err:
+        load_file_data(str(path), cfg.dataset, 0)
+    text = "".join(traceback.format_exception(err.value))
+    assert SECRET_TEXT not in text and "987654" not in text, text
+    return str(err.value)
+
+
+def _with(frame, row, column, value):
+    frame = frame.copy()
+    frame[column] = frame[column].astype(object)
+    frame.loc[frame.index[row], column] = value
+    return frame
+
+
+def test_no_tabular_error_contains_a_cell_value(table, tmp_path):
+    """Every error path of a site's file that a bad cell can reach, fed sentinel values: the
+    messages name the file, the column and counts, never the cell."""
+    _, frame = table
+    site = frame[frame.hospital_id == "b"].drop(columns=["hospital_id"])
+    cfg = load_config(overrides("/unused.csv", "dataset.site_column=''"))
+
+    def csv(data, **kw):
+        return lambda path: data.to_csv(path, index=False, **kw)
+
+    # a file without a header row: pandas reads its first row as the column names
+    first = _with(_with(site, 0, "ward", SECRET_TEXT), 0, "age", SECRET_NUMBER)
+    msg = _site_error(tmp_path / "a.csv", cfg, csv(first, header=False))
+    assert f"data-path={tmp_path / 'a.csv'} lacks the columns ['age', 'bp', 'lactate', 'ward'" in msg
+    assert "among its 6 columns (its header row, the first line)" in msg
+    msg = _site_error(tmp_path / "b.csv", cfg, csv(_with(site, 3, "bp", SECRET_TEXT)))
+    assert msg.startswith(f"data-path={tmp_path / 'b.csv'}: column 'bp' (dataset.features) has 1 non-numeric values")
+    msg = _site_error(tmp_path / "c.csv", cfg, csv(_with(site, 3, "ward", SECRET_TEXT)))
+    assert "column 'ward' has 1 values outside its declared categories" in msg
+    msg = _site_error(tmp_path / "d.csv", cfg, csv(_with(site, 3, "outcome", SECRET_NUMBER)))
+    assert "label column 'outcome' has 1 values that are not one of dataset.classes=['0', '1']" in msg
+    msg = _site_error(tmp_path / "e.csv", cfg, csv(_with(site, 3, "age", "inf")))
+    assert msg.startswith(f"data-path={tmp_path / 'e.csv'}: column 'age' (dataset.features) has 1 infinite values")
+    complete = site.dropna()  # one missing lactate, in a row that holds a sentinel too
+    gap = _with(_with(complete, 5, "lactate", np.nan), 5, "bp", SECRET_NUMBER)
+    strict = load_config(overrides("/unused.csv", "dataset.site_column=''", "dataset.missing=error"))
+    msg = _site_error(tmp_path / "f.csv", strict, csv(gap))
+    assert f"columns ['lactate'] have missing values and dataset.missing=error (1 row of {len(gap)})" in msg
+
+    def extra_field(path):  # a row with one cell too many
+        site.to_csv(path, index=False)
+        with open(path, "a") as f:
+            f.write(f"1,2,3,icu,F,0,{SECRET_TEXT}\n")
+
+    msg = _site_error(tmp_path / "g.csv", cfg, extra_field)
+    assert msg.startswith(f"data-path={tmp_path / 'g.csv'} is not a readable .csv: Error tokenizing data")
+    assert f"Expected 6 fields in line {len(site) + 2}, saw 7" in msg
+    msg = _site_error(tmp_path / "h.csv", cfg, lambda p: p.write_bytes(b"age\n\xff\xfe" + SECRET_TEXT.encode()))
+    assert msg == f"data-path={tmp_path / 'h.csv'} is not a readable text (UTF-8) .csv (UnicodeDecodeError)"
+    msg = _site_error(tmp_path / "i.parquet", cfg, lambda p: p.write_text(SECRET_TEXT))
+    assert msg.startswith(f"data-path={tmp_path / 'i.parquet'} is not a readable .parquet file (")
+
+    regression = load_config(
+        overrides("/unused.csv", "dataset.site_column=''", "dataset.label=age",
+                  "dataset.task=regression", "dataset.features=[bp,lactate]")
+    )  # fmt: skip
+    msg = _site_error(tmp_path / "j.csv", regression, csv(_with(site, 3, "age", SECRET_TEXT)))
+    assert "label column 'age' has 1 non-numeric values: dataset.task=regression needs numbers" in msg
+    msg = _site_error(tmp_path / "k.csv", regression, csv(_with(site, 3, "age", "-inf")))
+    assert "label column 'age' has 1 infinite values: dataset.task=regression needs finite numbers" in msg
+
+
+def test_a_row_without_its_site_is_counted_not_shown(table, tmp_path):
+    _, frame = table
+    no_site = _with(_with(frame, 7, "hospital_id", np.nan), 7, "bp", SECRET_NUMBER)
+    no_site.to_csv(tmp_path / "sites.csv", index=False)
+    cfg = load_config(overrides(tmp_path / "sites.csv"))
+    with pytest.raises(ValueError) as err:
+        load_client_data(cfg.dataset, cfg.partitioner, 0, 3, cfg.seed)
+    assert "987654" not in "".join(traceback.format_exception(err.value))
+    assert str(err.value).startswith(
+        f"dataset.path={tmp_path / 'sites.csv'}: site column 'hospital_id' has 1 empty values"
+    )
 
 
 def test_schema_errors_name_the_key(table):
