@@ -23,6 +23,8 @@ from core.evaluation import evaluate
 from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import RunRecorder
+from protections.he.config import he_params
+from protections.he.context import HE_SECRET_PATH_KEY, load_context, provision
 from strategies.factory import build_strategy
 from tests.support.proxies import InProcessProxy
 
@@ -85,7 +87,15 @@ def in_process_run(
         return metrics.pop("loss"), metrics
 
     started = time.perf_counter()
-    strategy = build_strategy(cfg, ndarrays_to_parameters(get_weights(model, wire)), evaluate_centrally)
+    he_context, he_client_config = None, None
+    if cfg.secagg.name == "he":  # keys as the ServerApp provisions them in simulation, here in-process
+        secret_path, public_path = provision(he_params(cfg), Path(path) / "keys")
+        he_context, he_client_config = load_context(public_path), {HE_SECRET_PATH_KEY: str(secret_path)}
+    strategy = build_strategy(
+        cfg, ndarrays_to_parameters(get_weights(model, wire)),
+        evaluate_centrally,
+        he_context=he_context, he_client_config=he_client_config,
+    )  # fmt: skip
     recorder = RunRecorder(path, cfg, token=token)
     manager = NodeTrackingClientManager(seed=seed)
     node_ids = node_ids or [100 + i for i in range(num_nodes)]
