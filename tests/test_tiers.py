@@ -169,7 +169,8 @@ def test_integration_is_not_guarded():
         "*ERROR at setup of test_fixture_binds_a_port*",
         "unit tier: this test tried to bind a network socket to ('127.0.0.1', 0). Unit tests run in this process only*",
         "*_ test_swallows_the_refusal _*",
-        "unit tier: this test tried to start a process. Unit tests run in this process only*",
+        "unit tier: this test tried to start a process. Unit tests run in this process only*"
+        "From: thread MainThread: subprocess.py:* __init__ < subprocess.py:* run < test_inner.py:20 test_swallows_the_refusal <*",
     ])  # fmt: skip
 
 

@@ -31,7 +31,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +88,13 @@ def importing() -> bool:
     return False
 
 
+def where_from(depth: int = 4) -> str:
+    """The calling thread and its innermost `depth` frames outside this module, one line."""
+    frames = [f for f in traceback.extract_stack() if f.filename != __file__][-depth:]
+    calls = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"thread {threading.current_thread().name}: {calls}"
+
+
 class UnitTierViolation(RuntimeError):
     """A unit test tried to start a process, open a network socket or a process group."""
 
@@ -95,10 +105,14 @@ class UnitGuard:
     def __init__(self, nodeid: str) -> None:
         self.nodeid = nodeid
         self.violations: list[str] = []
+        self.origins: list[str] = []
         self._undo: list[tuple[object, str, object, bool]] = []
 
     def _refuse(self, what: str) -> UnitTierViolation:
         self.violations.append(what)
+        # Where it came from (thread and the innermost calls outside this module), so that a
+        # violation from a background thread an earlier test or a library started is told apart
+        self.origins.append(where_from())
         return UnitTierViolation(
             f"{self.nodeid} is a unit test and tried to {what}: unit tests run in this process "
             "only; mark it integration (processes, process groups) or e2e (flwr run, "
@@ -165,7 +179,8 @@ class UnitGuard:
             pytest.fail(
                 "unit tier: this test tried to " + "; and to ".join(self.violations)
                 + ". Unit tests run in this process only: mark it integration (processes, "
-                "process groups) or e2e (flwr run, deployment, notebooks)",
+                "process groups) or e2e (flwr run, deployment, notebooks). From: "
+                + "; ".join(self.origins),
                 pytrace=False,
             )  # fmt: skip
 
