@@ -117,7 +117,8 @@ def load(output_dir: Path) -> Checkpoint:
 
 
 def check_resumable(checkpoint: Checkpoint, cfg, config_yaml: str) -> None:
-    """Refuse a resume that would change the experiment or lose privacy state."""
+    """Refuse a resume that would change the experiment or lose privacy state (`tracking.*`
+    may change: it does not touch the experiment)."""
     from omegaconf import OmegaConf
 
     if cfg.privacy.name in ("local", "dpsgd"):
@@ -136,6 +137,7 @@ def check_resumable(checkpoint: Checkpoint, cfg, config_yaml: str) -> None:
     for c in (old, new):
         c.pop("num_rounds", None)
         c.pop("resume", None)
+        c.pop("tracking", None)  # where the run is tracked does not change the experiment
     if old != new:
         changed = sorted(_diff(old, new))
         raise CheckpointError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,26 @@ class SimulationConfig:
     job_timeout_s: float | None = None
 
 
+TRACKING_ENV = "PRIVACY_FT_TRACKING"
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (app/tracking.py): the ServerApp logs the run's
+    parameters, each round's measurements, its status and its files to an MLflow run. A
+    tracking failure never fails the run: it is logged once and written to results.json
+    (`run.tracking.error`)."""
+
+    # Default true; the environment variable PRIVACY_FT_TRACKING=false turns it off for every
+    # run that does not set it (the test suite does: tracking costs a run seconds of CPU).
+    enabled: bool = "${oc.env:" + TRACKING_ENV + ",true}"  # type: ignore[assignment]
+    # An MLflow tracking URI: a server (http://host:5000) or a database
+    # (sqlite:////abs/path/mlflow.db). null: $MLFLOW_TRACKING_URI when set, else
+    # sqlite:///<runs root>/mlflow.db (~/flower-private-finetune/runs/mlflow.db).
+    uri: str | None = None
+    experiment: str = "flower-private-finetune"  # the MLflow experiment (created when missing)
+
+
 @dataclass
 class ExperimentConfig:
     """The whole experiment. The group fields are MISSING here: conf/config.yaml's defaults
@@ -345,6 +366,7 @@ class ExperimentConfig:
     compression: CompressionConfig = MISSING
     workload: WorkloadConfig = MISSING
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     num_rounds: int = 10
     seed: int = 0
     # Absolute path for this run's results. null: ~/flower-private-finetune/runs/<time>-run<id>.
@@ -710,6 +732,30 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         "resume",
         "resume=true continues the run in output_dir: set output_dir to that run's folder",
     )
+    _check_tracking(cfg.tracking, require)
+
+
+def _check_tracking(t: TrackingConfig, require: Require) -> None:
+    """tracking.uri names its scheme (MLflow reads a bare path as its deprecated file store)
+    and a local database by an absolute path (the ServerApp runs from Flower's app folder)."""
+    require(bool(t.experiment.strip()), "tracking.experiment", "must name an MLflow experiment")
+    if t.uri is None:
+        return
+    scheme, _, rest = t.uri.partition(":")
+    require(
+        re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:.+", t.uri) is not None
+        or t.uri in ("databricks", "databricks-uc"),
+        "tracking.uri",
+        "must be an MLflow tracking URI with its scheme: http://host:5000, "
+        "sqlite:////abs/path/mlflow.db, or null for the default store",
+    )
+    if scheme == "sqlite":
+        require(
+            rest.startswith("////") or rest == "///:memory:",
+            "tracking.uri",
+            "a SQLite store is named by its absolute path, sqlite:////abs/path/mlflow.db "
+            "(four slashes): the ServerApp runs from Flower's app folder, not from your checkout",
+        )
 
 
 def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Require) -> None:
