@@ -307,14 +307,28 @@ class FinalRecord(Record):
 
 
 @dataclass
+class TrackingInfo(Record):
+    """`run.tracking` (app/tracking.py): where this run is tracked in MLflow. `run_id` is
+    MLflow's id of the run (absent until MLflow created it); `error`, one line, says that
+    tracking failed and stopped there (the run itself went on)."""
+
+    uri: str
+    experiment: str
+    run_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
 class RunInfo(Record):
-    """results.json's `run`: whose results these are and how the run ended."""
+    """results.json's `run`: whose results these are and how the run ended; `tracking` is
+    absent with tracking.enabled=false."""
 
     token: str
     flwr_run_id: int | None = field(default=None, metadata=NULLABLE)
     status: str = "running"  # running, completed or failed
     resumed_after_round: int | None = None
     error: str | None = None
+    tracking: TrackingInfo | None = None
 
 
 @dataclass

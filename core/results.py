@@ -10,9 +10,13 @@
 
 `results.json["run"]` says whose results these are and how the run ended: `token` (the one
 `app.sweep`/`run_experiment` passed in through the run config, so they can tell this run's
-results from an earlier run's), Flower's `flwr_run_id`, and `status`: `running`, `completed`
-or `failed` (with `error`, one line). A directory never mixes two runs: a run that starts in a
-directory holding another run's artifacts first moves them to `previous/<their run>/`.
+results from an earlier run's), Flower's `flwr_run_id`, `status`: `running`, `completed`
+or `failed` (with `error`, one line), and `tracking` (where the run is in MLflow). A directory
+never mixes two runs: a run that starts in a directory holding another run's artifacts first
+moves them to `previous/<their run>/`.
+
+A `RunObserver` (app/tracking.py's MLflow tracker) is told of every change right after it is
+written, from the same records, so results.json and the tracking never disagree.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from core.result_types import (  # noqa: F401 - the contract, re-exported for it
     RunRecord,
     SecAggReport,
     ServerAccountedPrivacy,
+    TrackingInfo,
     WorkloadReport,
     load_results,
 )
@@ -91,9 +96,42 @@ def archive_previous_run(output_dir: Path, keep: tuple[str, ...] = ()) -> Path |
     return target
 
 
+class RunObserver:
+    """Told of each change the recorder makes, right after results.json has it (app/tracking.py
+    sends them to MLflow). The recorder passes its own records: an observer copies what it
+    keeps. Its methods must not raise or block for long; `tracking()` is written into
+    results.json's `run.tracking` with every write, and `close()`, after the run's last
+    record, may wait for the observer to catch up. This base observes nothing."""
+
+    def tracking(self) -> TrackingInfo | None:
+        return None
+
+    def configured(self, cfg: ExperimentConfig) -> None:
+        """config.yaml was (re)written with `cfg`."""
+
+    def started(self, record: RunRecord) -> None:
+        """The run began (a resumed run: with the checkpoint's rounds in `record`)."""
+
+    def initial(self, initial: InitialRecord) -> None:
+        """The initial model's centralized metrics."""
+
+    def round(self, record: RoundRecord) -> None:
+        """A round was added."""
+
+    def finished(self, record: RunRecord, files: list[Path]) -> None:
+        """The run completed; `files`: the run's artifacts on disk (results.json, config.yaml,
+        metrics.png, the model files)."""
+
+    def failed(self, record: RunRecord, files: list[Path]) -> None:
+        """The run failed (`record.run.error`)."""
+
+    def close(self) -> None:
+        """No more records come."""
+
+
 class RunRecorder:
     """The one writer of results.json: holds the run's RunRecord and rewrites the file after
-    every change."""
+    every change, telling its `observer` (core.results.RunObserver) of each."""
 
     def __init__(
         self,
@@ -102,6 +140,7 @@ class RunRecorder:
         token: str = "",
         flwr_run_id: int | None = None,
         resumed: dict[str, Any] | None = None,
+        observer: RunObserver | None = None,
     ) -> None:
         """`token`: set by a launcher that wrote this run's flwr.log into `output_dir`
         already (so that log is kept); without one, an old flwr.log is archived too.
@@ -109,6 +148,7 @@ class RunRecorder:
         rounds are kept, nothing is archived (it is the same experiment)."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.observer = observer if observer is not None else RunObserver()
         self.archived = None
         if resumed is None:
             self.archived = archive_previous_run(
@@ -119,8 +159,15 @@ class RunRecorder:
             earlier = RunRecord.from_dict(resumed)
             self.record.initial, self.record.rounds = earlier.initial, earlier.rounds
             self.record.run.resumed_after_round = len(self.record.rounds)
-        (self.output_dir / CONFIG_FILE).write_text(resolved_yaml(cfg))
+        self.write_config(cfg)
+        self.observer.started(self.record)
         self._write()
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        """config.yaml: the resolved configuration (the ServerApp rewrites it once the
+        federation's size is known)."""
+        (self.output_dir / CONFIG_FILE).write_text(resolved_yaml(cfg))
+        self.observer.configured(cfg)
 
     @property
     def results(self) -> dict[str, Any]:
@@ -136,12 +183,14 @@ class RunRecorder:
         """Centralized metrics of the initial model (before round 1)."""
         self.record.initial = InitialRecord(centralized=centralized)
         self._write()
+        self.observer.initial(self.record.initial)
 
     def add_round(self, record: RoundRecord | dict[str, Any]) -> None:
         if not isinstance(record, RoundRecord):
             record = RoundRecord.from_dict(record)
         self.record.rounds.append(record)
         self._write()
+        self.observer.round(record)
 
     def finish(
         self,
@@ -168,14 +217,35 @@ class RunRecorder:
         self._write()
         if self.record.rounds:
             plot_rounds(self.record.rounds, self.output_dir / PLOT_FILE)
+        self.observer.finished(self.record, self.artifacts())
+        self._close_observer()
 
     def fail(self, error: str) -> None:
         """Mark the run failed with its reason (one line); no model is written."""
         self.record.run.status = "failed"
         self.record.run.error = error
         self._write()
+        self.observer.failed(self.record, self.artifacts())
+        self._close_observer()
+
+    def artifacts(self) -> list[Path]:
+        """The run's files on disk that results.json names or that describe it."""
+        names = [RESULTS_FILE, CONFIG_FILE, PLOT_FILE]
+        final = self.record.final
+        if final is not None:
+            names += [final.model_file, final.int8_model.file if final.int8_model else None]
+        return [self.output_dir / n for n in names if n and (self.output_dir / n).is_file()]
+
+    def _close_observer(self) -> None:
+        """After the last record: let the observer finish, and write what it reports now
+        (e.g. that tracking failed) if that changed."""
+        written = self.record.run.tracking
+        self.observer.close()
+        if self.observer.tracking() != written:
+            self._write()
 
     def _write(self) -> None:
+        self.record.run.tracking = self.observer.tracking()
         tmp = self.output_dir / (RESULTS_FILE + ".tmp")
         tmp.write_text(self.record.to_json())
         os.replace(tmp, self.output_dir / RESULTS_FILE)
