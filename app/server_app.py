@@ -49,12 +49,14 @@ from core.models import get_weights, num_parameters, set_weights
 from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
-from core.results import CONFIG_FILE, Comm, FinalRecord, Int8Model, RunRecorder
+from core.results import Comm, FinalRecord, Int8Model, RunRecorder
+from app.tracking import start_tracking
 from strategies.factory import build_strategy
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
 LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
 RUN_TOKEN_KEY = "run-token"  # run config (pyproject.toml): set by app.sweep / run_experiment
+SWEEP_DIR_KEY = "sweep-dir"  # run config: set by app.sweep for a sweep's jobs (MLflow tag `sweep`)
 # strategy.client_wait_timeout_s=null. Deployment: how long a wait for enough SuperNodes
 # lasts before the run fails.
 NODE_WAIT_S = 600.0
@@ -151,9 +153,14 @@ def main(grid: Grid, context: Context) -> None:
         except CheckpointError as err:
             log(ERROR, "%s", err)
             raise
+    token = str(context.run_config.get(RUN_TOKEN_KEY, ""))
+    tracker = start_tracking(
+        cfg, DEFAULT_RUNS_ROOT, output_dir, token=token, flwr_run_id=context.run_id,
+        sweep_dir=str(context.run_config.get(SWEEP_DIR_KEY, "")),
+    )  # fmt: skip
     recorder = RunRecorder(
-        output_dir, cfg, token=str(context.run_config.get(RUN_TOKEN_KEY, "")),
-        flwr_run_id=context.run_id, resumed=None if resume is None else resume.results,
+        output_dir, cfg, token=token, flwr_run_id=context.run_id,
+        resumed=None if resume is None else resume.results, observer=tracker,
     )  # fmt: skip
     if not cfg.output_dir:  # under the runs root: it is the newest run there
         point_latest(DEFAULT_RUNS_ROOT, output_dir)
@@ -239,7 +246,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
             log(WARNING, "%s", mismatch)
     # config.yaml records the federation that ran (simulation.num_supernodes = the nodes).
     ran = replace(cfg, simulation=replace(cfg.simulation, num_supernodes=nodes))
-    (output_dir / CONFIG_FILE).write_text(resolved_yaml(ran))
+    recorder.write_config(ran)
 
     spec = data_spec(cfg.dataset)
     # None: the server holds no data (dataset=tabular without test_path): no centralized evaluation

@@ -11,6 +11,7 @@ and, once a configuration has run with two or more seeds (`-m strategy=fedavg,fe
 seed=0,1,2`), `summary_by_config.csv`: one row per configuration (the overrides without
 `seed=`) with its seeds, how many jobs were ok and failed, and the mean and sample standard
 deviation of every final metric over its ok jobs (failed jobs are counted, never averaged).
+Each job's MLflow run (app/tracking.py) gets the tag `sweep` with the sweep directory.
 
 Success is checked, not assumed: `flwr run` exits 0 even for a failed run, so a job is `ok`
 only when Flower reports its run `finished:completed` (`flwr ls --run-id <id> --format json`)
@@ -64,9 +65,12 @@ TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
 PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|Run failed:|Invalid experiment")
 
 
-def flwr_run_command(cfg: ExperimentConfig, overrides: list[str], token: str = "") -> list[str]:
+def flwr_run_command(
+    cfg: ExperimentConfig, overrides: list[str], token: str = "", sweep_dir: str = ""
+) -> list[str]:
     """The `flwr run` command line for one job (overrides travel as one TOML string; the
-    run token, which results.json must echo, as a second)."""
+    run token, which results.json must echo, as a second; a sweep's directory, which tags the
+    job's MLflow run, as a third)."""
     cpus, gpus = client_resources(cfg)
     federation = (
         f"num-supernodes={cfg.simulation.num_supernodes} "
@@ -79,6 +83,7 @@ def flwr_run_command(cfg: ExperimentConfig, overrides: list[str], token: str = "
         "--federation-config", federation,
         "--run-config", run_config,
         "--run-config", f"run-token={json.dumps(token)}",
+        "--run-config", f"sweep-dir={json.dumps(sweep_dir)}",
     ]  # fmt: skip
 
 
@@ -209,18 +214,18 @@ def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
-def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path) -> dict:
+def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path, sweep_dir: str = "") -> dict:
     """Run one simulation; return {"status": "ok", **results.json} or a failure record
     {"status": "failed", "reason": ..., "log": ...}. Past simulation.job_timeout_s the run
     is stopped on the SuperLink (`flwr stop`), `flwr run` is ended, and the job fails with
-    "timed out after N s"."""
+    "timed out after N s". `sweep_dir`: the sweep this job belongs to (its MLflow tag)."""
     env = dict(os.environ)
     # The app is installed in this environment: Flower must not build a per-run one.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     token = uuid.uuid4().hex
     archive_previous_run(job_dir)  # an earlier run's results are never reported as ours
     (job_dir / STATUS_FILE).unlink(missing_ok=True)
-    command = flwr_run_command(cfg, overrides, token)
+    command = flwr_run_command(cfg, overrides, token, sweep_dir)
     started_run: list[int] = []
     timeout_s = cfg.simulation.job_timeout_s
     with open(job_dir / FLWR_LOG, "w") as log_file:
@@ -416,7 +421,9 @@ def main(raw: DictConfig) -> float | None:
         (job_dir / STATUS_FILE).write_text(json.dumps(outcome, indent=2))
         print(str(err), flush=True)
     else:
-        outcome = run_job(cfg, overrides, job_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        sweep_dir = str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else ""
+        outcome = run_job(cfg, overrides, job_dir, sweep_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         summary = write_summary(Path(hydra_cfg.sweep.dir))
         print(f"Sweep summary: {summary}", flush=True)

@@ -5,12 +5,15 @@ start (SuperLink, SuperExec, simulation, Ray) is stopped by PID afterwards.
 (tests/support/flower.py says why and checks the copy). (The sweep CLI, the notebooks and the
 deployment tests still run `flwr run` on the project itself.)
 
+MLflow tracking is off unless a test turns it on (`pytest_configure`).
+
 Tiers (tests/support/tiers.py): a test without a tier marker is marked unit here, every
 integration and e2e test is also marked slow, and a unit test that starts a process, opens a
 network socket or a process group fails."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -29,6 +32,14 @@ from tests.support.tiers import (  # noqa: F401
 
 # pytester: tests/test_tiers.py runs pytest sessions of its own, in this process.
 pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config):
+    """MLflow tracking (app/tracking.py) is off for every run the tests start (it costs a run
+    seconds of CPU), unless a test sets tracking.enabled=true (tests/test_tracking.py, the
+    sweep test) or the suite runs with PRIVACY_FT_TRACKING=true. Runs in an isolated Flower
+    home track into that home's store (tests/support/processes.py), never into ~/."""
+    os.environ.setdefault("PRIVACY_FT_TRACKING", "false")
 
 
 @pytest.fixture(scope="session")

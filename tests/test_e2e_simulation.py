@@ -68,7 +68,7 @@ def test_sweep_cli_runs_each_job_as_a_simulation_with_a_summary(flower, tmp_path
     tmp_path.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "app.sweep", "-m", "seed=0,1", "num_rounds=1",
-         "simulation.num_supernodes=2", "strategy.fraction_evaluate=0"],
+         "simulation.num_supernodes=2", "strategy.fraction_evaluate=0", "tracking.enabled=true"],
         cwd=tmp_path, env=flower.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -88,6 +88,25 @@ def test_sweep_cli_runs_each_job_as_a_simulation_with_a_summary(flower, tmp_path
     losses = [float(r["centralized_loss"]) for r in rows]
     assert float(grouped["centralized_loss_mean"]) == pytest.approx(sum(losses) / 2, rel=1e-12)
     assert float(grouped["centralized_loss_sd"]) == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5, rel=1e-9)
+
+    # each job is an MLflow run, tagged with the sweep (the ServerApp of each job logged it;
+    # tests/test_tracking.py checks every number in process)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=flower.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("flower-private-finetune")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.sweep = '{summary.parent}'")  # fmt: skip
+    by_job = {r.data.tags["sweep.job"]: r for r in runs}
+    assert sorted(by_job) == ["0", "1"]
+    for row in rows:
+        run = by_job[row["job"]]
+        results = json.loads((summary.parent / row["job"] / "results.json").read_text())
+        assert run.info.status == "FINISHED" and results["run"]["tracking"]["run_id"] == run.info.run_id
+        assert run.data.params["seed"] == row["job"] and run.data.params["num_rounds"] == "1"
+        assert run.data.metrics["centralized.loss"] == float(row["centralized_loss"])
+        assert run.data.metrics["comm.bytes_up"] == results["rounds"][0]["comm"]["bytes_up"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.json", "model.pt"}
 
 
 @pytest.mark.parametrize(

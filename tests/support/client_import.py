@@ -26,7 +26,7 @@ import numpy as np
 # configuration uses them.
 HEAVY = (
     "tenseal", "opacus", "ray", "datasets", "pandas", "pyarrow", "sklearn", "scipy",
-    "matplotlib", "hydra", "flwr_datasets",
+    "matplotlib", "hydra", "flwr_datasets", "mlflow",
 )  # fmt: skip
 
 PROBE = r"""

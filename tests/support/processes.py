@@ -24,9 +24,13 @@ def free_port() -> int:
 
 def isolated_flower_env(home: Path | str) -> dict[str, str]:
     """Environment variables for a Flower setup of its own: home, ports, no runtime
-    dependency installation, no update check."""
+    dependency installation, no update check; MLflow tracking off unless a run sets
+    tracking.enabled=true (it adds seconds of CPU to every run a benchmark times), and then
+    into the home's own store."""
     return {
         "FLWR_HOME": str(home),
+        "PRIVACY_FT_TRACKING": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{Path(home).resolve() / 'mlflow.db'}",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

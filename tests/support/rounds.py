@@ -63,12 +63,14 @@ def in_process_run(
     checkpoint_fn=None,
     centralized_test: bool = False,
     token: str = "t",
+    observer=None,
 ) -> InProcessRun:
     """A run of `overrides` over `num_nodes` in-process clients (partition i on node
     `node_ids[i]`, default 100 + i), written to `path`. `seed`: the client manager's sampling
     seed (None: Flower's sampling). The server evaluates on partition 0's training split, or
     with `centralized_test` on the data set's centralized test split (as the ServerApp does).
-    `token`: the run token the recorder writes (what app.sweep's verdict checks)."""
+    `token`: the run token the recorder writes (what app.sweep's verdict checks); `observer`:
+    the recorder's (core.results.RunObserver: the MLflow tracker, tests/test_tracking.py)."""
     cfg = load_config(overrides)
     spec = data_spec(cfg.dataset)
     if centralized_test:
@@ -96,7 +98,7 @@ def in_process_run(
         evaluate_centrally,
         he_context=he_context, he_client_config=he_client_config,
     )  # fmt: skip
-    recorder = RunRecorder(path, cfg, token=token)
+    recorder = RunRecorder(path, cfg, token=token, observer=observer)
     manager = NodeTrackingClientManager(seed=seed)
     node_ids = node_ids or [100 + i for i in range(num_nodes)]
     for i in range(num_nodes):
