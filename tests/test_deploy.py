@@ -445,6 +445,49 @@ def test_deployed_he_and_dp_run_completes_without_a_secret_key_on_the_server(dep
 
 
 @pytest.mark.e2e
+def test_a_superlink_restarted_mid_run_is_resumed_from_the_checkpoint(deployment):
+    """The SuperLink's machine goes down once round 1's checkpoint is written (SuperLink,
+    SuperExec and ServerApp killed together); it comes back with the same command and
+    database, the SuperNodes reconnect by themselves, and the run's own overrides plus
+    `resume=true` finish it: round 1 as the first attempt recorded it, round 2 resumed."""
+    from app.checkpoint import CHECKPOINT_DIR, STATE_FILE
+
+    out = Path(deployment.env["DEPLOY_DIR"]) / "runs" / "restart"
+    overrides = f"num_rounds=2 strategy.fraction_evaluate=0 output_dir={out}"
+    run_command = f'flwr run . hospitals --stream --run-config "overrides=\\"{overrides}\\""'
+    with deployment.log("run-restart").open("w") as log:
+        first = subprocess.Popen(["bash", "-c", run_command], cwd=PROJECT_DIR, env=deployment.env,
+                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deployment.processes["run-restart"] = first
+    state = out / CHECKPOINT_DIR / STATE_FILE
+    _wait("round 1's checkpoint", state.exists, 300, first, deployment.log("run-restart"))
+    os.killpg(deployment.processes["superlink"].pid, signal.SIGKILL)
+    deployment.processes["superlink"].wait(timeout=30)
+    try:  # the workstation's `flwr run --stream` loses its SuperLink
+        first.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # still retrying: the user presses Ctrl-C
+        first.kill()
+        first.wait()
+    assert json.loads(state.read_text())["round"] == 1
+    assert not (out / "model.pt").exists()
+
+    superlink = deployment.start("superlink", deployment.commands["superlink"], role="superlink")
+    online = lambda: sum(n["status"] == "online" for n in deployment.nodes()) == 3  # noqa: E731
+    _wait("the SuperLink answering again", lambda: deployment.flwr("supernode", "list", "hospitals").returncode == 0,
+          60, superlink, deployment.log("superlink"))  # fmt: skip
+    _wait("the three SuperNodes back online", online, 120, superlink, deployment.log("superlink"))
+
+    proc = deployment.shell(run_command.replace(f"output_dir={out}", f"output_dir={out} resume=true"), 400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, results = _results(deployment, "restart")
+    assert results["run"]["status"] == "completed" and results["run"]["resumed_after_round"] == 1
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["clients"] == {"trained": 2, "failed": 0} for r in results["rounds"])
+    assert results["final"]["rounds_completed"] == 2 and (out / "model.pt").exists()
+    assert results["final"]["centralized"]["accuracy"] >= 0.8
+
+
+@pytest.mark.e2e
 def test_a_supernode_killed_mid_run_is_reported_and_the_run_completes(deployment):
     logs = {site: deployment.log(f"supernode-{site}") for site in range(3)}
     offsets = {site: logs[site].stat().st_size for site in logs}
