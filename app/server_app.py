@@ -43,6 +43,7 @@ from app.experiment_server import (
     ExperimentServer,
     NodeTrackingClientManager,
     client_wait_message,
+    partition_ids_by_registration,
 )
 from core.finetune import build_finetune_model, merged_model
 from core.models import get_weights, num_parameters, set_weights
@@ -277,6 +278,10 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
             # Seeded cohorts only without DP (a DP cohort is PrivateCohort's, never seeded).
             seed=cfg.seed if cfg.privacy.name == "none" else None,
             wait_timeout_s=client_wait_timeout(cfg, simulation),
+            # Simulation: partition ids from the registration order, not one message a node.
+            known_partition_ids=(
+                (lambda: partition_ids_by_registration(grid.get_nodes())) if simulation else None
+            ),
         ),
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
