@@ -34,9 +34,11 @@ from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
 from app.server_app import (
+    DISPATCH_CHECKS_WARN,
     NODE_WAIT_S,
     SIMULATION_NODE_WAIT_S,
     client_wait_timeout,
+    dispatch_warnings,
     federation_mismatch,
     point_latest,
     start_line,
@@ -418,6 +420,43 @@ def test_a_federation_of_another_size_than_configured_is_named():
     warning = federation_mismatch(cfg, 3)
     assert warning.startswith("3 SuperNodes connected but simulation.num_supernodes=10")
     assert "flwr run . --federation-config 'num-supernodes=10'" in warning
+
+
+def test_a_simulation_with_hundreds_of_messages_in_flight_is_warned_naming_the_key_and_the_fix():
+    # Flower's dispatch sweep scans every message in flight for every node: N x M checks.
+    assert DISPATCH_CHECKS_WARN == 200_000
+    cfg = load_config("")  # fraction_train = fraction_evaluate = 0.5
+    assert dispatch_warnings(cfg, 10) == []  # 10 x 5 checks
+    assert dispatch_warnings(cfg, 400) == []  # 400 x 200 = 80,000
+    train, evaluate = dispatch_warnings(cfg, 1000)  # 1000 x 500 = 500,000
+    assert train.startswith(
+        "Large simulation: strategy.fraction_train=0.5 puts 500 train messages in flight at once "
+        "among 1000 SuperNodes. Flower's simulation engine scans every message in flight for "
+        "every node on each dispatch sweep, and each message waits for a sweep: 1000 x 500 = "
+        "500,000 checks, 1.0-2.5 s a sweep"
+    )
+    assert train.endswith("(at most 199 clients here): strategy.fraction_train=0.01 (10 clients a round)")
+    assert "500 evaluate messages" in evaluate
+    assert evaluate.endswith(
+        "strategy.fraction_evaluate=0.01 (10 clients a round), or strategy.fraction_evaluate=0 "
+        "(no federated evaluation)"
+    )
+    # the threshold, exactly: 1000 nodes x 199 messages passes, x 200 warns
+    below, at = (load_config(f"strategy.fraction_train={f} strategy.fraction_evaluate=0") for f in (0.199, 0.2))
+    assert dispatch_warnings(below, 1000) == []
+    (at,) = dispatch_warnings(at, 1000)
+    assert "puts 200 train messages" in at and "200,000 checks" in at
+    # a minimum that sets the cohort is the key named
+    (by_min,) = dispatch_warnings(
+        load_config("simulation.num_supernodes=1000 strategy.min_train_clients=300 "
+                    "strategy.fraction_train=0.01 strategy.fraction_evaluate=0"),
+        1000,
+    )
+    assert by_min.startswith("Large simulation: strategy.min_train_clients=300 puts 300 train messages")
+    assert by_min.endswith(": strategy.min_train_clients=10")
+    # no federated evaluation (no validation split): no evaluate messages, no warning for them
+    (only_train,) = dispatch_warnings(load_config("dataset.val_fraction=0"), 1000)
+    assert "train messages" in only_train
 
 
 def test_latest_points_at_the_newest_run_and_is_replaced_atomically(tmp_path):
