@@ -31,7 +31,9 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from logging import INFO, WARNING
 from typing import Any
 
@@ -121,6 +123,25 @@ def client_wait_message(waited_s: float, wanted: int, connected: int, key: str =
     )
 
 
+def partition_ids_by_registration(nodes: Iterable) -> dict[str, int] | None:
+    """cid -> partition id of a simulation's nodes, from the order they registered in, or
+    None when that order cannot be told (two nodes with one timestamp, or none).
+
+    Flower's simulation engine registers node i for partition i, one after the other, before
+    any message (flwr/server/superlink/fleet/vce/vce_api.py `_register_nodes`, and
+    `_register_node_info_stores` gives node i `partition-id` i), and the link state stamps
+    each node's NodeInfo.registered_at. A Flower release that registers otherwise is caught
+    by NodeTrackingClientManager's check of the first cohort."""
+    stamped = []
+    for node in nodes:
+        if not node.registered_at:
+            return None
+        stamped.append((datetime.fromisoformat(node.registered_at), str(node.node_id)))
+    if len({stamp for stamp, _ in stamped}) != len(stamped):
+        return None
+    return {cid: rank for rank, (_, cid) in enumerate(sorted(stamped))}
+
+
 class NodeTrackingClientManager(SimpleClientManager):
     """Flower's client manager, handing out proxies whose failures name their node; waits for
     clients that end after `wait_timeout_s` with :class:`ClientWaitTimeout` (Flower's own wait
@@ -137,16 +158,32 @@ class NodeTrackingClientManager(SimpleClientManager):
     over that order (:meth:`begin_round` sets the round). The same order sorts each round's
     results before aggregation (ExperimentServer), since sums of floats depend on order.
 
+    Large simulations: asking costs one message per node, and Flower's simulation engine
+    scans every message in flight for every node on each dispatch sweep (benchmarks/scale.py),
+    so asking 10,000 nodes took minutes. Given `known_partition_ids` (app/server_app.py
+    passes :func:`partition_ids_by_registration` over the simulation's nodes), the ids come
+    from there without a message, and only the first cohort drawn is asked, as a check: one
+    wrong answer and every node is asked after all (logged), and the cohort is drawn again
+    from the same generator state, so the cohorts are those the asking path draws.
+
     No seed (any privacy mode, app/server_app.py): Flower's sampling. A client-level DP
     cohort never comes from here anyway: protections/dp/sampling.py PrivateCohort draws it
     from the OS CSPRNG over `all()`, which is what the privacy accounting assumes.
     """
 
-    def __init__(self, *, seed: int | None = None, wait_timeout_s: float = 86400.0) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        wait_timeout_s: float = 86400.0,
+        known_partition_ids: Callable[[], dict[str, int] | None] | None = None,
+    ) -> None:
         super().__init__()
         self.seed = seed
         self.wait_timeout_s = wait_timeout_s
         self.partition_ids: dict[str, int | None] = {}  # cid -> its answer, once per node
+        self.known_partition_ids = known_partition_ids
+        self._unchecked: set[str] = set()  # ids from known_partition_ids, no node asked yet
         self._rng = random.Random(f"{seed}/0")
 
     def register(self, client: ClientProxy) -> bool:
@@ -163,10 +200,9 @@ class NodeTrackingClientManager(SimpleClientManager):
         """Draw this round's cohorts (fit, then evaluate) from a generator of (seed, round)."""
         self._rng = random.Random(f"{self.seed}/{server_round}")
 
-    def _ask_partition_ids(self) -> None:
-        unknown = [cid for cid in self.clients if cid not in self.partition_ids]
-        if not unknown:
-            return
+    def _query_partition_ids(self, cids: list[str]) -> dict[str, int | None]:
+        """Ask each node in `cids` for its partition id (None: it has none); nodes that
+        cannot answer now are left out (ordered by node id, asked again later)."""
         ins = GetPropertiesIns({PARTITION_ID_PROPERTY: ""})
 
         def ask(cid: str) -> int | None:
@@ -174,19 +210,56 @@ class NodeTrackingClientManager(SimpleClientManager):
                 # No TTL of our own: like fit's (ServerConfig.round_timeout=None). The first
                 # message of a simulation waits for Ray and the ClientApp to load (tens of s).
                 res = self.clients[cid].get_properties(ins, None, None)
-            except ClientFailure as err:  # unreachable now: ordered by node id, asked again later
+            except ClientFailure as err:
                 log(WARNING, "node %s did not answer its partition id: %s", cid, err.reason)
                 return -1
             value = res.properties.get(PARTITION_ID_PROPERTY)
             return None if value is None else int(value)
 
+        with ThreadPoolExecutor(max_workers=min(32, len(cids))) as pool:
+            return {cid: pid for cid, pid in zip(cids, pool.map(ask, cids)) if pid != -1}
+
+    def _ask_partition_ids(self) -> None:
+        unknown = [cid for cid in self.clients if cid not in self.partition_ids]
+        if not unknown:
+            return
+        known = self.known_partition_ids() if self.known_partition_ids is not None else None
+        if known is not None and all(cid in known for cid in unknown):
+            self.partition_ids.update({cid: known[cid] for cid in unknown})
+            self._unchecked.update(unknown)
+            log(INFO, "seeded sampling: partition ids of %d nodes from their registration order, "
+                "no message sent (the first cohort is asked, as a check)", len(unknown))  # fmt: skip
+            return
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
-            for cid, pid in zip(unknown, pool.map(ask, unknown)):
-                if pid != -1:
-                    self.partition_ids[cid] = pid
+        self.partition_ids.update(self._query_partition_ids(unknown))
         log(INFO, "seeded sampling: asked %d nodes for their partition id (%.1f s)",
             len(unknown), time.perf_counter() - started)  # fmt: skip
+
+    def _known_ids_hold(self, cohort: list[str]) -> bool:
+        """The check of known_partition_ids, on the first cohort that has nodes whose ids
+        came from it: ask those nodes; True when every answer is the id known (then the
+        other known ids are trusted: no more checks). A wrong one: forget every id not
+        asked for, and stop using known_partition_ids (the caller asks every node)."""
+        asked = [cid for cid in cohort if cid in self._unchecked]
+        if not asked:
+            return True
+        answers = self._query_partition_ids(asked)
+        wrong = {cid: pid for cid, pid in answers.items() if pid != self.partition_ids[cid]}
+        if not wrong:
+            log(INFO, "seeded sampling: the %d nodes of the first cohort answered the partition "
+                "ids of the registration order", len(answers))  # fmt: skip
+            self._unchecked.clear()
+            return True
+        self._unchecked.difference_update(answers)
+        cid, pid = next(iter(wrong.items()))
+        log(WARNING, "seeded sampling: node %s answered partition id %s, not %s from the registration "
+            "order: asking every node instead", cid, pid, self.partition_ids[cid])  # fmt: skip
+        for other in self._unchecked:
+            del self.partition_ids[other]
+        self._unchecked.clear()
+        self.partition_ids.update(answers)
+        self.known_partition_ids = None
+        return False
 
     def order_key(self, cid: str) -> tuple:
         """Stable position of a node: (0, partition id) where known, else (1, node id)."""
@@ -206,7 +279,13 @@ class NodeTrackingClientManager(SimpleClientManager):
         if num_clients > len(cids):
             log(INFO, "Sampling failed: %d clients available, %d requested", len(cids), num_clients)
             return []
-        return [self.clients[c] for c in self._rng.sample(self.stable_order(cids), num_clients)]
+        before = self._rng.getstate()
+        cohort = self._rng.sample(self.stable_order(cids), num_clients)
+        if not self._known_ids_hold(cohort):  # draw again, over the answered order
+            self._ask_partition_ids()
+            self._rng.setstate(before)
+            cohort = self._rng.sample(self.stable_order(cids), num_clients)
+        return [self.clients[c] for c in cohort]
 
 
 def describe_failures(failures: list, stage: str) -> list[FailureRecord]:

@@ -43,6 +43,7 @@ from app.experiment_server import (
     ExperimentServer,
     NodeTrackingClientManager,
     client_wait_message,
+    partition_ids_by_registration,
 )
 from core.finetune import build_finetune_model, merged_model
 from core.models import get_weights, num_parameters, set_weights
@@ -51,7 +52,7 @@ from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
 from core.results import Comm, FinalRecord, Int8Model, RunRecorder
 from app.tracking import start_tracking
-from strategies.factory import build_strategy
+from strategies.factory import build_strategy, federated_evaluation_allowed
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
 LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
@@ -232,6 +233,53 @@ def federation_mismatch(cfg: ExperimentConfig, nodes: int) -> str | None:
     )
 
 
+# Flower's simulation engine hands messages to clients in sweeps: every 0.1 s it asks the
+# in-memory link state for each node's next message, and each ask scans every message in
+# flight (flwr/server/superlink/fleet/vce/vce_api.py:168-180 `add_messages_to_queue`,
+# flwr/server/superlink/linkstate/in_memory_linkstate.py:239-264 `get_message_ins`). One sweep
+# costs about N nodes x M messages x 2-5 us (`python -m benchmarks.scale --sweep-only` on two
+# shared cores: 1.2-2.9 s at N=1,000 and M=500, 0.3-0.6 s at N=10,000 and M=10). Past this many
+# node-message checks a sweep (0.4-1 s) the ServerApp warns, naming the key that sets M.
+DISPATCH_CHECKS_WARN = 200_000
+SUGGESTED_COHORT = 10  # clients a round in the suggestion (what benchmarks/scale.py runs)
+
+
+def dispatch_warnings(cfg: ExperimentConfig, nodes: int) -> list[str]:
+    """One warning per stage (train, evaluate) whose messages in flight at once, times the
+    simulation's `nodes`, reach DISPATCH_CHECKS_WARN. Messages per stage as Flower's FedAvg
+    samples: max(int(nodes * fraction), min clients), at most `nodes`."""
+    s = cfg.strategy
+    stages = [("train", "fraction_train", s.fraction_train, "min_train_clients", s.min_train_clients)]
+    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg):
+        stages.append(("evaluate", "fraction_evaluate", s.fraction_evaluate,
+                       "min_evaluate_clients", s.min_evaluate_clients))  # fmt: skip
+    warnings = []
+    for stage, fraction_key, fraction, min_key, minimum in stages:
+        messages = min(nodes, max(int(nodes * fraction), minimum))
+        checks = nodes * messages
+        if checks < DISPATCH_CHECKS_WARN:
+            continue
+        most = max(1, (DISPATCH_CHECKS_WARN - 1) // nodes)
+        k = min(SUGGESTED_COHORT, most)
+        by_min = int(nodes * fraction) < minimum
+        cause = f"strategy.{min_key}={minimum}" if by_min else f"strategy.{fraction_key}={fraction:g}"
+        fix = f"strategy.{min_key}={k}" if by_min else (
+            f"strategy.{fraction_key}={k / nodes:g} ({k} clients a round)"
+            + (f" with strategy.{min_key}<={k}" if minimum > k else "")
+        )  # fmt: skip
+        if stage == "evaluate":
+            fix += f", or strategy.{fraction_key}=0 (no federated evaluation)"
+        warnings.append(
+            f"Large simulation: {cause} puts {messages} {stage} messages in flight at once "
+            f"among {nodes} SuperNodes. Flower's simulation engine scans every message in flight "
+            f"for every node on each dispatch sweep, and each message waits for a sweep: "
+            f"{nodes} x {messages} = {checks:,} checks, {checks * 2e-6:.1f}-{checks * 5e-6:.1f} s "
+            f"a sweep at the 2-5 us a check measured by benchmarks/scale.py. Keep SuperNodes x "
+            f"messages under {DISPATCH_CHECKS_WARN:,} (at most {most} clients here): {fix}"
+        )
+    return warnings
+
+
 def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> None:
     started = time.perf_counter()
     warn_if_runtime_environment()
@@ -244,6 +292,8 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         mismatch = federation_mismatch(cfg, nodes)
         if mismatch:
             log(WARNING, "%s", mismatch)
+        for warning in dispatch_warnings(cfg, nodes):
+            log(WARNING, "%s", warning)
     # config.yaml records the federation that ran (simulation.num_supernodes = the nodes).
     ran = replace(cfg, simulation=replace(cfg.simulation, num_supernodes=nodes))
     recorder.write_config(ran)
@@ -284,6 +334,10 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
             # Seeded cohorts only without DP (a DP cohort is PrivateCohort's, never seeded).
             seed=cfg.seed if cfg.privacy.name == "none" else None,
             wait_timeout_s=client_wait_timeout(cfg, simulation),
+            # Simulation: partition ids from the registration order, not one message a node.
+            known_partition_ids=(
+                (lambda: partition_ids_by_registration(grid.get_nodes())) if simulation else None
+            ),
         ),
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,

@@ -62,7 +62,9 @@ FAILED_JOBS: list[str] = []
 # Lines of the run's log echoed to the terminal (the whole log goes to the job's flwr.log).
 # `flwr run --stream` shows some lines twice, once with a timestamp prefix: echo one of them.
 TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
-PROGRESS = re.compile(r"round \d+/\d+ \||Experiment:|Finished:|Run failed:|Invalid experiment")
+PROGRESS = re.compile(
+    r"round \d+/\d+ \||Experiment:|Large simulation:|Finished:|Run failed:|Invalid experiment"
+)
 
 
 def flwr_run_command(

@@ -134,6 +134,10 @@ def test_same_seed_gives_the_same_model_bit_for_bit_even_across_a_kill_and_resum
     assert "cohorts seeded (seed=5)" in text
     assert "3 SuperNodes connected but simulation.num_supernodes=10" in text
     assert "did not answer its partition id" not in text
+    # partition ids from the registration order (no message a node), the first cohort's answers agree
+    assert "seeded sampling: partition ids of 3 nodes from their registration order" in text
+    assert "answered the partition ids of the registration order" in text
+    assert "asking every node instead" not in text
     assert OmegaConf.load(a / CONFIG_FILE).simulation.num_supernodes == 3
     results_a, rounds_a = records(a)
 

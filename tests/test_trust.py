@@ -28,14 +28,17 @@ from app.experiment_server import (
     NodeTrackingClientManager,
     RunFailed,
     clean_reason,
+    partition_ids_by_registration,
 )
 from core.finetune import build_finetune_model
 from core.models import get_weights, set_weights
 from core.results import MODEL_FILE, PREVIOUS_DIR, RESULTS_FILE, RunRecorder
 from app.server_app import (
+    DISPATCH_CHECKS_WARN,
     NODE_WAIT_S,
     SIMULATION_NODE_WAIT_S,
     client_wait_timeout,
+    dispatch_warnings,
     federation_mismatch,
     point_latest,
     start_line,
@@ -223,12 +226,18 @@ def partition_clients(cfg, num_nodes):
     return clients
 
 
-def cohorts(clients, node_ids, seed, rounds=4, size=3):
-    """The partitions a seeded manager samples in each round, with partition i on node_ids[i]."""
-    manager = NodeTrackingClientManager(seed=seed)
+def cohorts(clients, node_ids, seed, rounds=4, size=3, known=None, asked=None):
+    """The partitions a seeded manager samples in each round, with partition i on node_ids[i].
+    `known`: the manager's known_partition_ids; `asked`: a list that gets each node asked for
+    its partition id."""
+    manager = NodeTrackingClientManager(seed=seed, known_partition_ids=known)
     partition_of = {}
     for i, (client, node) in enumerate(zip(clients, node_ids)):
-        manager.register(InProcessProxy(str(node), client))
+        proxy = InProcessProxy(str(node), client)
+        if asked is not None:
+            answer = proxy.get_properties
+            proxy.get_properties = lambda ins, t, g, f=answer, n=node: (asked.append(n), f(ins, t, g))[1]
+        manager.register(proxy)
         partition_of[str(node)] = i
     out = []
     for server_round in range(1, rounds + 1):
@@ -259,6 +268,48 @@ def test_nodes_without_a_partition_id_are_ordered_by_node_id_after_the_others():
     assert len(manager.sample(4)) == 4
     assert manager.partition_ids == {"900": 1, "901": 0}
     assert manager.stable_order(manager.all()) == ["901", "900", "7", "30"]
+
+
+def test_known_partition_ids_send_no_message_but_the_first_cohorts_and_draw_the_same_cohorts():
+    # A simulation of 10,000 nodes asked each one: 10,000 messages before round 1.
+    clients = partition_clients(load_config(""), 8)
+    ids = [9_999_999 - 31 * i for i in range(8)]
+    asked_all: list[int] = []
+    reference = cohorts(clients, ids, seed=3, asked=asked_all)
+    assert sorted(asked_all) == sorted(ids)  # without known ids: every node, once
+    asked: list[int] = []
+    known = {str(node): i for i, node in enumerate(ids)}
+    assert cohorts(clients, ids, seed=3, known=lambda: known, asked=asked) == reference
+    assert len(asked) == 3 and {ids.index(n) for n in asked} == set(reference[0])  # the check
+
+
+def test_wrong_known_partition_ids_fall_back_to_asking_every_node_with_the_same_cohorts():
+    clients = partition_clients(load_config(""), 8)
+    ids = [5_000 + 17 * i for i in range(8)]
+    reference = cohorts(clients, ids, seed=3)
+    asked: list[int] = []
+    wrong = {str(node): 7 - i for i, node in enumerate(ids)}  # not what the nodes answer
+    assert cohorts(clients, ids, seed=3, known=lambda: wrong, asked=asked) == reference
+    assert sorted(set(asked)) == sorted(ids) and len(asked) == 8  # the check's 3, then the rest
+    unknown: list[int] = []  # known_partition_ids that cannot tell (None): every node asked
+    assert cohorts(clients, ids, seed=3, known=lambda: None, asked=unknown) == reference
+    assert sorted(unknown) == sorted(ids)
+
+
+def test_partition_ids_follow_the_simulations_registration_order():
+    from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+
+    def node(node_id, microsecond):
+        return NodeInfo(node_id=node_id, registered_at=f"2026-01-01T00:00:00.{microsecond:06d}+00:00")
+
+    # registered 30 (partition 0), then 9, then 70; listed in another order
+    nodes = [node(70, 31), node(30, 0), node(9, 2)]
+    assert partition_ids_by_registration(nodes) == {"30": 0, "9": 1, "70": 2}
+    # isoformat() drops a zero microsecond: still ordered by time
+    whole = NodeInfo(node_id=5, registered_at="2026-01-01T00:00:00+00:00")
+    assert partition_ids_by_registration([node(4, 1), whole]) == {"5": 0, "4": 1}
+    assert partition_ids_by_registration([node(1, 5), node(2, 5)]) is None  # a tie: ask
+    assert partition_ids_by_registration([NodeInfo(node_id=3)]) is None  # Grid.get_nodes' default
 
 
 def test_same_seed_same_model_bit_for_bit_whatever_the_node_ids(tmp_path):
@@ -369,6 +420,43 @@ def test_a_federation_of_another_size_than_configured_is_named():
     warning = federation_mismatch(cfg, 3)
     assert warning.startswith("3 SuperNodes connected but simulation.num_supernodes=10")
     assert "flwr run . --federation-config 'num-supernodes=10'" in warning
+
+
+def test_a_simulation_with_hundreds_of_messages_in_flight_is_warned_naming_the_key_and_the_fix():
+    # Flower's dispatch sweep scans every message in flight for every node: N x M checks.
+    assert DISPATCH_CHECKS_WARN == 200_000
+    cfg = load_config("")  # fraction_train = fraction_evaluate = 0.5
+    assert dispatch_warnings(cfg, 10) == []  # 10 x 5 checks
+    assert dispatch_warnings(cfg, 400) == []  # 400 x 200 = 80,000
+    train, evaluate = dispatch_warnings(cfg, 1000)  # 1000 x 500 = 500,000
+    assert train.startswith(
+        "Large simulation: strategy.fraction_train=0.5 puts 500 train messages in flight at once "
+        "among 1000 SuperNodes. Flower's simulation engine scans every message in flight for "
+        "every node on each dispatch sweep, and each message waits for a sweep: 1000 x 500 = "
+        "500,000 checks, 1.0-2.5 s a sweep"
+    )
+    assert train.endswith("(at most 199 clients here): strategy.fraction_train=0.01 (10 clients a round)")
+    assert "500 evaluate messages" in evaluate
+    assert evaluate.endswith(
+        "strategy.fraction_evaluate=0.01 (10 clients a round), or strategy.fraction_evaluate=0 "
+        "(no federated evaluation)"
+    )
+    # the threshold, exactly: 1000 nodes x 199 messages passes, x 200 warns
+    below, at = (load_config(f"strategy.fraction_train={f} strategy.fraction_evaluate=0") for f in (0.199, 0.2))
+    assert dispatch_warnings(below, 1000) == []
+    (at,) = dispatch_warnings(at, 1000)
+    assert "puts 200 train messages" in at and "200,000 checks" in at
+    # a minimum that sets the cohort is the key named
+    (by_min,) = dispatch_warnings(
+        load_config("simulation.num_supernodes=1000 strategy.min_train_clients=300 "
+                    "strategy.fraction_train=0.01 strategy.fraction_evaluate=0"),
+        1000,
+    )
+    assert by_min.startswith("Large simulation: strategy.min_train_clients=300 puts 300 train messages")
+    assert by_min.endswith(": strategy.min_train_clients=10")
+    # no federated evaluation (no validation split): no evaluate messages, no warning for them
+    (only_train,) = dispatch_warnings(load_config("dataset.val_fraction=0"), 1000)
+    assert "train messages" in only_train
 
 
 def test_latest_points_at_the_newest_run_and_is_replaced_atomically(tmp_path):
