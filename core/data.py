@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from core.config import DatasetConfig, PartitionerConfig, TabularDatasetConfig
+# DataSpec and ArraySplit live in core/data_types.py (core/tabular.py needs them without this
+# module, which imports it); imported here so `from core.data import ArraySplit` keeps working.
+from core.data_types import ArraySplit, DataSpec  # noqa: F401
 
 FEATURES = "x"
 LABEL = "label"
@@ -43,25 +46,6 @@ NODE_DATA_PATH = "data-path"
 
 class DatasetUnavailableError(RuntimeError):
     """A hub data set could not be loaded (typically: no network and nothing cached)."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about the data."""
-
-    task: str  # classification | regression
-    num_features: int
-    num_outputs: int  # classes, or 1 for regression
-    image_shape: tuple[int, ...] | None = None  # (C, H, W) when features are images
-
-
-@dataclass(frozen=True)
-class ArraySplit:
-    x: np.ndarray  # float32 (n, num_features)
-    y: np.ndarray  # int64 (n,) for classification, float32 (n, 1) for regression
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 # --------------------------------------------------------------------------- public API

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import TabularDatasetConfig
-from core.data import ArraySplit, DataSpec
+from core.data_types import ArraySplit, DataSpec
 
 SITE = "site"  # the pool's column NaturalIdPartitioner splits by (the file's site_column)
 
