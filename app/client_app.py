@@ -29,7 +29,14 @@ from app.config import load_config
 from clients.pipeline import build_pipeline
 from clients.torch_client import TorchClient
 from core.config import DatasetConfig, ExperimentConfig, client_resources
-from core.data import NODE_DATA_PATH, ArraySplit, data_spec, load_client_data, load_file_data
+from core.data import (
+    NODE_DATA_PATH,
+    ArraySplit,
+    config_key,
+    data_spec,
+    load_client_data,
+    load_file_data,
+)
 from core.evaluation import resolve_device
 from core.finetune import build_finetune_model
 from protections.he.context import NODE_SECRET_CONTEXT
@@ -85,7 +92,7 @@ def cached_file_data(path: str, cfg: DatasetConfig, seed: int) -> tuple[ArraySpl
     training can never change what the next message trains on. A file that fails its checks
     is not cached: the next message reads it again (fixed, it loads)."""
     resolved = str(Path(path).expanduser().resolve())
-    key = (resolved, repr(cfg), seed)
+    key = (resolved, config_key(cfg), seed)  # the key core/data.py's caches use
     stamp = _file_stamp(resolved)
     with _site_files_lock:
         entry = _site_files.get(key)

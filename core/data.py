@@ -401,6 +401,9 @@ def _key(cfg) -> tuple:
     return (type(cfg),) + tuple(_freeze(v) for v in vars(cfg).values())
 
 
+config_key = _key  # public: app/client_app.py keys its cache of site files the same way
+
+
 class _Frozen(tuple):
     """A nested dataclass's key inside a cache key."""
 
