@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 
@@ -164,6 +165,25 @@ def test_a_store_that_cannot_be_written_leaves_the_run_completed_with_one_warnin
     assert results.run.tracking.run_id is None
     warnings = [r for r in caplog.records if "MLflow tracking failed" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+def test_a_tracked_run_turns_mlflows_usage_telemetry_off_unless_the_environment_says(tmp_path, monkeypatch):
+    """README: no usage data goes to MLflow's servers. MLflow's own check (its telemetry
+    client asks it before sending anything) says disabled once the ServerApp starts tracking;
+    its CI/testing switch is turned off here so only our setting can make it true."""
+    import mlflow.telemetry.utils as telemetry
+
+    monkeypatch.setattr(telemetry, "_IS_IN_CI_ENV_OR_TESTING", False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "")  # records the variable's state ...
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY")  # ... so the test leaves it as it was
+    assert not telemetry.is_telemetry_disabled()  # MLflow's default: telemetry on
+    cfg = load_config(f"tracking.enabled=true tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    start_tracking(cfg, tmp_path, tmp_path / "run").close()
+    assert telemetry.is_telemetry_disabled()
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # an explicit choice is kept
+    start_tracking(cfg, tmp_path, tmp_path / "run2").close()
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
 
 
 @pytest.mark.integration
