@@ -21,7 +21,7 @@ from protections.dp.server import EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
 from tests.support.proxies import InProcessProxy, manager
 
-pytestmark = pytest.mark.unit
+# unit tier, except the full-size fuzz (integration)
 
 PARAMS = HEParams()
 PARAMS_T = {"t": new_context(PARAMS).plain_modulus}  # t depends on the parameters only
@@ -413,6 +413,7 @@ def fuzz_cases(secret, public, rng, honest_model, scale=1):
     return cases
 
 
+@pytest.mark.integration  # the full-size fuzz (over 2,000 cases, 13 s): like the full-size audit
 def test_fuzz_no_exception_escapes_every_rejection_is_recorded_no_silent_corruption(keys):
     secret, public = keys
     rng = np.random.default_rng(2024)
