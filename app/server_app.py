@@ -106,13 +106,16 @@ def warn_if_runtime_environment() -> None:
         )
 
 
-def prepare_he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> tuple[HEContext, dict]:
+def prepare_he_keys(
+    cfg: ExperimentConfig, overrides: str, output_dir: Path, *, resume: bool = False
+) -> tuple[HEContext, dict]:
     """The server's public HE context, and what clients must be told about keys.
 
     Deployment (`secagg.public_context` set): load that file; SuperNodes name their secret
     context in their node config. Simulation: provision fresh keys into <output_dir>/keys in a
     child process (so no secret key is ever in this process) and tell the simulated clients
-    where the secret context lies."""
+    where the secret context lies; a resumed run (`resume`) reuses the keys already there,
+    under which its checkpointed model is encrypted."""
     if cfg.secagg.public_context:
         context = load_context(cfg.secagg.public_context)
         if context.is_secret:
@@ -122,6 +125,15 @@ def prepare_he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> 
             )
         return context, {}
     keys = output_dir / "keys"
+    if resume:
+        if not (keys / PUBLIC_FILE).exists() or not (keys / SECRET_FILE).exists():
+            raise HEError(
+                f"resume=true under secagg=he needs the first run's keys in {keys} ({PUBLIC_FILE} "
+                f"and {SECRET_FILE}): the checkpointed model is encrypted under them. Put them "
+                "back, or start a new run"
+            )
+        log(INFO, "HE keys of the first run reused from %s", keys)
+        return load_context(keys / PUBLIC_FILE), {HE_SECRET_PATH_KEY: str(keys / SECRET_FILE)}
     proc = subprocess.run(
         [sys.executable, "-m", "app.he_keys", "provision", "--out", str(keys),
          *parse_overrides(overrides)],
@@ -312,7 +324,9 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         return metrics.pop("loss"), metrics
 
     he_context, he_client_config = (
-        prepare_he_keys(cfg, overrides, output_dir) if cfg.secagg.name == "he" else (None, None)
+        prepare_he_keys(cfg, overrides, output_dir, resume=resume is not None)
+        if cfg.secagg.name == "he"
+        else (None, None)
     )
     strategy = build_strategy(
         cfg,
