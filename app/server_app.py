@@ -51,7 +51,7 @@ from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
 from core.results import Comm, FinalRecord, Int8Model, RunRecorder
-from app.tracking import start_tracking
+from app.tracking import resumed_tracking_id, start_tracking
 from strategies.factory import build_strategy, federated_evaluation_allowed
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
@@ -170,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
     tracker = start_tracking(
         cfg, DEFAULT_RUNS_ROOT, output_dir, token=token, flwr_run_id=context.run_id,
         sweep_dir=str(context.run_config.get(SWEEP_DIR_KEY, "")),
+        resumed_from=None if resume is None else resumed_tracking_id(resume.results),
     )  # fmt: skip
     recorder = RunRecorder(
         output_dir, cfg, token=token, flwr_run_id=context.run_id,
