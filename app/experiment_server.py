@@ -315,11 +315,15 @@ class ExperimentServer(Server):
         recorder: RunRecorder,
         checkpoint_fn=None,
         resume=None,
+        per_site_metrics: bool = False,
     ) -> None:
         """`checkpoint_fn(round, global arrays, strategy state)`: called after every round
         (app/checkpoint.py). `resume`: a Checkpoint to continue from (its strategy state is
-        loaded here; rounds continue after its round)."""
+        loaded here; rounds continue after its round). `per_site_metrics`: record each
+        federated evaluation's clients' own metrics (`federated_sites`,
+        evaluation.per_site)."""
         super().__init__(client_manager=client_manager, strategy=strategy)
+        self.per_site_metrics = per_site_metrics
         self.recorder = recorder
         self.checkpoint_fn = checkpoint_fn
         self.resume = resume
@@ -336,6 +340,24 @@ class ExperimentServer(Server):
         if not isinstance(manager, NodeTrackingClientManager):
             return results
         return sorted(results, key=lambda pair: manager.order_key(str(pair[0].cid)))
+
+    def _site_metrics(self, results: list) -> dict[str, dict[str, float]]:
+        """Each evaluating client's own loss, example count and metrics, by site: its
+        partition id where the client manager knows it (`partition-<id>`), else its node
+        (`node-<id>`, a deployed SuperNode with its own data file)."""
+        manager = self._client_manager
+        known = manager.partition_ids if isinstance(manager, NodeTrackingClientManager) else {}
+        sites = {}
+        for proxy, res in results:
+            pid = known.get(str(proxy.cid))
+            name = f"partition-{pid}" if pid is not None else f"node-{proxy.cid}"
+            metrics = {"loss": float(res.loss), "num_examples": float(res.num_examples)}
+            metrics.update(
+                {k: float(v) for k, v in res.metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )  # fmt: skip
+            sites[name] = metrics
+        return dict(sorted(sites.items()))
 
     def fit_round(self, server_round: int, timeout: float | None):
         """Flower's round (flwr/server/server.py Server.fit_round) with results aggregated in
@@ -441,6 +463,8 @@ class ExperimentServer(Server):
                 record.federated = _metrics(res_fed[0], res_fed[1])
             if res_fed is not None:
                 round_failures += describe_failures(res_fed[2][1], "evaluate")
+                if self.per_site_metrics and res_fed[2][0]:
+                    record.federated_sites = self._site_metrics(res_fed[2][0])
             if round_failures:  # omitted when none, like every part not measured
                 record.clients.failures = round_failures
                 if self.first_failure is None:

@@ -307,6 +307,10 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
             log(WARNING, "%s", mismatch)
         for warning in dispatch_warnings(cfg, nodes):
             log(WARNING, "%s", warning)
+    if cfg.evaluation.per_site and cfg.privacy.name != "none":
+        log(WARNING, "evaluation.per_site=true under privacy=%s: each site's own federated "
+            "metrics go to results.json, and they are not covered by the DP guarantee (they are "
+            "computed on the site's data after the model)", cfg.privacy.name)  # fmt: skip
     # config.yaml records the federation that ran (simulation.num_supernodes = the nodes).
     ran = replace(cfg, simulation=replace(cfg.simulation, num_supernodes=nodes))
     recorder.write_config(ran)
@@ -321,7 +325,8 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
 
     def evaluate_centrally(server_round, weights, config):
         set_weights(eval_model, weights, wire)
-        metrics = evaluate(eval_model, test_data, spec.task, device)
+        metrics = evaluate(eval_model, test_data, spec.task, device, threshold=cfg.evaluation.threshold,
+                           calibration_bins=cfg.evaluation.calibration_bins)  # fmt: skip
         return metrics.pop("loss"), metrics
 
     he_context, he_client_config = (
@@ -356,13 +361,17 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         ),
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
+        per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
     )  # fmt: skip
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
     server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 
     summary = finish_run(
         server, recorder, model, wire, nodes, started, output_dir,
-        None if test_data is None else lambda m: evaluate(m, test_data, spec.task, torch.device("cpu")),
+        None if test_data is None else lambda m: evaluate(
+            m, test_data, spec.task, torch.device("cpu"), threshold=cfg.evaluation.threshold,
+            calibration_bins=cfg.evaluation.calibration_bins,
+        ),  # fmt: skip
     )  # fmt: skip
     log(INFO, "Finished: %s", summary)
     log(INFO, "Results in %s", output_dir)

@@ -351,6 +351,23 @@ class TrackingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What evaluation reports (core/evaluation.py; README "Metrics")."""
+
+    # A binary task's decision: class 1 when p(class 1) >= threshold (sensitivity,
+    # specificity and F1 use it; accuracy stays the argmax one).
+    threshold: float = 0.5
+    calibration_bins: int = 15  # equal-width confidence bins of the expected calibration error
+    # Each federated evaluation's clients' own metrics in results.json (`federated_sites`),
+    # besides their mean. null: on without privacy, off under any privacy option: a site's
+    # metrics are computed on its data after the model and are not covered by DP.
+    per_site: bool | None = None
+
+    def per_site_enabled(self, privacy: str) -> bool:
+        return self.per_site if self.per_site is not None else privacy == "none"
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment. The group fields are MISSING here: conf/config.yaml's defaults
     list picks one option of each (digits, iid, mlp, fedavg, no privacy, no secagg, default
@@ -367,6 +384,7 @@ class ExperimentConfig:
     workload: WorkloadConfig = MISSING
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     num_rounds: int = 10
     seed: int = 0
     # Absolute path for this run's results. null: ~/flower-private-finetune/runs/<time>-run<id>.
@@ -733,6 +751,9 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         "resume=true continues the run in output_dir: set output_dir to that run's folder",
     )
     _check_tracking(cfg.tracking, require)
+    e = cfg.evaluation
+    require(0.0 < e.threshold < 1.0, "evaluation.threshold", "must be in (0, 1): a probability of class 1")
+    require(e.calibration_bins >= 1, "evaluation.calibration_bins", "must be >= 1 (15 is common)")
 
 
 def _check_tracking(t: TrackingConfig, require: Require) -> None:

@@ -116,5 +116,6 @@ def in_process_run(
         )  # fmt: skip
         manager.register(InProcessProxy(str(node_ids[i]), build_client(cfg, context)))
     server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder,
-                              checkpoint_fn=checkpoint_fn, resume=resume)  # fmt: skip
+                              checkpoint_fn=checkpoint_fn, resume=resume,
+                              per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name))  # fmt: skip
     return InProcessRun(cfg, server, recorder, model, wire, Path(path), evaluate_model, started=started)
