@@ -505,8 +505,12 @@ def _metrics(loss: float, metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# The console line's metrics (results.json has them all: per-class recall, ECE, ...), in order.
+CONSOLE_METRICS = ("loss", "accuracy", "auroc", "sensitivity", "specificity", "f1", "mae", "rmse", "r2")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return " ".join(f"{k} {metrics[k]:.4f}" for k in CONSOLE_METRICS if k in metrics)
 
 
 def _round_line(record: RoundRecord, num_rounds: int, total: float) -> str:

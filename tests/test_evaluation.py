@@ -142,3 +142,13 @@ def test_each_site_reports_its_own_metrics_without_privacy_and_none_under_dp(tmp
     dp = in_process_run(f"{overrides} privacy=server_fixed privacy.noise_multiplier=0.5",
                         tmp_path / "dp", num_nodes=3).fit()  # fmt: skip
     assert all(r.federated_sites is None for r in dp.recorder.record.rounds)
+
+
+def test_the_console_line_names_the_headline_metrics_and_leaves_the_rest_to_results_json():
+    from app.experiment_server import _round_line
+    from core.results import RoundRecord
+
+    metrics = classification_metrics(np.array([0, 1, 2, 1]), np.eye(3)[[0, 1, 1, 1]] * 0.9 + 0.1 / 3)
+    line = _round_line(RoundRecord(round=2, centralized={"loss": 0.5, **metrics}, seconds=1.0), 5, 3.0)
+    assert line.startswith("round 2/5 | central loss 0.5000 accuracy 0.7500 f1 ")
+    assert "recall_" not in line and "ece" not in line
