@@ -39,6 +39,7 @@ from core.data import centralized_evaluation_data, check_partition_count, data_s
 from core.evaluation import evaluate, resolve_device
 from core.edge_model import export_int8
 from app.experiment_server import (
+    CONSOLE_METRICS,
     ClientWaitTimeout,
     ExperimentServer,
     NodeTrackingClientManager,
@@ -421,7 +422,7 @@ def finish_run(server, recorder, model, wire, nodes, started, output_dir, evalua
     shown = final.centralized if final.centralized is not None else final.federated or {}
     summary = " | ".join(
         [f"{server.rounds_completed} rounds ({server.stop_reason})"]
-        + [f"{evaluated}{k} {v:.4f}" for k, v in shown.items()]
+        + [f"{evaluated}{k} {shown[k]:.4f}" for k in CONSOLE_METRICS if k in shown]
         + (
             [f"epsilon {final.privacy.epsilon:.3f} (delta {final.privacy.delta:g})"]
             if final.privacy is not None
