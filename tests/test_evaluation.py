@@ -139,9 +139,13 @@ def test_each_site_reports_its_own_metrics_without_privacy_and_none_under_dp(tmp
     page = run_report(tmp_path / "plain")
     assert "Per site (round 1)" in page and "partition-2" in page and "not covered by differential" in page
 
-    dp = in_process_run(f"{overrides} privacy=server_fixed privacy.noise_multiplier=0.5",
-                        tmp_path / "dp", num_nodes=3).fit()  # fmt: skip
-    assert all(r.federated_sites is None for r in dp.recorder.record.rounds)
+    # under DP, with federated evaluation turned on (privacy.unprotected_metrics): the mean, no sites
+    dp = f"{overrides} privacy=server_fixed privacy.noise_multiplier=0.5 privacy.unprotected_metrics=true"
+    rounds = in_process_run(dp, tmp_path / "dp", num_nodes=3).fit().recorder.record.rounds
+    assert rounds[-1].federated is not None and rounds[-1].federated_sites is None
+    rounds = in_process_run(f"{dp} evaluation.per_site=true", tmp_path / "dp2", num_nodes=3).fit().recorder.record.rounds
+    # (no seeded sampling under DP, so no partition ids asked: the sites are named by node)
+    assert sorted(rounds[-1].federated_sites) == ["node-100", "node-101", "node-102"]
 
 
 def test_the_console_line_names_the_headline_metrics_and_leaves_the_rest_to_results_json():
