@@ -20,8 +20,9 @@ adapters merged, so the architecture is the plain model's). Under secagg=he the 
 
 Files: under dataset=tabular a CSV or Parquet with the schema's columns, read and checked as a
 site's file (the label column is optional; `standardize=client` scales the file by its own
-statistics, as every site and the server's test file are); for the other data sets an `.npz`
-with `x` (n, features) and optionally `y`.
+statistics, as every site and the server's test file are); under dataset=imagefolder a folder
+of class folders (`row` is the image's position in the listing); for the other data sets an
+`.npz` with `x` (n, features) and optionally `y`.
 
 Why torch.export and not ONNX or TorchScript: ONNX export in torch 2.13 goes through the
 `onnx` and `onnxscript` packages, which are not dependencies of this project; TorchScript
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import ExperimentConfig, TabularDatasetConfig
+from core.config import ExperimentConfig, ImageFolderDatasetConfig, TabularDatasetConfig
 from core.data_types import ArraySplit
 from core.results import CONFIG_FILE, ENCRYPTED_MODEL_FILE, MODEL_FILE
 
@@ -100,6 +101,11 @@ def read_file(path: Path, cfg: ExperimentConfig) -> tuple[ArraySplit, bool, np.n
         from core.tabular import prediction_file
 
         return prediction_file(path, cfg.dataset)
+    if isinstance(cfg.dataset, ImageFolderDatasetConfig):  # a folder of class folders: labelled
+        from core.images import read_folder
+
+        x, y, _ = read_folder(path, cfg.dataset, "file")
+        return ArraySplit(x, y), True, np.arange(len(y))
     if path.suffix != ".npz" or not path.is_file():
         raise PredictError(f"{path}: dataset={cfg.dataset.name} is scored from an .npz file with x (and y)")
     spec = data_spec(cfg.dataset)

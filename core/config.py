@@ -93,6 +93,28 @@ class HubDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class ImageFolderDatasetConfig(DatasetConfig):
+    """dataset=imagefolder: your own images, one folder per class (core/images.py).
+
+    `path`: the folder the simulated clients share, `<path>/<class>/<image>`, or with
+    `by_site` one folder per site, `<path>/<site>/<class>/<image>` (one SuperNode per site,
+    partition i the i-th site in sorted order). `classes`: the class folders' names in
+    class-id order (declared, never learned from the folders). Every image is converted to
+    `channels` (1 grayscale, 3 RGB) and resized to `image_size` [height, width]. `test_path`:
+    the server's held-out folder of class folders; empty: no centralized evaluation.
+    `test_fraction` does not apply (the test set is `test_path`)."""
+
+    name: str = "imagefolder"
+    source: str = "file"
+    path: str = ""
+    classes: list[str] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=lambda: [28, 28])
+    channels: int = 1
+    by_site: bool = False
+    test_path: str = ""
+
+
+@dataclass
 class CategoricalColumn:
     """One categorical input column of dataset=tabular and its declared categories (the
     one-hot order)."""
@@ -404,6 +426,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "mnist": HubDatasetConfig,
         "cifar10": HubDatasetConfig(name="cifar10", hub_name="uoft-cs/cifar10", feature_key="img"),
         "tabular": TabularDatasetConfig,
+        "imagefolder": ImageFolderDatasetConfig,
     },
     "partitioner": {
         "iid": PartitionerConfig,
@@ -687,14 +710,16 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         f"({d.name}) takes partitioner=iid",
     )
     require(
-        cfg.model.name != "cnn" or d.name == "digits",
+        cfg.model.name != "cnn" or d.name in ("digits", "imagefolder"),
         "model.name",
-        "the cnn reads 1x8x8 images: use dataset=digits, or model=mlp|linear",
+        "the cnn reads images: use dataset=digits or dataset=imagefolder, or model=mlp|linear",
     )
     if isinstance(d, HubDatasetConfig):
         require(bool(d.hub_name), "dataset.hub_name", "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)")
     if isinstance(d, TabularDatasetConfig):
         _check_tabular(d, p, require)
+    if isinstance(d, ImageFolderDatasetConfig):
+        _check_image_folder(d, require)
     if isinstance(d, LocalDatasetConfig):
         require(0.0 <= d.public_fraction < 1.0, "dataset.public_fraction", "must be in [0, 1)")
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
@@ -777,6 +802,31 @@ def _check_tracking(t: TrackingConfig, require: Require) -> None:
             "a SQLite store is named by its absolute path, sqlite:////abs/path/mlflow.db "
             "(four slashes): the ServerApp runs from Flower's app folder, not from your checkout",
         )
+
+
+def _check_image_folder(d: ImageFolderDatasetConfig, require: Require) -> None:
+    """dataset=imagefolder's declaration, checked from the config alone (core/images.py
+    checks the folders themselves)."""
+    for key in ("path", "test_path"):
+        value = getattr(d, key)
+        require(
+            not value or Path(value).expanduser().is_absolute(),
+            f"dataset.{key}",
+            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
+            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/images)",
+        )
+    require(
+        len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
+        "dataset.classes",
+        "declare the class folders' names in class-id order, each once, e.g. "
+        "dataset.classes=[benign,malignant]",
+    )
+    require(d.channels in (1, 3), "dataset.channels", "must be 1 (grayscale) or 3 (RGB)")
+    require(
+        len(d.image_size) == 2 and all(v >= 2 for v in d.image_size),
+        "dataset.image_size",
+        "must be [height, width], each at least 2, e.g. dataset.image_size=[28,28]",
+    )
 
 
 def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Require) -> None:
