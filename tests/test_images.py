@@ -2,32 +2,14 @@
 Face `datasets`' imagefolder loader, trained with the CNN; the layout, the classes and the
 files are checked before anything trains, naming what is wrong."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from app.config import load_config
 from core.config import ConfigError
 from core.data import centralized_evaluation_data, data_spec, load_client_data, load_file_data
 from tests.support.rounds import in_process_run
 
-CLASSES = ["zero", "one", "two"]
-
-
-def write_digits(folder, sites=None, per_class=30, seed=0, size=(8, 8)):
-    """scikit-learn's digits 0-2 as PNG files: <folder>[/<site>]/<class>/<i>.png."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for s, site in enumerate(sites or [None]):
-        for k, name in enumerate(CLASSES):
-            target = folder / site / name if site else folder / name
-            target.mkdir(parents=True, exist_ok=True)
-            chosen = rng.choice(np.flatnonzero(digits.target == k), per_class, replace=False)
-            for i in chosen:
-                pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-                Image.fromarray(pixels, mode="L").resize(size).save(target / f"{s}-{i}.png")
+from tests.support.images import CLASSES, write_digits
 
 
 def overrides(path, *extra):
