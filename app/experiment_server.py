@@ -28,6 +28,7 @@ marks it `finished:failed`) and writes no model.
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import time
@@ -382,13 +383,17 @@ class ExperimentServer(Server):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         return parameters, metrics, (results, failures)
 
-    def evaluate_round(self, server_round: int, timeout: float | None):
-        """Flower's federated evaluation round, its results averaged in the stable order."""
+    def evaluate_round(self, server_round: int, timeout: float | None, before_release=None):
+        """Flower's federated evaluation round, its results averaged in the stable order.
+        `before_release()` runs once the evaluating clients are chosen, before the model is
+        sent to them."""
         instructions = self.strategy.configure_evaluate(
             server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
         )
         if not instructions:
             return None
+        if before_release is not None:
+            before_release()
         results, failures = evaluate_clients(
             instructions, max_workers=self.max_workers, timeout=timeout, group_id=server_round
         )
@@ -458,7 +463,18 @@ class ExperimentServer(Server):
             if res_cen is not None:
                 record.centralized = _metrics(*res_cen)
 
-            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
+            # Under client-level DP the aggregate is a release the accountant has counted:
+            # checkpoint the round before it goes to the evaluating clients, so that a crash
+            # during evaluation resumes after this round instead of releasing it again.
+            before_release = None
+            if self.checkpoint_fn is not None and self.strategy.accounts_releases():
+                def before_release(record=record, server_round=server_round, round_start=round_start):
+                    pending = copy.deepcopy(record)
+                    self.strategy.contribute(server_round, pending)
+                    pending.seconds = time.perf_counter() - round_start
+                    self._checkpoint(server_round, pending)
+
+            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout, before_release=before_release)
             if res_fed is not None and res_fed[0] is not None:
                 record.federated = _metrics(res_fed[0], res_fed[1])
             if res_fed is not None:
@@ -479,13 +495,18 @@ class ExperimentServer(Server):
             self.recorder.add_round(record)
             self.rounds_completed = server_round
             if self.checkpoint_fn is not None:
-                self.checkpoint_fn(
-                    server_round,
-                    list(self.strategy.global_model.arrays(self.parameters)),
-                    self.strategy.state_dict(),
-                )
+                self._checkpoint(server_round)
             log(INFO, _round_line(record, num_rounds, time.perf_counter() - start))
         return history, time.perf_counter() - start
+
+    def _checkpoint(self, server_round: int, pending: RoundRecord | None = None) -> None:
+        """checkpoint_fn of this round; `pending`: the round's record so far, for a checkpoint
+        written before the round ends (its results then include it)."""
+        arrays = list(self.strategy.global_model.arrays(self.parameters))
+        if pending is None:
+            self.checkpoint_fn(server_round, arrays, self.strategy.state_dict())
+        else:
+            self.checkpoint_fn(server_round, arrays, self.strategy.state_dict(), pending=pending)
 
     def check_trained(self) -> None:
         """Raise RunFailed when no round aggregated any update (every client failed or was

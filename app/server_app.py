@@ -346,9 +346,11 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
 
     config_yaml = resolved_yaml(cfg)
 
-    def checkpoint(server_round, arrays, strategy_state):
-        save_checkpoint(output_dir, server_round, arrays, strategy_state, recorder.results,
-                        config_yaml)  # fmt: skip
+    def checkpoint(server_round, arrays, strategy_state, pending=None):
+        results = recorder.results
+        if pending is not None:  # written before the round ends (ExperimentServer): it counts as done
+            results = {**results, "rounds": [*results.get("rounds", []), pending.to_dict()]}
+        save_checkpoint(output_dir, server_round, arrays, strategy_state, results, config_yaml)
 
     server = ExperimentServer(
         client_manager=NodeTrackingClientManager(

@@ -126,6 +126,14 @@ def test_a_run_resumes_from_its_checkpoint_end_to_end(flower, tmp_path):
 
 
 # ------------------------------------------------------------------ resume under HE
+def _results(run, pending=None):
+    """What the ServerApp's checkpoint stores: the results so far, with a round in progress."""
+    results = run.recorder.results
+    if pending is not None:
+        results = {**results, "rounds": [*results["rounds"], pending.to_dict()]}
+    return results
+
+
 def _checkpointed_run(overrides, out, rounds):
     """An in-process run of `overrides` that checkpoints as the ServerApp does and stops after
     `rounds` rounds (a crash between rounds): its checkpoint."""
@@ -133,9 +141,9 @@ def _checkpointed_run(overrides, out, rounds):
 
     holder = {}
 
-    def checkpoint(server_round, arrays, state):
+    def checkpoint(server_round, arrays, state, pending=None):
         run = holder["run"]
-        save(out, server_round, arrays, state, run.recorder.results, resolved_yaml(run.cfg))
+        save(out, server_round, arrays, state, _results(run, pending), resolved_yaml(run.cfg))
 
     holder["run"] = in_process_run(overrides, out, num_nodes=3, seed=0, checkpoint_fn=checkpoint)
     holder["run"].fit(num_rounds=rounds)
@@ -196,3 +204,42 @@ def test_an_he_resume_with_other_keys_is_refused_naming_both_fingerprints(tmp_pa
     assert f"encrypted under the HE keys with fingerprint {first}" in str(err.value)
     assert load_context(out / "keys" / "public.ctx").fingerprint in str(err.value)
 
+
+
+def test_a_crash_during_federated_evaluation_under_dp_does_not_release_a_round_twice(tmp_path, monkeypatch):
+    """Client-level DP with federated evaluation on: round 2's aggregate goes to the
+    evaluating clients, then the run dies before the round's end. The round was checkpointed
+    before its model left the server, so the resumed run goes on with round 3: every round's
+    model reaches the evaluators once, and the accountant counts exactly the 3 releases."""
+    from collections import Counter
+
+    from clients.torch_client import TorchClient
+    from tests.support.rounds import in_process_run
+
+    evaluated = []
+    original = TorchClient.evaluate
+
+    def evaluate(self, parameters, config):
+        evaluated.append(int(config["server_round"]))
+        return original(self, parameters, config)
+
+    monkeypatch.setattr(TorchClient, "evaluate", evaluate)
+    overrides = ("model=linear num_rounds=3 strategy.fraction_train=1.0 privacy=client_fixed "
+                 "privacy.noise_multiplier=1.0 privacy.unprotected_metrics=true")  # fmt: skip
+    out, holder = tmp_path / "run", {}
+
+    def checkpoint(server_round, arrays, state, pending=None):
+        if server_round == 2 and pending is None:  # round 2 evaluated; killed before its end
+            raise KeyboardInterrupt
+        save(out, server_round, arrays, state, _results(holder["run"], pending), resolved_yaml(holder["run"].cfg))
+
+    holder["run"] = in_process_run(overrides, out, num_nodes=3, checkpoint_fn=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        holder["run"].fit()
+    checkpoint_2 = load(out)
+    assert checkpoint_2.server_round == 2 and [r["round"] for r in checkpoint_2.results["rounds"]] == [1, 2]
+    resumed = in_process_run(overrides, out, num_nodes=3, resume=checkpoint_2).fit()
+    counts = Counter(evaluated)
+    assert sorted(counts) == [1, 2, 3] and len(set(counts.values())) == 1  # each model released once
+    rounds = resumed.recorder.record.rounds
+    assert [r.round for r in rounds] == [1, 2, 3] and rounds[-1].privacy.releases == 3
