@@ -20,7 +20,9 @@ adapters merged, so the architecture is the plain model's). Under secagg=he the 
 
 Files: under dataset=tabular a CSV or Parquet with the schema's columns, read and checked as a
 site's file (the label column is optional; `standardize=client` scales the file by its own
-statistics, as every site and the server's test file are); under dataset=imagefolder a folder
+statistics, as every site and the server's test file are, which needs 30 rows; `--stats-from
+<site's training file>` scales by that file's statistics instead, for a few rows or one patient;
+a row with an empty label is scored and left out of the metrics); under dataset=imagefolder a folder
 of class folders (`row` is the image's position in the listing); for the other data sets an
 `.npz` with `x` (n, features) and optionally `y`.
 
@@ -92,20 +94,24 @@ def load_model(run_dir: Path, model_file: Path | None = None) -> tuple[torch.nn.
     return model.eval(), cfg
 
 
-def read_file(path: Path, cfg: ExperimentConfig) -> tuple[ArraySplit, bool, np.ndarray]:
-    """(rows, whether they have labels, their positions in the file)."""
+def read_file(
+    path: Path, cfg: ExperimentConfig, stats_from: Path | None = None
+) -> tuple[ArraySplit, np.ndarray | None, np.ndarray]:
+    """(rows, which rows have a label (None: none has), their positions in the file)."""
     from core.data import data_spec
 
     path = Path(path).expanduser()
     if isinstance(cfg.dataset, TabularDatasetConfig):
         from core.tabular import prediction_file
 
-        return prediction_file(path, cfg.dataset)
+        return prediction_file(path, cfg.dataset, stats_from)
+    if stats_from is not None:
+        raise PredictError(f"--stats-from applies to dataset=tabular only (this run: dataset={cfg.dataset.name})")
     if isinstance(cfg.dataset, ImageFolderDatasetConfig):  # a folder of class folders: labelled
         from core.images import read_folder
 
         x, y, _ = read_folder(path, cfg.dataset, "file")
-        return ArraySplit(x, y), True, np.arange(len(y))
+        return ArraySplit(x, y), np.ones(len(y), dtype=bool), np.arange(len(y))
     if path.suffix != ".npz" or not path.is_file():
         raise PredictError(f"{path}: dataset={cfg.dataset.name} is scored from an .npz file with x (and y)")
     spec = data_spec(cfg.dataset)
@@ -121,7 +127,7 @@ def read_file(path: Path, cfg: ExperimentConfig) -> tuple[ArraySplit, bool, np.n
             f"{spec.num_features}) finite features, scaled as the data set's"
         )
     if y is None:
-        return ArraySplit(x, np.zeros(len(x), np.int64)), False, np.arange(len(x))
+        return ArraySplit(x, np.zeros(len(x), np.int64)), None, np.arange(len(x))
     y = y.reshape(len(y), -1) if spec.task == "regression" else y.reshape(-1)
     if len(y) != len(x):
         raise PredictError(f"{path}: {len(x)} rows of x but {len(y)} labels y")
@@ -131,7 +137,7 @@ def read_file(path: Path, cfg: ExperimentConfig) -> tuple[ArraySplit, bool, np.n
         y = y.astype(np.int64)
     else:
         y = y.astype(np.float32)
-    return ArraySplit(x, y), True, np.arange(len(x))
+    return ArraySplit(x, y), np.ones(len(y), dtype=bool), np.arange(len(x))
 
 
 def class_names(cfg: ExperimentConfig, num_outputs: int) -> list[str]:
@@ -141,15 +147,16 @@ def class_names(cfg: ExperimentConfig, num_outputs: int) -> list[str]:
 
 @torch.no_grad()
 def score(
-    run_dir: Path, file: Path, out: Path | None = None, model_file: Path | None = None
+    run_dir: Path, file: Path, out: Path | None = None, model_file: Path | None = None,
+    stats_from: Path | None = None,
 ) -> tuple[Path, dict[str, float] | None]:
-    """Write the predictions of `file` (module docstring); return their path and the
-    metrics when the file has labels."""
+    """Write the predictions of every row of `file` (module docstring); return their path
+    and the metrics of the rows that have a label (None when none has)."""
     from core.data import data_spec
     from core.evaluation import evaluate
 
     model, cfg = load_model(run_dir, model_file)
-    rows, labelled, positions = read_file(file, cfg)
+    rows, labelled, positions = read_file(file, cfg, stats_from)
     spec = data_spec(cfg.dataset)
     outputs = torch.cat([model(torch.from_numpy(rows.x[i : i + 512])) for i in range(0, len(rows), 512)])
     out = Path(out) if out is not None else Path(run_dir) / PREDICTIONS_FILE
@@ -173,10 +180,12 @@ def score(
             for pos, v in zip(positions, values):
                 writer.writerow([int(pos), *[f"{x:.6g}" for x in v]])
     metrics = None
-    if labelled:
-        metrics = evaluate(model, rows, spec.task, torch.device("cpu"), threshold=cfg.evaluation.threshold,
+    if labelled is not None and labelled.any():  # metrics of the labelled rows only
+        scored = ArraySplit(rows.x[labelled], rows.y[labelled])
+        metrics = evaluate(model, scored, spec.task, torch.device("cpu"), threshold=cfg.evaluation.threshold,
                            calibration_bins=cfg.evaluation.calibration_bins)  # fmt: skip
-        metrics["num_examples"] = float(len(rows))
+        metrics["num_examples"] = float(len(scored))
+        metrics["unlabelled_rows"] = float(len(rows) - len(scored))
         Path(f"{out}.metrics.json").write_text(json.dumps(metrics, indent=1))
     return out, metrics
 
@@ -202,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", action="store_true", help=f"write the model as {EXPORT_FILE}")
     parser.add_argument("--out", type=Path, help="where to write the predictions or the program")
     parser.add_argument("--model", type=Path, help=f"the weights (default <run dir>/{MODEL_FILE})")
+    parser.add_argument("--stats-from", type=Path, help="dataset=tabular: a file (the site's training file) whose "
+                        "statistics impute and scale the scored rows, instead of the scored file's own")
     args = parser.parse_args(argv)
     if args.export == (args.file is not None):
         parser.error("give a file to score, or --export (one of them)")
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             print(f"exported: {export(args.run_dir, args.out, args.model)}")
             return 0
-        out, metrics = score(args.run_dir, args.file, args.out, args.model)
+        out, metrics = score(args.run_dir, args.file, args.out, args.model, args.stats_from)
     except (PredictError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -271,15 +271,46 @@ def server_test_split(cfg: TabularDatasetConfig) -> ArraySplit | None:
     return test
 
 
-def prediction_file(path: str | Path, cfg: TabularDatasetConfig) -> tuple[ArraySplit, bool, np.ndarray]:
+MIN_PREDICTION_ROWS = 30  # below this, a file's own statistics are too noisy to scale by
+
+
+def prediction_file(
+    path: str | Path, cfg: TabularDatasetConfig, reference: str | Path | None = None
+) -> tuple[ArraySplit, np.ndarray | None, np.ndarray]:
     """A file to score with a trained model (app/predict.py): the schema's feature columns,
-    checked and encoded as a site's file, preprocessed with the file's own statistics as the
-    server's test file is; labels when the file has the label column. Returns (the rows,
-    whether they carry labels, their positions in the file: `missing=drop` drops rows)."""
+    checked and encoded as a site's file. Returns (the rows, which rows carry a label (None
+    without a label column), their positions in the file: `missing=drop` drops rows with a
+    missing feature, never a row for its missing label).
+
+    Imputation and `standardize=client` use statistics as a site's training does: those of
+    `reference` (the site's own training file, the same columns) when given, else the file's
+    own, which is refused below MIN_PREDICTION_ROWS rows: a patient's score must not depend on
+    a handful of others scored with it (a single row would be centred to all zeros)."""
     table = read_table(path, cfg, "file", label=False)
-    labelled = cfg.label in table.columns
-    x, y, kept = encode(table, cfg, f"file={path}", labelled=labelled)
+    x, y, kept = encode(table, cfg, f"file={path}", labelled=False)
     if len(kept) == 0:
         raise ValueError(f"file={path} has no usable row (after dataset.missing={cfg.missing})")
-    rows, _ = preprocess(ArraySplit(x, y), ArraySplit(x[:0], y[:0]), cfg)
+    labelled = None
+    if cfg.label in table.columns:
+        y_all, absent = _labels(table[cfg.label], cfg, f"file={path}")
+        y, labelled = y_all[kept], ~absent[kept]
+        if cfg.task != "regression":
+            y = np.where(labelled, y, 0)  # unlabelled rows get a placeholder, never scored
+        else:
+            y = np.where(labelled[:, None], y, 0.0).astype(np.float32)
+    rows = ArraySplit(x, y)
+    scaled = cfg.standardize == "client" or cfg.missing == "mean"
+    if reference is not None:
+        ref_table = read_table(reference, cfg, "--stats-from", label=False)
+        ref_x, ref_y, _ = encode(ref_table, cfg, f"--stats-from={reference}", labelled=False)
+        _, rows = preprocess(ArraySplit(ref_x, ref_y), rows, cfg)
+        return rows, labelled, kept
+    if scaled and len(kept) < MIN_PREDICTION_ROWS:
+        raise ValueError(
+            f"file={path} has {len(kept)} rows and dataset.standardize={cfg.standardize} "
+            f"missing={cfg.missing} scale by the data's own statistics: give the site's training "
+            f"file with --stats-from (its statistics scale these rows), or at least "
+            f"{MIN_PREDICTION_ROWS} rows"
+        )
+    rows, _ = preprocess(rows, ArraySplit(x[:0], y[:0]), cfg)
     return rows, labelled, kept

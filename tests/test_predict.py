@@ -104,3 +104,31 @@ def test_an_encrypted_run_is_decrypted_by_a_key_holder_then_scored(tmp_path, cap
     assert accuracy > 0.5  # digits after one round of a linear model
     _, metrics = score(tmp_path / "he", tmp_path / "test.npz", tmp_path / "again.csv")
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_a_patients_score_does_not_depend_on_who_else_is_in_the_file(tabular_run, tmp_path, capsys):
+    """standardize=client: a file's own statistics scale it only with 30 rows or more; with
+    --stats-from (the site's training file) each row's score is the same alone or in a file."""
+    import pandas as pd
+
+    run, folder = tabular_run
+    test = pd.read_csv(folder / "test.csv")
+    test.iloc[:1].to_csv(tmp_path / "one.csv", index=False)
+    assert main([str(run), str(tmp_path / "one.csv")]) == 2
+    assert "has 1 rows and dataset.standardize=client" in capsys.readouterr().err
+    reference = folder / "train.csv"
+    alone, _ = score(run, tmp_path / "one.csv", tmp_path / "a.csv", stats_from=reference)
+    within, _ = score(run, folder / "test.csv", tmp_path / "w.csv", stats_from=reference)
+    assert next(csv.DictReader(alone.open()))["p_died"] == next(csv.DictReader(within.open()))["p_died"]
+
+
+def test_rows_with_an_empty_label_are_scored_and_left_out_of_the_metrics(tabular_run, tmp_path):
+    import pandas as pd
+
+    run, folder = tabular_run
+    test = pd.read_csv(folder / "test.csv")
+    test.loc[::3, "outcome"] = None  # 30 of 90 labels empty
+    test.to_csv(tmp_path / "partial.csv", index=False)
+    out, metrics = score(run, tmp_path / "partial.csv", tmp_path / "p.csv")
+    assert len(list(csv.DictReader(out.open()))) == 90
+    assert metrics["num_examples"] == 60 and metrics["unlabelled_rows"] == 30
