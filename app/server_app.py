@@ -133,8 +133,12 @@ def prepare_he_keys(
                 f"and {SECRET_FILE}): the checkpointed model is encrypted under them. Put them "
                 "back, or start a new run"
             )
+        context = load_context(keys / PUBLIC_FILE)
+        if context.is_secret:
+            raise HEError(f"{keys / PUBLIC_FILE} holds a secret key: put the first run's {PUBLIC_FILE} back, "
+                          f"never a copy of {SECRET_FILE}")  # fmt: skip
         log(INFO, "HE keys of the first run reused from %s", keys)
-        return load_context(keys / PUBLIC_FILE), {HE_SECRET_PATH_KEY: str(keys / SECRET_FILE)}
+        return context, {HE_SECRET_PATH_KEY: str(keys / SECRET_FILE)}
     proc = subprocess.run(
         [sys.executable, "-m", "app.he_keys", "provision", "--out", str(keys),
          *parse_overrides(overrides)],

@@ -273,13 +273,13 @@ class MlflowTracker(RunObserver):
 
         try:
             earlier = client.get_run(self._resumed_from)
-        except MlflowException:
-            return
-        if earlier.info.experiment_id != experiment_id:
-            return
-        client.set_tag(self._resumed_from, "resumed_by", self._run_id)
-        if earlier.info.status == "RUNNING":
-            client.set_terminated(self._resumed_from, "KILLED")
+            if earlier.info.experiment_id != experiment_id or earlier.info.lifecycle_stage != "active":
+                return  # another experiment's, or deleted in the UI: nothing to link
+            client.set_tag(self._resumed_from, "resumed_by", self._run_id)
+            if earlier.info.status == "RUNNING":
+                client.set_terminated(self._resumed_from, "KILLED")
+        except MlflowException as err:  # linking is a courtesy: this run is tracked either way
+            log(WARNING, "MLflow: the resumed run %s could not be marked (%s)", self._resumed_from, one_line(err))
 
     def _local_store(self) -> Path | None:
         """The file of a local SQLite store (None for a server or another database)."""

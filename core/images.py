@@ -7,11 +7,13 @@
                                         site one partition (Flower Datasets' NaturalIdPartitioner)
 
 What happens where, and why:
-- Hugging Face `datasets` lists the images and their labels (`load_dataset("imagefolder",
-  data_dir=...)`: the label of an image is the name of the folder it is in); the images are
-  decoded here with Pillow, converted to `dataset.channels` (1: grayscale, 3: RGB), resized
-  to `dataset.image_size` and scaled to [0, 1], so every party builds the same model input
-  (C x H x W, flattened) whatever the files' own sizes.
+- The image files under the folder (hidden ones skipped) go through Hugging Face `datasets`'
+  imagefolder loader as `data_files` (not `data_dir`: see read_folder); the label of an image
+  is the name of the folder it is in. The images are decoded here with Pillow (EXIF
+  orientation applied), converted to `dataset.channels` (1: grayscale, 3: RGB), resized to
+  `dataset.image_size` and scaled to [0, 1] (8-bit by 255, 16-bit grayscale by 65535), so
+  every party builds the same model input (C x H x W, flattened) whatever the files' own
+  sizes and depths.
 - Classes are declared in config (`dataset.classes=[benign,malignant]`, the class-id order),
   never learned from the folders: the model's output layer is shared by every party, and a
   class folder one site lacks must not shift the others' ids. A folder whose name is not a
@@ -32,6 +34,21 @@ from core.config import ImageFolderDatasetConfig
 from core.data_types import ArraySplit, DataSpec
 
 SITE = "site"  # the pool's column NaturalIdPartitioner splits by (dataset.by_site)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I"}  # Pillow's modes of 16-bit grayscale files
+
+
+def _pixels(image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """(channels, height, width) in [0, 1]. 8-bit images by 255; 16-bit grayscale (common in
+    medical imaging; Pillow's convert("L") would clip it at 255) by 65535."""
+    if image.mode in SIXTEEN_BIT:
+        gray = np.asarray(image.convert("I").resize(size, resample=2), dtype=np.float32) / 65535.0
+        return np.repeat(gray[None], channels, axis=0)
+    if image.mode == "F":
+        raise ValueError("32-bit float images have no fixed range: convert them to 8 or 16 bits")
+    converted = image.convert("L" if channels == 1 else "RGB").resize(size, resample=2)  # bilinear
+    array = np.asarray(converted, dtype=np.float32) / 255.0
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def image_spec(cfg: ImageFolderDatasetConfig) -> DataSpec:
@@ -45,18 +62,27 @@ def read_folder(path: str | Path, cfg: ImageFolderDatasetConfig, key: str, by_si
     """(x float32 (n, C*H*W) in [0, 1], y int64 class ids, each image's site or None) of a
     folder laid out as the module docstring says. `key` names where the path came from."""
     import datasets
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ValueError(f"{key}={path} is not a folder: give the absolute path of a folder of class folders")
+    # The files are listed here and handed to the imagefolder loader as data_files: given a
+    # data_dir, it would read folder names such as test/val/dev as splits (dropping a class
+    # or a site called so) and a metadata.csv as the list of images to load.
+    found = sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )  # fmt: skip
+    if not found:
+        raise ValueError(f"{key}={path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                         "put each class's images in a folder named after the class")  # fmt: skip
     datasets.disable_progress_bars()
-    try:
-        listing = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", drop_labels=True)
-    except (FileNotFoundError, ValueError) as err:  # no image at all, or nothing it can read
-        raise ValueError(f"{key}={path} holds no image files ({type(err).__name__}): "
-                         "put each class's images in a folder named after the class") from None  # fmt: skip
-    files = [Path(item["path"]) for item in listing.cast_column("image", datasets.Image(decode=False))["image"]]
+    listing = datasets.load_dataset(
+        "imagefolder", data_files={"train": [str(f) for f in found]}, split="train", drop_labels=True
+    ).cast_column("image", datasets.Image(decode=False))
+    files = [Path(item["path"]) for item in listing["image"]]
     classes = {name: i for i, name in enumerate(cfg.classes)}
     depth = 3 if by_site else 2  # site/class/image or class/image under `path`
     wrong = sorted({f.parent.relative_to(path).as_posix() for f in files if len(f.relative_to(path).parts) != depth})
@@ -73,17 +99,17 @@ def read_folder(path: str | Path, cfg: ImageFolderDatasetConfig, key: str, by_si
             "declare every class (in class-id order) or remove the folder"
         )
     height, width = cfg.image_size
-    mode = "L" if cfg.channels == 1 else "RGB"
     x = np.empty((len(files), cfg.channels, height, width), dtype=np.float32)
     for i, file in enumerate(files):
+        where = file.parent.relative_to(path).as_posix()
         try:
             with Image.open(file) as image:
-                pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                array = _pixels(ImageOps.exif_transpose(image), cfg.channels, (width, height))
         except (UnidentifiedImageError, OSError):
-            raise ValueError(f"{key}={path}: a file in {file.parent.relative_to(path).as_posix()!r} "
-                             "is not a readable image") from None  # fmt: skip
-        array = np.asarray(pixels, dtype=np.float32) / 255.0
-        x[i] = array[None] if cfg.channels == 1 else array.transpose(2, 0, 1)
+            raise ValueError(f"{key}={path}: a file in {where!r} is not a readable image") from None
+        except ValueError as err:
+            raise ValueError(f"{key}={path}: a file in {where!r}: {err}") from None
+        x[i] = array
     y = np.array([classes[f.parent.name] for f in files], dtype=np.int64)
     sites = np.array([f.parent.parent.name for f in files], dtype=str) if by_site else None
     return x.reshape(len(files), -1), y, sites

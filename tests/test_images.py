@@ -79,3 +79,33 @@ def test_the_declaration_is_checked_at_config_time(extra, says):
     with pytest.raises(ConfigError) as err:
         load_config(overrides("/abs/images", extra))
     assert says in str(err.value)
+
+
+def test_folder_names_like_test_or_a_metadata_file_lose_no_image(tmp_path):
+    """Hugging Face's imagefolder reads folder names such as test/val/dev as splits and a
+    metadata.csv as the list of images when given a folder: every image here is still read."""
+    write_digits(tmp_path / "s", sites=["hospital-test", "dev", "training-center"], per_class=2)
+    for site in ("hospital-test", "dev", "training-center"):
+        (tmp_path / "s" / site / "one").rename(tmp_path / "s" / site / "val")
+    (tmp_path / "s" / "metadata.csv").write_text("file_name,label\nhospital-test/zero/0-0.png,0\n")
+    cfg = load_config(overrides(tmp_path / "s", "dataset.by_site=true").replace("[zero,one,two]", "[zero,val,two]"))
+    from core.images import read_folder
+
+    x, y, sites = read_folder(tmp_path / "s", cfg.dataset, "dataset.path", by_site=True)
+    assert len(y) == 18 and sorted(set(sites)) == ["dev", "hospital-test", "training-center"]
+    assert sorted(set(y.tolist())) == [0, 1, 2]
+
+
+def test_sixteen_bit_images_are_scaled_by_their_depth_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from core.images import read_folder
+
+    for name, value in (("zero", 1000), ("one", 60000), ("two", 30000)):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(tmp_path / "d" / name / "a.png")
+    cfg = load_config(overrides(tmp_path / "d"))
+    x, y, _ = read_folder(tmp_path / "d", cfg.dataset, "dataset.path")
+    means = {int(k): float(x[y == k].mean()) for k in set(y.tolist())}
+    assert means[0] == pytest.approx(1000 / 65535, abs=1e-4) and means[1] == pytest.approx(60000 / 65535, abs=1e-4)

@@ -309,3 +309,18 @@ def test_a_resumed_run_is_a_new_mlflow_run_and_the_killed_one_is_marked_killed(s
     assert second.data.tags["resumed_from"] == first_id and second.data.tags["resumed_after_round"] == "1"
     steps = [m.step for m in client.get_metric_history(second_id, "seconds")]
     assert sorted(steps) == [1, 2, 3]
+
+
+def test_a_resume_whose_earlier_mlflow_run_was_deleted_is_tracked_all_the_same(store, tmp_path):
+    uri, client = store
+    cfg = load_config(f"model=linear num_rounds=1 tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}")
+    experiment = client.create_experiment(EXPERIMENT) if client.get_experiment_by_name(EXPERIMENT) is None else \
+        client.get_experiment_by_name(EXPERIMENT).experiment_id
+    earlier = client.create_run(experiment).info.run_id
+    client.delete_run(earlier)
+    tracker = start_tracking(cfg, tmp_path, tmp_path / "run", token="t", resumed_from=earlier)
+    in_process_run(f"model=linear num_rounds=1 tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}",
+                   tmp_path / "run", observer=tracker).fit().finish()  # fmt: skip
+    info = load_results(tmp_path / "run").run.tracking
+    assert info.error is None and client.get_run(info.run_id).info.status == "FINISHED"
+    assert client.get_run(info.run_id).data.tags["resumed_from"] == earlier
