@@ -8,8 +8,9 @@ confidence over `calibration_bins` equal-width bins. Binary classifiers (two out
 dataset=tabular task=binary, breast_cancer) also report what a clinical reader asks for:
 `auroc` (scikit-learn's roc_auc_score of the class-1 probability), and `sensitivity`,
 `specificity` and `f1` at the decision `p(class 1) >= threshold` (evaluation.threshold,
-default 0.5; `accuracy` stays the argmax one). Regression: `loss` (MSE), `mae`, `rmse` and
-`r2` (over every output value). A metric the split cannot define (AUROC with one class
+default 0.5; `accuracy` stays the argmax one): there `f1` is class 1's F1, macro elsewhere.
+Regression: `loss` (MSE), `mae`, `rmse` and `r2` (over every output value: with several
+outputs scikit-learn's multioutput="variance_weighted"). A metric the split cannot define (AUROC with one class
 present, sensitivity without positives, specificity without negatives, R2 without variance)
 is left out rather than reported as a number.
 
@@ -148,7 +149,7 @@ def binary_metrics(y: np.ndarray, positive_prob: np.ndarray, predicted: np.ndarr
     labels define it."""
     metrics: dict[str, float] = {}
     present = set(np.unique(y).tolist())
-    if present == {0, 1}:
+    if present == {0, 1} and np.isfinite(positive_prob).all():  # a diverged model: no AUROC
         from sklearn.metrics import roc_auc_score  # only for a binary task's AUROC
 
         metrics["auroc"] = float(roc_auc_score(y, positive_prob))
