@@ -186,6 +186,10 @@ def main(grid: Grid, context: Context) -> None:
     if recorder.archived is not None:
         log(WARNING, "%s held an earlier run's results: moved them to %s",
             output_dir, recorder.archived)  # fmt: skip
+        # A simulation under HE provisions new keys into output_dir/keys: the earlier run's,
+        # which its archived encrypted model needs, go with it instead of being overwritten.
+        if cfg.secagg.name == "he" and not cfg.secagg.public_context and (output_dir / "keys").is_dir():
+            (output_dir / "keys").rename(recorder.archived / "keys")
     try:
         run(grid, context, cfg, overrides, output_dir, recorder, resume)
     except Exception as err:
