@@ -14,6 +14,7 @@ COMPATIBLE = {
     "dataset=linear": "partitioner=iid model=linear",
     "model=cnn": "dataset=digits",
     "dataset=tabular": "dataset.features=[x]",  # a file schema declares its input columns
+    "dataset=imagefolder": "dataset.classes=[a,b]",  # as an image folder its classes
 }
 
 
