@@ -18,9 +18,11 @@ from core.config import (
     LocalDatasetConfig,
     PathologicalPartitionerConfig,
     Require,
+    TextDatasetConfig,
 )
 from core.data import client_pool_size, data_spec
 from core.finetune import FineTuneError, build_finetune_model
+from core.hf_model import HFModelError
 
 
 def check_data_ranges(cfg: ExperimentConfig) -> None:
@@ -64,8 +66,10 @@ def check_finetune(cfg: ExperimentConfig, require: Require) -> None:
             "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
             "folder, not from your checkout",
         )
-    if isinstance(cfg.dataset, LocalDatasetConfig):
+    # The data spec of these is known from the config (a hub data set's needs the network);
+    # model=hf: the model is loaded here, so a name_or_path that cannot be fails now.
+    if isinstance(cfg.dataset, (LocalDatasetConfig, TextDatasetConfig)):
         try:
             build_finetune_model(m, data_spec(cfg.dataset))
-        except FineTuneError as err:
+        except (FineTuneError, HFModelError) as err:
             raise ConfigError(f"Invalid experiment configuration: {err}") from err
