@@ -70,6 +70,30 @@ def check_finetune(cfg: ExperimentConfig, require: Require) -> None:
     # model=hf: the model is loaded here, so a name_or_path that cannot be fails now.
     if isinstance(cfg.dataset, (LocalDatasetConfig, TextDatasetConfig)):
         try:
-            build_finetune_model(m, data_spec(cfg.dataset))
+            model, _ = build_finetune_model(m, data_spec(cfg.dataset))
+            if isinstance(cfg.dataset, TextDatasetConfig):
+                _check_tokenizer_fits(cfg.dataset, model)
         except (FineTuneError, HFModelError) as err:
             raise ConfigError(f"Invalid experiment configuration: {err}") from err
+
+
+def _check_tokenizer_fits(d: TextDatasetConfig, model) -> None:
+    """Token ids the model has no embedding for, or more positions than it has, fail in a
+    client's first batch as an IndexError deep inside the model: caught here instead."""
+    from core.text import tokenizer_for
+
+    config = model.hf.config
+    tokens = len(tokenizer_for(d.tokenizer))
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and tokens > vocab:
+        raise HFModelError(
+            f"dataset.tokenizer={d.tokenizer!r} has {tokens} tokens but the model embeds "
+            f"{vocab} (its config's vocab_size): use the model's own tokenizer "
+            "(dataset.tokenizer=null)"
+        )
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and d.max_length > positions:
+        raise HFModelError(
+            f"dataset.max_length={d.max_length} exceeds the model's {positions} positions "
+            f"(max_position_embeddings): use dataset.max_length <= {positions}"
+        )

@@ -23,6 +23,10 @@ the base, and A randomly: A is drawn from a generator seeded by `seed` alone (ev
 the experiment seed), so all parties build identical adapters before any message. The saved
 final model is the merged one (`merged_model`: W + alpha/r * B @ A folded into each base layer),
 with the same tensor names as the model without LoRA.
+
+model=hf (core/hf_model.py): `head` is the transformers model's task head (its modules outside
+the base model, all of them), and `model.lora.target` takes peft's name patterns
+(`hf_lora_targets`): the adapters plus the trainable head are the wire.
 """
 
 from __future__ import annotations

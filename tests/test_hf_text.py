@@ -3,7 +3,7 @@ WordLevel tokenizer saved into a directory (tests/support/hf_text.py), a generat
 text file. A federated run with LoRA learns it; only the adapters and the head travel, and
 under HE they are what is encrypted, the aggregate equal to the plaintext mean; DP-SGD runs
 through Opacus and reports epsilon, and layers Opacus cannot handle are refused at config time;
-a model that cannot be loaded offline and a file that does not fit the schema fail naming the
+the same holds for an image model on digits; a model that cannot be loaded offline and a file that does not fit the schema fail naming the
 key or the column."""
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from core.data import centralized_test_split, data_spec, load_client_data, parti
 from core.finetune import build_finetune_model
 from core.models import get_weights, num_parameters
 from tests.support.finetune import client_for
-from tests.support.hf_text import HIDDEN, LAYERS, texts, write_text_set, write_tiny_model
+from tests.support.hf_text import HIDDEN, LAYERS, texts, write_text_set, write_tiny_model, write_tiny_vit
 from tests.support.rounds import in_process_run
 
-pytestmark = pytest.mark.unit
 
 R = 4
 ADAPTER_VALUES = LAYERS * 2 * (R * HIDDEN + HIDDEN * R)  # query and value of 2 layers: 1024
@@ -46,23 +45,40 @@ def overrides(files, extra=""):
 
 
 def test_federated_lora_run_learns_the_text_set_sending_only_adapters_and_head(files, tmp_path):
-    """5 rounds of 2 clients (80 training texts each): 50% (chance) to >= 85% on the server's
-    40 held-out texts (0.95 when written). Each way, per client: 1090 values (1024 adapter
-    values and the 66 of the head) of a 21k-parameter model."""
-    run = in_process_run(overrides(files, f"{LEARN} num_rounds=5"), tmp_path, centralized_test=True)
+    """3 rounds of 2 clients (80 training texts each): 50% (chance) to >= 90% on the server's
+    40 held-out texts (0.5, 0.925, 1.0 after rounds 1-3 when written; no dropout: the same
+    figures every run). Each way, per client: 1090 values (1024 adapter values and the 66 of
+    the head) of a 21k-parameter model."""
+    run = in_process_run(overrides(files, f"{LEARN} num_rounds=3"), tmp_path, centralized_test=True)
     assert sum(a.size for a in get_weights(run.model, run.wire)) == ADAPTER_VALUES + HEAD_VALUES
     assert run.wire[-2:] == ["hf.classifier.weight", "hf.classifier.bias"]
     assert all(".lora_A." in n or ".lora_B." in n for n in run.wire[:-2])
     run.fit().finish()
     record = run.recorder.record
     assert record.initial.centralized["accuracy"] == 0.5
-    assert record.final.centralized["accuracy"] >= 0.85
+    assert record.final.centralized["accuracy"] >= 0.9
     wire_bytes = sum(a.nbytes + 128 for a in get_weights(run.model, run.wire))  # + .npy headers
     assert all(r.comm.bytes_down == 2 * wire_bytes and r.comm.bytes_up == 2 * wire_bytes
                for r in record.rounds)  # fmt: skip
     assert record.final.num_trainable_parameters == ADAPTER_VALUES + HEAD_VALUES
     # model.pt is the merged model: the base's tensors with the adapters folded in
     assert record.final.num_parameters == num_parameters(run.model) - ADAPTER_VALUES > 18 * (ADAPTER_VALUES + HEAD_VALUES)
+
+
+def test_an_image_model_learns_digits(files, tmp_path):
+    """AutoModelForImageClassification on digits' 1x8x8 images: a tiny ViT with LoRA on its
+    query and value projections, 2 rounds: from chance (10 classes) to >= 50% (0.70 when
+    written); only the adapters and the 10-class head travel."""
+    vit = write_tiny_vit(files[2] / "tiny-vit")
+    run = in_process_run(
+        f"model=hf model.name_or_path={vit} model.lora.r={R} model.lora.target='q_proj,v_proj' "
+        f"dataset=digits {LEARN} training.local_epochs=1 num_rounds=2 simulation.num_supernodes=2 "
+        "strategy.fraction_train=1 strategy.fraction_evaluate=0",
+        tmp_path, centralized_test=True,
+    ).fit()  # fmt: skip
+    assert sum(a.size for a in get_weights(run.model, run.wire)) == ADAPTER_VALUES + HIDDEN * 10 + 10
+    rounds = run.recorder.record.rounds
+    assert rounds[-1].centralized["accuracy"] >= 0.5
 
 
 def test_every_party_builds_the_same_model_and_the_text_is_partitioned(files):
@@ -140,7 +156,7 @@ def test_under_he_the_adapters_and_head_are_encrypted_and_aggregate_to_the_plain
         assert not np.allclose(got, initial[i])  # the clients trained
 
 
-def test_a_model_that_cannot_be_loaded_offline_names_the_key_and_the_fix(files, monkeypatch):
+def test_a_model_that_cannot_be_loaded_or_does_not_fit_names_the_key_and_the_fix(files, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     absent = overrides(files).replace(f"model.name_or_path={files[0]}", "model.name_or_path=nobody/absent-model")
     with pytest.raises(ConfigError, match=r"model\.name_or_path='nobody/absent-model' could not be loaded "
@@ -149,6 +165,10 @@ def test_a_model_that_cannot_be_loaded_offline_names_the_key_and_the_fix(files, 
     missing_dir = overrides(files).replace(f"model.name_or_path={files[0]}", f"model.name_or_path={files[2]}/nothing")
     with pytest.raises(ConfigError, match=r"model\.name_or_path='.*/nothing': no such directory: point"):
         load_config(missing_dir)
+    with pytest.raises(ConfigError, match=r"dataset.max_length=65 exceeds the model's 64 positions"):
+        load_config(overrides(files).replace("dataset.max_length=8", "dataset.max_length=65"))
+    with pytest.raises(ConfigError, match=r"'qkv' matches no module of this model outside its head \['hf.classifier'\].*\['dense', 'key', 'query', 'value'\]"):
+        load_config(overrides(files).replace("model.lora.target='query,value'", "model.lora.target=qkv"))
     with pytest.raises(ConfigError, match="model=hf needs a model"):
         load_config("model=hf dataset=digits")
 
@@ -188,3 +208,32 @@ def test_a_site_reads_its_own_text_file(files):
     assert (len(train), len(val)) == (27, 3)  # val_fraction 0.1
     assert train.x.shape == (27, 16) and set(np.concatenate([train.y, val.y]).tolist()) == {0, 1}
     torch.manual_seed(0)
+
+
+README_OVERRIDES = (
+    "model=hf model.name_or_path={d}/tiny-bert model.lora.r=4 dataset=text "
+    "dataset.path={d}/train.csv dataset.test_path={d}/test.csv dataset.classes=[neg,pos] "
+    "dataset.max_length=8 training.optimizer=adam training.lr=0.01 strategy.fraction_train=1.0 "
+    "num_rounds=5 output_dir={out}"
+)
+
+
+@pytest.mark.e2e
+def test_flwr_run_of_the_readme_text_example(flower, tmp_path):
+    """README "Hugging Face models and text": `python -m tests.support.hf_text <dir>`, then
+    `flwr run` with model=hf, LoRA on every Linear layer outside the head, 2 SuperNodes."""
+    import json
+
+    from tests.support.hf_text import main
+
+    main(str(tmp_path / "hf-text"))
+    out = tmp_path / "run"
+    proc = flower.run(README_OVERRIDES.format(d=tmp_path / "hf-text", out=out), num_supernodes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    final = results["final"]
+    print("hf text e2e:", json.dumps({"initial": results["initial"], "final": final}))
+    assert results["run"]["status"] == "completed"
+    assert final["centralized"]["accuracy"] >= 0.85 > results["initial"]["centralized"]["accuracy"]
+    # 13 adapted Linear layers of 32 -> 32 (or 32 <-> 64): r * (in + out) each; the head 66
+    assert final["num_trainable_parameters"] == 4 * (9 * 64 + 4 * 96) + 66

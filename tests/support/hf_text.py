@@ -1,4 +1,5 @@
-"""model=hf and dataset=text without the network: a tiny BERT and its tokenizer, built from a
+"""model=hf and dataset=text without the network (tests/test_hf_text.py, and README "Hugging
+Face models and text": `python -m tests.support.hf_text <dir>` writes the example's files): a tiny BERT and its tokenizer, built from a
 transformers config and a `tokenizers` WordLevel model trained on the test's own texts, saved
 with save_pretrained into a directory (what `model.name_or_path` points at), and a generated
 two-class text file whose classes use distinct words (so a model can learn it) among shared
@@ -10,6 +11,7 @@ import atexit
 import csv
 import json
 import shutil
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +75,22 @@ def write_tiny_model(directory: str | Path) -> Path:
     return directory
 
 
+def write_tiny_vit(directory: str | Path) -> Path:
+    """A 2-layer ViT base model for digits' 1x8x8 images (4x4 patches), saved with
+    save_pretrained: model=hf's image path (AutoModelForImageClassification)."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # as in write_tiny_model
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ViTModel(config).save_pretrained(directory)
+    return Path(directory)
+
+
 def write_text_set(path: str | Path, n: int, seed: int = 0, rows=None) -> Path:
     """`texts(n, seed)` (or `rows`) as a .csv (header text,label) or .jsonl file."""
     path = Path(path)
@@ -101,3 +119,18 @@ def text_overrides() -> str:
     model, train = shared_files()
     return (f"model=hf model.name_or_path={model} dataset=text dataset.path={train} "
             f"dataset.classes=[neg,pos] dataset.tokenizer={model}")  # fmt: skip
+
+
+def main(out: str) -> None:
+    """The README example's files: <out>/tiny-bert (model and tokenizer), <out>/train.csv (400
+    texts) and <out>/test.csv (100 others, the server's)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tiny_model(out_dir / "tiny-bert")
+    write_text_set(out_dir / "train.csv", 400, seed=0)
+    write_text_set(out_dir / "test.csv", 100, seed=1)
+    print(f"wrote {out_dir}/tiny-bert, {out_dir}/train.csv and {out_dir}/test.csv")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "outputs/hf-text")
