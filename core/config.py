@@ -19,6 +19,7 @@ group, and Hydra checks types while composing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -931,6 +932,11 @@ def _check_hf(cfg: ExperimentConfig, require: Require) -> None:
             "dataset=text gives token ids: use model=hf model.name_or_path=<dir or hub id>",
         )
         return
+    require(
+        importlib.util.find_spec("transformers") is not None,
+        "model.name",
+        "model=hf needs transformers (and peft for LoRA): pip install -e '.[hf]'",
+    )
     require(
         bool(m.name_or_path.strip()),
         "model.name_or_path",
