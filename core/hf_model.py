@@ -86,11 +86,12 @@ def from_pretrained(loader, name_or_path: str, key: str, **kwargs):
             str(path) if path.is_dir() else name_or_path, local_files_only=offline, **kwargs
         )
     except (OSError, ValueError) as err:  # transformers: OSError; hub id syntax: ValueError
-        where = (
-            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
-            if offline
-            else "not a loadable local directory, and the hub could not be reached or has no such model"
-        )
+        if path.is_dir():
+            where = "a local directory, but not one transformers can load as this model"
+        elif offline:
+            where = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        else:
+            where = "no such local directory, and the hub could not be reached or has no such model"
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise HFModelError(
             f"{key}={name_or_path!r} could not be loaded ({where}; {type(err).__name__}: "

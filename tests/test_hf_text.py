@@ -165,6 +165,9 @@ def test_a_model_that_cannot_be_loaded_or_does_not_fit_names_the_key_and_the_fix
     missing_dir = overrides(files).replace(f"model.name_or_path={files[0]}", f"model.name_or_path={files[2]}/nothing")
     with pytest.raises(ConfigError, match=r"model\.name_or_path='.*/nothing': no such directory: point"):
         load_config(missing_dir)
+    not_a_model = overrides(files).replace(f"model.name_or_path={files[0]}", f"model.name_or_path={files[2]}")
+    with pytest.raises(ConfigError, match=r"could not be loaded \(a local directory, but not one transformers can load"):
+        load_config(not_a_model)  # the fixture's root: text files, no config.json
     with pytest.raises(ConfigError, match=r"dataset.max_length=65 exceeds the model's 64 positions"):
         load_config(overrides(files).replace("dataset.max_length=8", "dataset.max_length=65"))
     with pytest.raises(ConfigError, match=r"'qkv' matches no module of this model outside its head \['hf.classifier'\].*\['dense', 'key', 'query', 'value'\]"):
