@@ -131,6 +131,10 @@ def test_under_he_the_adapters_and_head_are_encrypted_and_aggregate_to_the_plain
     from flwr.server.strategy import FedAvg
     from tests.support.proxies import manager
 
+    # client_fixed's check of the fixed-point slack counts the encrypted values: these 1090
+    with pytest.raises(ConfigError, match="the fixed-point rounding of 1090 encrypted values"):
+        load_config(overrides(files, "secagg=he privacy=client_fixed privacy.clipping_norm=0.001 "
+                                     "secagg.scale_bits=8 privacy.noise_multiplier=0.5"))  # fmt: skip
     cfg = load_config(overrides(files, f"{LEARN} secagg=he training.local_epochs=1"))
     secret, public = provision(he_params(cfg), tmp_path)
     model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset), seed=cfg.seed)
