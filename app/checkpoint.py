@@ -9,9 +9,16 @@ releases, the adaptive clipping norm, FedAdam's moments, FedAvgM's momentum). Ar
 executes code.
 
 Resume refuses what it cannot restore honestly: another configuration (only `num_rounds` may
-grow), `privacy=local|dpsgd` (each client's accountant lives in that run's Flower contexts,
-which a new run does not have: resuming would restart their epsilon at 0), and `secagg=he`
-(the global model is encrypted under the keys of the first run).
+grow) and `privacy=local|dpsgd` (each client's accountant lives in that run's Flower contexts,
+which a new run does not have: resuming would restart their epsilon at 0).
+
+Under `secagg=he` the checkpointed global model is the encrypted aggregate, so a resumed run
+needs the first run's keys: in simulation the ServerApp reuses `<output_dir>/keys` instead of
+provisioning new ones (app/server_app.py prepare_he_keys), in deployment the operator names
+the same `secagg.public_context` (the config check already insists on the same value). The HE
+layer's state carries the keys' fingerprint and refuses other keys naming both
+(protections/he/server.py `load_state_dict`), with the seeds already summed (a ciphertext
+replayed from before the restart is still refused) and the last model the clients accepted.
 """
 
 from __future__ import annotations
@@ -126,11 +133,6 @@ def check_resumable(checkpoint: Checkpoint, cfg, config_yaml: str) -> None:
             f"resume is refused under privacy={cfg.privacy.name}: each client's accountant "
             "lives in the first run's Flower contexts, so a resumed run would restart their "
             "epsilon at 0. Start a new run instead"
-        )
-    if cfg.secagg.name == "he":
-        raise CheckpointError(
-            "resume is refused under secagg=he: the checkpointed global model is encrypted "
-            "under the first run's keys. Start a new run instead"
         )
     old = OmegaConf.to_container(OmegaConf.create(checkpoint.config_yaml))
     new = OmegaConf.to_container(OmegaConf.create(config_yaml))

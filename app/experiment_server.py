@@ -28,6 +28,7 @@ marks it `finished:failed`) and writes no model.
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import time
@@ -315,11 +316,15 @@ class ExperimentServer(Server):
         recorder: RunRecorder,
         checkpoint_fn=None,
         resume=None,
+        per_site_metrics: bool = False,
     ) -> None:
         """`checkpoint_fn(round, global arrays, strategy state)`: called after every round
         (app/checkpoint.py). `resume`: a Checkpoint to continue from (its strategy state is
-        loaded here; rounds continue after its round)."""
+        loaded here; rounds continue after its round). `per_site_metrics`: record each
+        federated evaluation's clients' own metrics (`federated_sites`,
+        evaluation.per_site)."""
         super().__init__(client_manager=client_manager, strategy=strategy)
+        self.per_site_metrics = per_site_metrics
         self.recorder = recorder
         self.checkpoint_fn = checkpoint_fn
         self.resume = resume
@@ -336,6 +341,24 @@ class ExperimentServer(Server):
         if not isinstance(manager, NodeTrackingClientManager):
             return results
         return sorted(results, key=lambda pair: manager.order_key(str(pair[0].cid)))
+
+    def _site_metrics(self, results: list) -> dict[str, dict[str, float]]:
+        """Each evaluating client's own loss, example count and metrics, by site: its
+        partition id where the client manager knows it (`partition-<id>`), else its node
+        (`node-<id>`, a deployed SuperNode with its own data file)."""
+        manager = self._client_manager
+        known = manager.partition_ids if isinstance(manager, NodeTrackingClientManager) else {}
+        sites = {}
+        for proxy, res in results:
+            pid = known.get(str(proxy.cid))
+            name = f"partition-{pid}" if pid is not None else f"node-{proxy.cid}"
+            metrics = {"loss": float(res.loss), "num_examples": float(res.num_examples)}
+            metrics.update(
+                {k: float(v) for k, v in res.metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )  # fmt: skip
+            sites[name] = metrics
+        return dict(sorted(sites.items()))
 
     def fit_round(self, server_round: int, timeout: float | None):
         """Flower's round (flwr/server/server.py Server.fit_round) with results aggregated in
@@ -360,13 +383,17 @@ class ExperimentServer(Server):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         return parameters, metrics, (results, failures)
 
-    def evaluate_round(self, server_round: int, timeout: float | None):
-        """Flower's federated evaluation round, its results averaged in the stable order."""
+    def evaluate_round(self, server_round: int, timeout: float | None, before_release=None):
+        """Flower's federated evaluation round, its results averaged in the stable order.
+        `before_release()` runs once the evaluating clients are chosen, before the model is
+        sent to them."""
         instructions = self.strategy.configure_evaluate(
             server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
         )
         if not instructions:
             return None
+        if before_release is not None:
+            before_release()
         results, failures = evaluate_clients(
             instructions, max_workers=self.max_workers, timeout=timeout, group_id=server_round
         )
@@ -436,11 +463,24 @@ class ExperimentServer(Server):
             if res_cen is not None:
                 record.centralized = _metrics(*res_cen)
 
-            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
+            # Under client-level DP the aggregate is a release the accountant has counted:
+            # checkpoint the round before it goes to the evaluating clients, so that a crash
+            # during evaluation resumes after this round instead of releasing it again.
+            before_release = None
+            if self.checkpoint_fn is not None and self.strategy.accounts_releases():
+                def before_release(record=record, server_round=server_round, round_start=round_start):
+                    pending = copy.deepcopy(record)
+                    self.strategy.contribute(server_round, pending)
+                    pending.seconds = time.perf_counter() - round_start
+                    self._checkpoint(server_round, pending)
+
+            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout, before_release=before_release)
             if res_fed is not None and res_fed[0] is not None:
                 record.federated = _metrics(res_fed[0], res_fed[1])
             if res_fed is not None:
                 round_failures += describe_failures(res_fed[2][1], "evaluate")
+                if self.per_site_metrics and res_fed[2][0]:
+                    record.federated_sites = self._site_metrics(res_fed[2][0])
             if round_failures:  # omitted when none, like every part not measured
                 record.clients.failures = round_failures
                 if self.first_failure is None:
@@ -455,13 +495,18 @@ class ExperimentServer(Server):
             self.recorder.add_round(record)
             self.rounds_completed = server_round
             if self.checkpoint_fn is not None:
-                self.checkpoint_fn(
-                    server_round,
-                    list(self.strategy.global_model.arrays(self.parameters)),
-                    self.strategy.state_dict(),
-                )
+                self._checkpoint(server_round)
             log(INFO, _round_line(record, num_rounds, time.perf_counter() - start))
         return history, time.perf_counter() - start
+
+    def _checkpoint(self, server_round: int, pending: RoundRecord | None = None) -> None:
+        """checkpoint_fn of this round; `pending`: the round's record so far, for a checkpoint
+        written before the round ends (its results then include it)."""
+        arrays = list(self.strategy.global_model.arrays(self.parameters))
+        if pending is None:
+            self.checkpoint_fn(server_round, arrays, self.strategy.state_dict())
+        else:
+            self.checkpoint_fn(server_round, arrays, self.strategy.state_dict(), pending=pending)
 
     def check_trained(self) -> None:
         """Raise RunFailed when no round aggregated any update (every client failed or was
@@ -481,8 +526,12 @@ def _metrics(loss: float, metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# The console line's metrics (results.json has them all: per-class recall, ECE, ...), in order.
+CONSOLE_METRICS = ("loss", "accuracy", "auroc", "sensitivity", "specificity", "f1", "mae", "rmse", "r2")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return " ".join(f"{k} {metrics[k]:.4f}" for k in CONSOLE_METRICS if k in metrics)
 
 
 def _round_line(record: RoundRecord, num_rounds: int, total: float) -> str:

@@ -3,9 +3,11 @@
     python -m app.he_keys provision --out keys/ [Hydra overrides, e.g. secagg.scale_bits=20]
         writes keys/secret.ctx (for SuperNodes, mode 600) and keys/public.ctx (for the server)
         from the `secagg` config group.
-    python -m app.he_keys decrypt-model <run dir> [--secret-context keys/secret.ctx] [--out f]
+    python -m app.he_keys decrypt-model <run dir> [--secret-context keys/secret.ctx] [--out f] [--data file]
         decrypts a run's encrypted final model (model_encrypted.npz) into a PyTorch state_dict
-        (default <run dir>/model.pt); the model is rebuilt from the run's config.yaml.
+        (default <run dir>/model.pt); the model is rebuilt from the run's config.yaml. With
+        --data, scores that file with the decrypted model and prints its metrics (the server
+        never could: app/predict.py, predictions next to the model).
 
 The server never runs either command in a deployment: it gets public.ctx only. In simulation
 the ServerApp runs `provision` in a child process, so no secret key is ever loaded into the
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("run_dir", type=Path)
     d.add_argument("--secret-context", type=Path, help="default: <run dir>/keys/secret.ctx")
     d.add_argument("--out", type=Path, help=f"default: <run dir>/{MODEL_FILE}")
+    d.add_argument("--data", type=Path, help="a labelled file to report the decrypted model's metrics on")
     args = parser.parse_args(argv)
     if args.command == "provision":
         secret, public = provision(he_params(load_config(with_option(args.overrides, "secagg", "he"))), args.out)
@@ -72,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     secret = args.secret_context or run_dir / "keys" / SECRET_FILE
     out = decrypt_run_model(run_dir, secret, args.out or run_dir / MODEL_FILE)
     print(f"decrypted model: {out}")
+    if args.data is not None:
+        from app.predict import score
+
+        predictions, metrics = score(run_dir, args.data, out.with_name("predictions.csv"), model_file=out)
+        print(f"predictions: {predictions}")
+        if metrics is None:
+            print(f"{args.data} has no labels: no metrics")
+        else:
+            print("decrypted model on " + str(args.data) + ": " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 

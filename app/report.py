@@ -154,13 +154,31 @@ def run_report(run_dir: Path) -> str:
         }
         sections.append(_figure(_series_figure(rounds, traffic, "MB"), "Traffic per round"))
         # The table shows every measured key of every round, as results.json spells them.
-        flat = [dict(_flatten("", r.to_dict())) for r in rounds]
+        # (each site's metrics have a table of their own, below)
+        flat = [dict(_flatten("", {k: v for k, v in r.to_dict().items() if k != "federated_sites"}))
+                for r in rounds]  # fmt: skip
         keys = sorted({k for f in flat for k in f} - {"round"})
         rows = [[r.round, *[f.get(k, "") for k in keys]] for r, f in zip(rounds, flat)]
         sections += ["<h2>Rounds</h2>", _table(["round", *keys], rows)]
+        sections += _sites_section(rounds)
     if config:
         sections.append(f"<h2>Configuration</h2><pre>{html.escape(config)}</pre>")
     return _page(f"Run report: {run_dir.name}", sections)
+
+
+def _sites_section(rounds: list[RoundRecord]) -> list[str]:
+    """The last federated evaluation's metrics site by site (evaluation.per_site)."""
+    last = next((r for r in reversed(rounds) if r.federated_sites), None)
+    if last is None:
+        return []
+    sites = last.federated_sites
+    keys = sorted({k for m in sites.values() for k in m})
+    rows = [[site, *[metrics.get(k, "") for k in keys]] for site, metrics in sites.items()]
+    if last.federated is not None:
+        rows.append(["mean (example-weighted)", *[last.federated.get(k, "") for k in keys]])
+    note = ("<p>Each site's own metrics on its validation data; not covered by differential "
+            "privacy.</p>")  # fmt: skip
+    return [f"<h2>Per site (round {last.round})</h2>", note, _table(["site", *keys], rows)]
 
 
 def _number(value: str) -> float | None:

@@ -39,6 +39,7 @@ from core.data import centralized_evaluation_data, check_partition_count, data_s
 from core.evaluation import evaluate, resolve_device
 from core.edge_model import export_int8
 from app.experiment_server import (
+    CONSOLE_METRICS,
     ClientWaitTimeout,
     ExperimentServer,
     NodeTrackingClientManager,
@@ -51,7 +52,7 @@ from app.checkpoint import CheckpointError, check_resumable
 from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
 from core.results import Comm, FinalRecord, Int8Model, RunRecorder
-from app.tracking import start_tracking
+from app.tracking import resumed_tracking_id, start_tracking
 from strategies.factory import build_strategy, federated_evaluation_allowed
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
@@ -106,13 +107,16 @@ def warn_if_runtime_environment() -> None:
         )
 
 
-def prepare_he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> tuple[HEContext, dict]:
+def prepare_he_keys(
+    cfg: ExperimentConfig, overrides: str, output_dir: Path, *, resume: bool = False
+) -> tuple[HEContext, dict]:
     """The server's public HE context, and what clients must be told about keys.
 
     Deployment (`secagg.public_context` set): load that file; SuperNodes name their secret
     context in their node config. Simulation: provision fresh keys into <output_dir>/keys in a
     child process (so no secret key is ever in this process) and tell the simulated clients
-    where the secret context lies."""
+    where the secret context lies; a resumed run (`resume`) reuses the keys already there,
+    under which its checkpointed model is encrypted."""
     if cfg.secagg.public_context:
         context = load_context(cfg.secagg.public_context)
         if context.is_secret:
@@ -122,6 +126,19 @@ def prepare_he_keys(cfg: ExperimentConfig, overrides: str, output_dir: Path) -> 
             )
         return context, {}
     keys = output_dir / "keys"
+    if resume:
+        if not (keys / PUBLIC_FILE).exists() or not (keys / SECRET_FILE).exists():
+            raise HEError(
+                f"resume=true under secagg=he needs the first run's keys in {keys} ({PUBLIC_FILE} "
+                f"and {SECRET_FILE}): the checkpointed model is encrypted under them. Put them "
+                "back, or start a new run"
+            )
+        context = load_context(keys / PUBLIC_FILE)
+        if context.is_secret:
+            raise HEError(f"{keys / PUBLIC_FILE} holds a secret key: put the first run's {PUBLIC_FILE} back, "
+                          f"never a copy of {SECRET_FILE}")  # fmt: skip
+        log(INFO, "HE keys of the first run reused from %s", keys)
+        return context, {HE_SECRET_PATH_KEY: str(keys / SECRET_FILE)}
     proc = subprocess.run(
         [sys.executable, "-m", "app.he_keys", "provision", "--out", str(keys),
          *parse_overrides(overrides)],
@@ -158,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     tracker = start_tracking(
         cfg, DEFAULT_RUNS_ROOT, output_dir, token=token, flwr_run_id=context.run_id,
         sweep_dir=str(context.run_config.get(SWEEP_DIR_KEY, "")),
+        resumed_from=None if resume is None else resumed_tracking_id(resume.results),
     )  # fmt: skip
     recorder = RunRecorder(
         output_dir, cfg, token=token, flwr_run_id=context.run_id,
@@ -168,6 +186,10 @@ def main(grid: Grid, context: Context) -> None:
     if recorder.archived is not None:
         log(WARNING, "%s held an earlier run's results: moved them to %s",
             output_dir, recorder.archived)  # fmt: skip
+        # A simulation under HE provisions new keys into output_dir/keys: the earlier run's,
+        # which its archived encrypted model needs, go with it instead of being overwritten.
+        if cfg.secagg.name == "he" and not cfg.secagg.public_context and (output_dir / "keys").is_dir():
+            (output_dir / "keys").rename(recorder.archived / "keys")
     try:
         run(grid, context, cfg, overrides, output_dir, recorder, resume)
     except Exception as err:
@@ -294,6 +316,10 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
             log(WARNING, "%s", mismatch)
         for warning in dispatch_warnings(cfg, nodes):
             log(WARNING, "%s", warning)
+    if cfg.evaluation.per_site and cfg.privacy.name != "none":
+        log(WARNING, "evaluation.per_site=true under privacy=%s: each site's own federated "
+            "metrics go to results.json, and they are not covered by the DP guarantee (they are "
+            "computed on the site's data after the model)", cfg.privacy.name)  # fmt: skip
     # config.yaml records the federation that ran (simulation.num_supernodes = the nodes).
     ran = replace(cfg, simulation=replace(cfg.simulation, num_supernodes=nodes))
     recorder.write_config(ran)
@@ -308,11 +334,14 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
 
     def evaluate_centrally(server_round, weights, config):
         set_weights(eval_model, weights, wire)
-        metrics = evaluate(eval_model, test_data, spec.task, device)
+        metrics = evaluate(eval_model, test_data, spec.task, device, threshold=cfg.evaluation.threshold,
+                           calibration_bins=cfg.evaluation.calibration_bins)  # fmt: skip
         return metrics.pop("loss"), metrics
 
     he_context, he_client_config = (
-        prepare_he_keys(cfg, overrides, output_dir) if cfg.secagg.name == "he" else (None, None)
+        prepare_he_keys(cfg, overrides, output_dir, resume=resume is not None)
+        if cfg.secagg.name == "he"
+        else (None, None)
     )
     strategy = build_strategy(
         cfg,
@@ -325,9 +354,11 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
 
     config_yaml = resolved_yaml(cfg)
 
-    def checkpoint(server_round, arrays, strategy_state):
-        save_checkpoint(output_dir, server_round, arrays, strategy_state, recorder.results,
-                        config_yaml)  # fmt: skip
+    def checkpoint(server_round, arrays, strategy_state, pending=None):
+        results = recorder.results
+        if pending is not None:  # written before the round ends (ExperimentServer): it counts as done
+            results = {**results, "rounds": [*results.get("rounds", []), pending.to_dict()]}
+        save_checkpoint(output_dir, server_round, arrays, strategy_state, results, config_yaml)
 
     server = ExperimentServer(
         client_manager=NodeTrackingClientManager(
@@ -341,13 +372,17 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         ),
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
+        per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
     )  # fmt: skip
     start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
     server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 
     summary = finish_run(
         server, recorder, model, wire, nodes, started, output_dir,
-        None if test_data is None else lambda m: evaluate(m, test_data, spec.task, torch.device("cpu")),
+        None if test_data is None else lambda m: evaluate(
+            m, test_data, spec.task, torch.device("cpu"), threshold=cfg.evaluation.threshold,
+            calibration_bins=cfg.evaluation.calibration_bins,
+        ),  # fmt: skip
     )  # fmt: skip
     log(INFO, "Finished: %s", summary)
     log(INFO, "Results in %s", output_dir)
@@ -397,7 +432,7 @@ def finish_run(server, recorder, model, wire, nodes, started, output_dir, evalua
     shown = final.centralized if final.centralized is not None else final.federated or {}
     summary = " | ".join(
         [f"{server.rounds_completed} rounds ({server.stop_reason})"]
-        + [f"{evaluated}{k} {v:.4f}" for k, v in shown.items()]
+        + [f"{evaluated}{k} {shown[k]:.4f}" for k in CONSOLE_METRICS if k in shown]
         + (
             [f"epsilon {final.privacy.epsilon:.3f} (delta {final.privacy.delta:g})"]
             if final.privacy is not None

@@ -132,8 +132,10 @@ class MlflowTracker(RunObserver):
         run_name: str,
         tags: dict[str, str],
         wait_s: float = FINISH_WAIT_S,
+        resumed_from: str | None = None,
     ) -> None:
         self._info = TrackingInfo(uri=uri, experiment=experiment)
+        self._resumed_from = resumed_from
         self._lock = threading.Lock()
         self._run_name, self._tags, self._wait_s = run_name, dict(tags), wait_s
         self._params: dict[str, str] | None = None
@@ -251,10 +253,33 @@ class MlflowTracker(RunObserver):
                 experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
+        if self._resumed_from:
+            tags = {**tags, "resumed_from": self._resumed_from}
         run = client.create_run(experiment_id, run_name=self._run_name, tags=tags)
         self._client, self._run_id = client, run.info.run_id
         with self._lock:
             self._info.run_id = self._run_id
+        if self._resumed_from:
+            self._close_resumed(client, experiment_id)
+
+    def _close_resumed(self, client, experiment_id: str) -> None:
+        """The run this one resumes: a new MLflow run holds the whole experiment (the
+        checkpoint's rounds were logged again with it), so the earlier run, killed mid-run and
+        left RUNNING, is marked KILLED and tagged `resumed_by` this run. MLflow refuses to
+        change a logged param (num_rounds may grow on resume), which is why the earlier run
+        is not continued. An earlier run this store does not hold (tracking.uri changed) is
+        left alone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            earlier = client.get_run(self._resumed_from)
+            if earlier.info.experiment_id != experiment_id or earlier.info.lifecycle_stage != "active":
+                return  # another experiment's, or deleted in the UI: nothing to link
+            client.set_tag(self._resumed_from, "resumed_by", self._run_id)
+            if earlier.info.status == "RUNNING":
+                client.set_terminated(self._resumed_from, "KILLED")
+        except MlflowException as err:  # linking is a courtesy: this run is tracked either way
+            log(WARNING, "MLflow: the resumed run %s could not be marked (%s)", self._resumed_from, one_line(err))
 
     def _local_store(self) -> Path | None:
         """The file of a local SQLite store (None for a server or another database)."""
@@ -312,6 +337,13 @@ class MlflowTracker(RunObserver):
         self._client.set_terminated(self._run_id, status)
 
 
+def resumed_tracking_id(results: dict) -> str | None:
+    """The MLflow run id a checkpoint's results (results.json as of that round) name, if any."""
+    tracking = (results.get("run") or {}).get("tracking") or {}
+    run_id = tracking.get("run_id")
+    return str(run_id) if run_id else None
+
+
 def start_tracking(
     cfg: ExperimentConfig,
     runs_root: Path,
@@ -320,9 +352,11 @@ def start_tracking(
     token: str = "",
     flwr_run_id: int | None = None,
     sweep_dir: str = "",
+    resumed_from: str | None = None,
 ) -> MlflowTracker | None:
     """The run's tracker (None with tracking.enabled=false). Named after its output directory
-    (a sweep's job: `<sweep dir name>/<job>`), tagged with what finds it again."""
+    (a sweep's job: `<sweep dir name>/<job>`), tagged with what finds it again. `resumed_from`:
+    the MLflow run id of the run this one resumes (its checkpoint's `run.tracking.run_id`)."""
     if not cfg.tracking.enabled:
         return None
     for key, value in MLFLOW_ENV_DEFAULTS.items():
@@ -336,5 +370,6 @@ def start_tracking(
         tags["sweep.job"] = output_dir.name
         run_name = f"{Path(sweep_dir).name}/{output_dir.name}"
     return MlflowTracker(
-        tracking_uri(cfg, runs_root), cfg.tracking.experiment, run_name=run_name, tags=tags
-    )
+        tracking_uri(cfg, runs_root), cfg.tracking.experiment, run_name=run_name, tags=tags,
+        resumed_from=resumed_from,
+    )  # fmt: skip

@@ -17,7 +17,7 @@ from torch import nn
 from clients.ddp import train_ddp
 from core.config import TrainingConfig
 from core.data import ArraySplit
-from core.evaluation import evaluate
+from core.evaluation import DEFAULT_BINS, DEFAULT_THRESHOLD, EVAL_BINS_KEY, EVAL_THRESHOLD_KEY, evaluate
 from core.models import get_weights, set_weights
 from core.training import TrainResult, train
 from protections.client_step import (
@@ -136,6 +136,11 @@ class TorchClient(NumPyClient):
             # examples): 0 examples weigh nothing; the strategy drops such results.
             return 0.0, 0, {}
         set_weights(self.model, parameters, self.wire_names)
-        metrics = evaluate(self.model, self.val_data, self.task, self.device)
+        metrics = evaluate(
+            self.model, self.val_data, self.task, self.device,
+            # the server's evaluation.* (strategies/factory.py evaluate_config_fn)
+            threshold=float(config.get(EVAL_THRESHOLD_KEY, DEFAULT_THRESHOLD)),
+            calibration_bins=int(config.get(EVAL_BINS_KEY, DEFAULT_BINS)),
+        )  # fmt: skip
         loss = metrics.pop("loss")
         return loss, len(self.val_data), metrics

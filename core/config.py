@@ -94,6 +94,28 @@ class HubDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class ImageFolderDatasetConfig(DatasetConfig):
+    """dataset=imagefolder: your own images, one folder per class (core/images.py).
+
+    `path`: the folder the simulated clients share, `<path>/<class>/<image>`, or with
+    `by_site` one folder per site, `<path>/<site>/<class>/<image>` (one SuperNode per site,
+    partition i the i-th site in sorted order). `classes`: the class folders' names in
+    class-id order (declared, never learned from the folders). Every image is converted to
+    `channels` (1 grayscale, 3 RGB) and resized to `image_size` [height, width]. `test_path`:
+    the server's held-out folder of class folders; empty: no centralized evaluation.
+    `test_fraction` does not apply (the test set is `test_path`)."""
+
+    name: str = "imagefolder"
+    source: str = "file"
+    path: str = ""
+    classes: list[str] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=lambda: [28, 28])
+    channels: int = 1
+    by_site: bool = False
+    test_path: str = ""
+
+
+@dataclass
 class CategoricalColumn:
     """One categorical input column of dataset=tabular and its declared categories (the
     one-hot order)."""
@@ -396,6 +418,23 @@ class TrackingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What evaluation reports (core/evaluation.py; README "Metrics")."""
+
+    # A binary task's decision: class 1 when p(class 1) >= threshold (sensitivity,
+    # specificity and F1 use it; accuracy stays the argmax one).
+    threshold: float = 0.5
+    calibration_bins: int = 15  # equal-width confidence bins of the expected calibration error
+    # Each federated evaluation's clients' own metrics in results.json (`federated_sites`),
+    # besides their mean. null: on without privacy, off under any privacy option: a site's
+    # metrics are computed on its data after the model and are not covered by DP.
+    per_site: bool | None = None
+
+    def per_site_enabled(self, privacy: str) -> bool:
+        return self.per_site if self.per_site is not None else privacy == "none"
+
+
+@dataclass
 class ExperimentConfig:
     """The whole experiment. The group fields are MISSING here: conf/config.yaml's defaults
     list picks one option of each (digits, iid, mlp, fedavg, no privacy, no secagg, default
@@ -412,6 +451,7 @@ class ExperimentConfig:
     workload: WorkloadConfig = MISSING
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     num_rounds: int = 10
     seed: int = 0
     # Absolute path for this run's results. null: ~/flower-private-finetune/runs/<time>-run<id>.
@@ -432,6 +472,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "cifar10": HubDatasetConfig(name="cifar10", hub_name="uoft-cs/cifar10", feature_key="img"),
         "tabular": TabularDatasetConfig,
         "text": TextDatasetConfig,
+        "imagefolder": ImageFolderDatasetConfig,
     },
     "partitioner": {
         "iid": PartitionerConfig,
@@ -720,9 +761,9 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         f"({d.name}) takes partitioner=iid",
     )
     require(
-        cfg.model.name != "cnn" or d.name == "digits",
+        cfg.model.name != "cnn" or d.name in ("digits", "imagefolder"),
         "model.name",
-        "the cnn reads 1x8x8 images: use dataset=digits, or model=mlp|linear",
+        "the cnn reads images: use dataset=digits or dataset=imagefolder, or model=mlp|linear",
     )
     if isinstance(d, HubDatasetConfig):
         require(bool(d.hub_name), "dataset.hub_name", "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)")
@@ -731,6 +772,8 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
     if isinstance(d, TextDatasetConfig):
         _check_text(d, require)
     _check_hf(cfg, require)
+    if isinstance(d, ImageFolderDatasetConfig):
+        _check_image_folder(d, require)
     if isinstance(d, LocalDatasetConfig):
         require(0.0 <= d.public_fraction < 1.0, "dataset.public_fraction", "must be in [0, 1)")
     require(cfg.simulation.num_supernodes >= 1, "simulation.num_supernodes", "must be >= 1")
@@ -787,6 +830,9 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         "resume=true continues the run in output_dir: set output_dir to that run's folder",
     )
     _check_tracking(cfg.tracking, require)
+    e = cfg.evaluation
+    require(0.0 < e.threshold < 1.0, "evaluation.threshold", "must be in (0, 1): a probability of class 1")
+    require(e.calibration_bins >= 1, "evaluation.calibration_bins", "must be >= 1 (15 is common)")
 
 
 def _check_tracking(t: TrackingConfig, require: Require) -> None:
@@ -810,6 +856,31 @@ def _check_tracking(t: TrackingConfig, require: Require) -> None:
             "a SQLite store is named by its absolute path, sqlite:////abs/path/mlflow.db "
             "(four slashes): the ServerApp runs from Flower's app folder, not from your checkout",
         )
+
+
+def _check_image_folder(d: ImageFolderDatasetConfig, require: Require) -> None:
+    """dataset=imagefolder's declaration, checked from the config alone (core/images.py
+    checks the folders themselves)."""
+    for key in ("path", "test_path"):
+        value = getattr(d, key)
+        require(
+            not value or Path(value).expanduser().is_absolute(),
+            f"dataset.{key}",
+            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
+            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/images)",
+        )
+    require(
+        len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
+        "dataset.classes",
+        "declare the class folders' names in class-id order, each once, e.g. "
+        "dataset.classes=[benign,malignant]",
+    )
+    require(d.channels in (1, 3), "dataset.channels", "must be 1 (grayscale) or 3 (RGB)")
+    require(
+        len(d.image_size) == 2 and all(v >= 2 for v in d.image_size),
+        "dataset.image_size",
+        "must be [height, width], each at least 2, e.g. dataset.image_size=[28,28]",
+    )
 
 
 def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Require) -> None:
@@ -949,11 +1020,12 @@ def _check_hf(cfg: ExperimentConfig, require: Require) -> None:
         "model=hf starts from model.name_or_path's weights (model.pretrained is the "
         "checkpoint of `python -m app.pretrain` for linear, mlp and cnn): drop model.pretrained",
     )
-    image = d.name == "digits" or isinstance(d, HubDatasetConfig)
+    image = d.name == "digits" or isinstance(d, (HubDatasetConfig, ImageFolderDatasetConfig))
     require(
         isinstance(d, TextDatasetConfig) or image,
         "dataset.name",
-        "model=hf classifies text (dataset=text) or images (dataset=digits, mnist, cifar10)",
+        "model=hf classifies text (dataset=text) or images (dataset=digits, mnist, cifar10, "
+        "imagefolder)",
     )
 
 

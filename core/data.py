@@ -35,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import DatasetConfig, PartitionerConfig, TabularDatasetConfig, TextDatasetConfig
+from core.config import (
+    DatasetConfig,
+    ImageFolderDatasetConfig,
+    PartitionerConfig,
+    TabularDatasetConfig,
+    TextDatasetConfig,
+)
 # DataSpec and ArraySplit live in core/data_types.py (core/tabular.py needs them without this
 # module, which imports it); imported here so `from core.data import ArraySplit` keeps working.
 from core.data_types import ArraySplit, DataSpec  # noqa: F401
@@ -67,15 +73,19 @@ def data_spec(cfg: DatasetConfig) -> DataSpec:
         from core.text import text_spec
 
         return text_spec(cfg)
+    if isinstance(cfg, ImageFolderDatasetConfig):  # from the declaration alone: no image is read
+        from core.images import image_spec
+
+        return image_spec(cfg)
     return _local_shape(cfg)[0]
 
 
 def centralized_test_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
     """The server's held-out test split."""
-    if isinstance(cfg, TabularDatasetConfig):
+    if isinstance(cfg, (TabularDatasetConfig, ImageFolderDatasetConfig)):
         test = centralized_evaluation_data(cfg, seed)
         if test is None:
-            raise ValueError("dataset=tabular holds no test split: set dataset.test_path")
+            raise ValueError(f"dataset={cfg.name} holds no test split: set dataset.test_path")
         return test
     if cfg.source == "hub":
         _, fds = _hub(cfg, 1, PartitionerConfig(), seed)
@@ -92,6 +102,10 @@ def centralized_evaluation_data(cfg: DatasetConfig, seed: int) -> ArraySplit | N
         from core.tabular import server_test_split
 
         return server_test_split(cfg)
+    if isinstance(cfg, ImageFolderDatasetConfig):
+        from core.images import server_test_split as image_test_split
+
+        return image_test_split(cfg)
     return centralized_test_split(cfg, seed)
 
 
@@ -129,7 +143,7 @@ def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
     """Examples in the clients' pool of a local data set (None for hub data sets)."""
     if cfg.source == "hub":
         return None
-    if isinstance(cfg, (TabularDatasetConfig, TextDatasetConfig)):  # a user's file: known once read
+    if isinstance(cfg, (TabularDatasetConfig, TextDatasetConfig, ImageFolderDatasetConfig)):  # known once read
         return len(_local_cached(_key(cfg), seed).pool_ids)
     return _pool_size(_local_shape(cfg)[1], cfg.test_fraction, cfg.public_fraction)
 
@@ -137,11 +151,12 @@ def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
 def check_partition_count(cfg: DatasetConfig, num_partitions: int, seed: int) -> None:
     """Every partition needs at least one example: more SuperNodes than the pool has
     examples is a clear error, not the partitioner's IndexError."""
-    if isinstance(cfg, TabularDatasetConfig) and cfg.site_column:
+    if _by_site(cfg):
         sites = _local_cached(_key(cfg), seed).site_names
         if num_partitions != len(sites):
+            how = f"dataset.site_column={cfg.site_column}" if isinstance(cfg, TabularDatasetConfig) else "dataset.by_site=true"
             raise ValueError(
-                f"dataset.site_column={cfg.site_column} gives {len(sites)} sites {list(sites)}, "
+                f"{how} gives {len(sites)} sites {list(sites)}, "
                 f"one SuperNode each, but the federation has num_supernodes={num_partitions}: "
                 f"use {len(sites)} SuperNodes (simulation.num_supernodes / --federation-config "
                 f"'num-supernodes={len(sites)}')"
@@ -180,6 +195,11 @@ def partition_arrays(
             "dataset=tabular: each site's data-path is its own .csv/.parquet with the schema's "
             "columns; split dataset.path by site (e.g. with pandas) instead of exporting arrays"
         )
+    if isinstance(cfg, ImageFolderDatasetConfig):
+        raise ValueError(
+            "dataset=imagefolder: each site's data-path is its own folder of class folders; "
+            "copy each site's images instead of exporting arrays"
+        )
     check_partition_count(cfg, num_partitions, seed)
     if cfg.source == "hub":
         _, fds = _hub(cfg, num_partitions, part_cfg, seed)
@@ -211,6 +231,10 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
         from core.text import load_site_file as load_text_site_file
 
         return load_text_site_file(path, cfg, seed)
+    if isinstance(cfg, ImageFolderDatasetConfig):  # a folder of class folders (core/images.py)
+        from core.images import load_site_folder
+
+        return load_site_folder(path, cfg, seed)
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"data-path {path} is not a file: check the SuperNode's --node-config")
@@ -553,6 +577,8 @@ def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
         return _tabular_pool(cfg, seed, datasets)
     if isinstance(cfg, TextDatasetConfig):
         return _text_pool(cfg, seed, datasets)
+    if isinstance(cfg, ImageFolderDatasetConfig):
+        return _image_pool(cfg, seed, datasets)
     x, y, spec = _load_local_arrays(cfg, seed)
     ids = np.arange(len(y))
     # The seeded splits and the partitioners read only the labels and the length, so the
@@ -644,6 +670,34 @@ def _text_pool(cfg: TextDatasetConfig, seed: int, datasets) -> _LocalData:
     return _LocalData(spec, x, y, pool, _sample_ids(pool), test_ids, None)
 
 
+def _image_pool(cfg: ImageFolderDatasetConfig, seed: int, datasets) -> _LocalData:
+    """dataset=imagefolder: every image of `path` is the clients' pool (the server's test set
+    is its own folder, `test_path`); sample id = the image's position in the listing."""
+    from core.images import SITE, image_spec, load_pool
+
+    x, y, ids, sites = load_pool(cfg)
+    spec = image_spec(cfg)
+    columns = {LABEL: y, SAMPLE_ID: ids.astype(np.int64)}
+    features = {LABEL: datasets.ClassLabel(num_classes=spec.num_outputs), SAMPLE_ID: datasets.Value("int64")}
+    if sites is not None:
+        columns[SITE] = sites
+        features[SITE] = datasets.Value("string")
+    pool = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    if sites is None:
+        pool = pool.shuffle(seed=seed)
+    return _LocalData(
+        spec, x, y, pool, _sample_ids(pool), np.arange(0), None,
+        tuple(sorted({str(s) for s in sites})) if sites is not None else (),
+    )  # fmt: skip
+
+
+def _by_site(cfg: DatasetConfig) -> bool:
+    """One partition per site (NaturalIdPartitioner) instead of the partitioner."""
+    if isinstance(cfg, TabularDatasetConfig):
+        return bool(cfg.site_column)
+    return isinstance(cfg, ImageFolderDatasetConfig) and cfg.by_site
+
+
 def _sample_ids(ds) -> np.ndarray:
     """The SAMPLE_ID column of a Dataset or of a selection of one (a split, a partition).
 
@@ -684,10 +738,10 @@ class _Layout:
 @lru_cache(maxsize=8)
 def _layout(cfg_key: tuple, part_key: tuple, num_partitions: int, seed: int) -> _Layout:
     cfg = _from_key(cfg_key)
-    if isinstance(cfg, TabularDatasetConfig) and cfg.site_column:  # one partition per site
+    if _by_site(cfg):  # one partition per site
         from flwr_datasets.partitioner import NaturalIdPartitioner
 
-        from core.tabular import SITE
+        from core.tabular import SITE  # core/images.py names the column the same
 
         partitioner = NaturalIdPartitioner(partition_by=SITE)
     else:

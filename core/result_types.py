@@ -261,6 +261,8 @@ class RoundRecord(Record):
     train: FitMetrics | None = None
     centralized: Metrics | None = None
     federated: Metrics | None = None
+    # evaluation.per_site: each evaluating client's own metrics, by site (not covered by DP)
+    federated_sites: dict[str, Metrics] | None = None
     secagg: SecAggReport | None = None
     privacy: PrivacyReport | None = None
     rejected_updates: int | None = None  # protections/validation/server.py: how many

@@ -49,9 +49,10 @@ def tabular_spec(cfg: TabularDatasetConfig) -> DataSpec:
     return DataSpec("classification", num_features, len(cfg.classes) or 2)
 
 
-def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool = False):
+def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool = False, label: bool = True):
     """The file as a pandas DataFrame with the schema's columns (and `site_column` when
-    `site`), checked for presence. `key` names where the path came from, for the message."""
+    `site`; without the label column when not `label`), checked for presence. `key` names
+    where the path came from, for the message."""
     import pandas as pd
 
     path = Path(path).expanduser()
@@ -68,7 +69,7 @@ def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool
     except Exception as err:  # pyarrow, decoding: their messages may quote the file's bytes
         kind = "text (UTF-8) .csv" if path.suffix == ".csv" else ".parquet file"
         raise ValueError(f"{key}={path} is not a readable {kind} ({type(err).__name__})") from None
-    wanted = [*cfg.features, *cfg.vocabulary(), cfg.label]
+    wanted = [*cfg.features, *cfg.vocabulary(), *([cfg.label] if label else [])]
     if site:
         wanted.append(cfg.site_column)
     missing = [c for c in wanted if c not in table.columns]
@@ -85,11 +86,13 @@ def read_table(path: str | Path, cfg: TabularDatasetConfig, key: str, site: bool
     return table
 
 
-def encode(table, cfg: TabularDatasetConfig, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode(table, cfg: TabularDatasetConfig, key: str, labelled: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y, kept rows) of a checked table: x float32 (rows, num_features), numeric
     features raw with NaN where missing (imputation and standardization are the client's,
     :func:`preprocess`), then the one-hot columns; y int64 class ids or float32 (n, 1);
-    `kept`: the table's row positions x and y hold (rows dropped by `missing`)."""
+    `kept`: the table's row positions x and y hold (rows dropped by `missing`). Not
+    `labelled` (a file to predict, without the label column): y is zeros, no row is dropped
+    for its label."""
     import pandas as pd
 
     numeric = np.empty((len(table), len(cfg.features)))
@@ -122,10 +125,16 @@ def encode(table, cfg: TabularDatasetConfig, key: str) -> tuple[np.ndarray, np.n
             )
         onehots.append(np.stack([(values == c).fillna(False).to_numpy(dtype=bool) for c in categories], axis=1))
         cat_missing |= absent
-    y, label_missing = _labels(table[cfg.label], cfg, key)
+    if labelled:
+        y, label_missing = _labels(table[cfg.label], cfg, key)
+    else:
+        shape = (len(table), 1) if cfg.task == "regression" else (len(table),)
+        y = np.zeros(shape, np.float32 if cfg.task == "regression" else np.int64)
+        label_missing = np.zeros(len(table), dtype=bool)
     feature_missing = np.isnan(numeric).any(axis=1) | cat_missing
     if cfg.missing == "error" and (feature_missing.any() or label_missing.any()):
-        columns = [c for c in (*cfg.features, *cfg.vocabulary(), cfg.label) if table[c].isna().any()]
+        columns = [c for c in (*cfg.features, *cfg.vocabulary(), *([cfg.label] if labelled else []))
+                   if table[c].isna().any()]  # fmt: skip
         rows = int((feature_missing | label_missing).sum())
         raise ValueError(
             f"{key}: columns {columns} have missing values and dataset.missing=error "
@@ -260,3 +269,48 @@ def server_test_split(cfg: TabularDatasetConfig) -> ArraySplit | None:
     x, y, _ = encode(table, cfg, f"dataset.test_path={cfg.test_path}")
     test, _ = preprocess(ArraySplit(x, y), ArraySplit(x[:0], y[:0]), cfg)
     return test
+
+
+MIN_PREDICTION_ROWS = 30  # below this, a file's own statistics are too noisy to scale by
+
+
+def prediction_file(
+    path: str | Path, cfg: TabularDatasetConfig, reference: str | Path | None = None
+) -> tuple[ArraySplit, np.ndarray | None, np.ndarray]:
+    """A file to score with a trained model (app/predict.py): the schema's feature columns,
+    checked and encoded as a site's file. Returns (the rows, which rows carry a label (None
+    without a label column), their positions in the file: `missing=drop` drops rows with a
+    missing feature, never a row for its missing label).
+
+    Imputation and `standardize=client` use statistics as a site's training does: those of
+    `reference` (the site's own training file, the same columns) when given, else the file's
+    own, which is refused below MIN_PREDICTION_ROWS rows: a patient's score must not depend on
+    a handful of others scored with it (a single row would be centred to all zeros)."""
+    table = read_table(path, cfg, "file", label=False)
+    x, y, kept = encode(table, cfg, f"file={path}", labelled=False)
+    if len(kept) == 0:
+        raise ValueError(f"file={path} has no usable row (after dataset.missing={cfg.missing})")
+    labelled = None
+    if cfg.label in table.columns:
+        y_all, absent = _labels(table[cfg.label], cfg, f"file={path}")
+        y, labelled = y_all[kept], ~absent[kept]
+        if cfg.task != "regression":
+            y = np.where(labelled, y, 0)  # unlabelled rows get a placeholder, never scored
+        else:
+            y = np.where(labelled[:, None], y, 0.0).astype(np.float32)
+    rows = ArraySplit(x, y)
+    scaled = cfg.standardize == "client" or cfg.missing == "mean"
+    if reference is not None:
+        ref_table = read_table(reference, cfg, "--stats-from", label=False)
+        ref_x, ref_y, _ = encode(ref_table, cfg, f"--stats-from={reference}", labelled=False)
+        _, rows = preprocess(ArraySplit(ref_x, ref_y), rows, cfg)
+        return rows, labelled, kept
+    if scaled and len(kept) < MIN_PREDICTION_ROWS:
+        raise ValueError(
+            f"file={path} has {len(kept)} rows and dataset.standardize={cfg.standardize} "
+            f"missing={cfg.missing} scale by the data's own statistics: give the site's training "
+            f"file with --stats-from (its statistics scale these rows), or at least "
+            f"{MIN_PREDICTION_ROWS} rows"
+        )
+    rows, _ = preprocess(rows, ArraySplit(x[:0], y[:0]), cfg)
+    return rows, labelled, kept

@@ -150,6 +150,14 @@ class StrategyWrapper(Strategy):
         self.contribute(server_round, record)
         return record.sections()
 
+    def accounts_releases(self) -> bool:
+        """True when a layer's privacy accountant counts each aggregate this stack releases.
+        The round loop then checkpoints a round before its aggregate leaves the server for
+        federated evaluation (app/experiment_server.py): resuming from the round before
+        would release that round again, with fresh noise, and count it once."""
+        inner = self.strategy
+        return inner.accounts_releases() if isinstance(inner, StrategyWrapper) else False
+
     def rejected_updates(self, server_round: int) -> list[tuple[str, str]]:
         """(node id, reason) of each update of `server_round` a layer refused to aggregate."""
         inner = self.strategy

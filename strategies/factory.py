@@ -18,6 +18,7 @@ from flwr.common import Metrics, Parameters, Scalar
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from core.config import ExperimentConfig
+from core.evaluation import EVAL_BINS_KEY, EVAL_THRESHOLD_KEY
 from protections.dp.mechanisms import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
 from protections.he.context import HEContext
 from protections.dp.server import (
@@ -51,6 +52,17 @@ def weighted_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
             totals[key] = totals.get(key, 0.0) + num_examples * float(value)
             weights[key] = weights.get(key, 0) + num_examples
     return {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
+
+
+def evaluate_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scalar]]:
+    """The evaluation instructions: the round, and how clients compute their metrics
+    (evaluation.threshold and calibration_bins, so every site reports the same quantities)."""
+    threshold, bins = float(cfg.evaluation.threshold), int(cfg.evaluation.calibration_bins)
+
+    def configure(server_round: int) -> dict[str, Scalar]:
+        return {"server_round": server_round, EVAL_THRESHOLD_KEY: threshold, EVAL_BINS_KEY: bins}
+
+    return configure
 
 
 def fit_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scalar]]:
@@ -89,7 +101,7 @@ def build_strategy(
         min_available_clients=s.min_available_clients,
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=fit_config_fn(cfg),
-        on_evaluate_config_fn=lambda server_round: {"server_round": server_round},
+        on_evaluate_config_fn=evaluate_config_fn(cfg),
         accept_failures=True,
         initial_parameters=initial_parameters,
         fit_metrics_aggregation_fn=weighted_metrics,

@@ -82,7 +82,6 @@ def test_checkpoint_write_is_atomic_and_replaces_the_previous(tmp_path):
 @pytest.mark.parametrize("overrides,says", [
     ("privacy=dpsgd", "each client's accountant lives in the first run's Flower contexts"),
     ("privacy=local", "restart their epsilon at 0"),
-    ("secagg=he", "encrypted under the first run's keys"),
     ("model=cnn", "model.name"),
     ("num_rounds=2", "nothing left to run; raise num_rounds"),
 ])  # fmt: skip
@@ -124,3 +123,123 @@ def test_a_run_resumes_from_its_checkpoint_end_to_end(flower, tmp_path):
     assert epsilons == sorted(epsilons) and epsilons[3] > epsilons[1]  # accountant carried on
     assert results["rounds"][3]["privacy"]["releases"] == 4
     assert results["final"]["rounds_completed"] == 4 and (out / "model.pt").exists()
+
+
+# ------------------------------------------------------------------ resume under HE
+def _results(run, pending=None):
+    """What the ServerApp's checkpoint stores: the results so far, with a round in progress."""
+    results = run.recorder.results
+    if pending is not None:
+        results = {**results, "rounds": [*results["rounds"], pending.to_dict()]}
+    return results
+
+
+def _checkpointed_run(overrides, out, rounds):
+    """An in-process run of `overrides` that checkpoints as the ServerApp does and stops after
+    `rounds` rounds (a crash between rounds): its checkpoint."""
+    from tests.support.rounds import in_process_run
+
+    holder = {}
+
+    def checkpoint(server_round, arrays, state, pending=None):
+        run = holder["run"]
+        save(out, server_round, arrays, state, _results(run, pending), resolved_yaml(run.cfg))
+
+    holder["run"] = in_process_run(overrides, out, num_nodes=3, seed=0, checkpoint_fn=checkpoint)
+    holder["run"].fit(num_rounds=rounds)
+    return load(out)
+
+
+def _decrypted(run):
+    from protections.he.client import decrypt_model
+    from protections.he.context import load_context
+    from core.models import get_weights
+
+    arrays = list(run.server.strategy.global_model.arrays(run.server.parameters))
+    shapes = [a.shape for a in get_weights(run.model, run.wire)]
+    return decrypt_model(load_context(run.path / "keys" / "secret.ctx"), arrays, shapes)
+
+
+@pytest.mark.parametrize("privacy", ["", "privacy=client_fixed privacy.noise_multiplier=0.5"])
+def test_an_he_run_resumes_from_its_encrypted_checkpoint(tmp_path, privacy):
+    """secagg=he (pairwise masks on, the default): 1 round, a stop, resume=true for rounds 2
+    and 3 with the first run's keys. Without DP the decrypted final model equals an
+    uninterrupted 3-round run's bit for bit (BFV sums exactly, masks cancel exactly); with
+    client-level DP the accountant continues (round 3's epsilon is the uninterrupted run's)."""
+    from protections.he.context import is_payload
+    from tests.support.rounds import in_process_run
+
+    overrides = f"secagg=he model=linear num_rounds=3 {privacy}".strip()
+    full = in_process_run(overrides, tmp_path / "full", num_nodes=3, seed=0).fit()
+    out = tmp_path / "resumed"
+    checkpoint = _checkpointed_run(overrides, out, 1)
+    assert checkpoint.server_round == 1 and is_payload(checkpoint.parameters)  # the encrypted sum
+    cfg = load_config(overrides)
+    check_resumable(checkpoint, cfg, resolved_yaml(cfg))
+    resumed = in_process_run(overrides, out, num_nodes=3, seed=0, resume=checkpoint).fit()
+    rounds = resumed.recorder.record.rounds
+    assert [r.round for r in rounds] == [1, 2, 3] and resumed.recorder.record.run.resumed_after_round == 1
+    assert all(r.aggregated is not False for r in rounds)
+    if not privacy:
+        for a, b in zip(_decrypted(full), _decrypted(resumed)):
+            assert np.array_equal(a, b)
+    else:
+        eps = [r.privacy.epsilon for r in rounds]
+        assert eps == sorted(eps) and eps[2] == pytest.approx(full.recorder.record.rounds[2].privacy.epsilon, rel=1e-9)
+
+
+def test_an_he_resume_with_other_keys_is_refused_naming_both_fingerprints(tmp_path):
+    from protections.he.context import HEError, load_context, provision
+    from protections.he.config import he_params
+    from tests.support.rounds import in_process_run
+
+    overrides = "secagg=he model=linear num_rounds=3"
+    out = tmp_path / "run"
+    checkpoint = _checkpointed_run(overrides, out, 1)
+    first = load_context(out / "keys" / "public.ctx").fingerprint
+    provision(he_params(load_config(overrides)), out / "keys")  # the keys replaced
+    other = in_process_run(overrides, out, num_nodes=3, seed=0, resume=checkpoint)
+    with pytest.raises(HEError) as err:
+        other.fit()
+    assert f"encrypted under the HE keys with fingerprint {first}" in str(err.value)
+    assert load_context(out / "keys" / "public.ctx").fingerprint in str(err.value)
+
+
+
+def test_a_crash_during_federated_evaluation_under_dp_does_not_release_a_round_twice(tmp_path, monkeypatch):
+    """Client-level DP with federated evaluation on: round 2's aggregate goes to the
+    evaluating clients, then the run dies before the round's end. The round was checkpointed
+    before its model left the server, so the resumed run goes on with round 3: every round's
+    model reaches the evaluators once, and the accountant counts exactly the 3 releases."""
+    from collections import Counter
+
+    from clients.torch_client import TorchClient
+    from tests.support.rounds import in_process_run
+
+    evaluated = []
+    original = TorchClient.evaluate
+
+    def evaluate(self, parameters, config):
+        evaluated.append(int(config["server_round"]))
+        return original(self, parameters, config)
+
+    monkeypatch.setattr(TorchClient, "evaluate", evaluate)
+    overrides = ("model=linear num_rounds=3 strategy.fraction_train=1.0 privacy=client_fixed "
+                 "privacy.noise_multiplier=1.0 privacy.unprotected_metrics=true")  # fmt: skip
+    out, holder = tmp_path / "run", {}
+
+    def checkpoint(server_round, arrays, state, pending=None):
+        if server_round == 2 and pending is None:  # round 2 evaluated; killed before its end
+            raise KeyboardInterrupt
+        save(out, server_round, arrays, state, _results(holder["run"], pending), resolved_yaml(holder["run"].cfg))
+
+    holder["run"] = in_process_run(overrides, out, num_nodes=3, checkpoint_fn=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        holder["run"].fit()
+    checkpoint_2 = load(out)
+    assert checkpoint_2.server_round == 2 and [r["round"] for r in checkpoint_2.results["rounds"]] == [1, 2]
+    resumed = in_process_run(overrides, out, num_nodes=3, resume=checkpoint_2).fit()
+    counts = Counter(evaluated)
+    assert sorted(counts) == [1, 2, 3] and len(set(counts.values())) == 1  # each model released once
+    rounds = resumed.recorder.record.rounds
+    assert [r.round for r in rounds] == [1, 2, 3] and rounds[-1].privacy.releases == 3

@@ -121,7 +121,7 @@ def test_bad_overrides_fail_with_the_key_and_the_fix(override, expected):
         assert fragment in str(info.value)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     rounds=st.integers(1, 1000),
     lr=st.floats(1e-6, 10.0, allow_nan=False),
@@ -199,7 +199,7 @@ FLOATS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(lr=FLOATS, momentum=FLOATS, weight_decay=FLOATS)
 def test_optimizer_values_are_accepted_exactly_when_they_can_train(lr, momentum, weight_decay):
     import math
@@ -362,7 +362,7 @@ def own_keys_with_values(draw):
     return group, option, values
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(own_keys_with_values())
 def test_keys_of_the_chosen_option_are_accepted_and_taken_as_given(case):
     group, option, values = case

@@ -205,7 +205,7 @@ def test_reported_epsilon_matches_dp_accounting_every_round():
     wrapper = dp(ServerSideFixedClipping, m=m, z=z)
     cm = manager(n)
     wrapper.strategy = FedAvg(fraction_fit=0.5, min_fit_clients=2, min_available_clients=2)
-    for r in range(1, 6):
+    for r in range(1, 4):
         run_round(wrapper, cm, zeros(), None, r)  # a Poisson cohort: its size varies
         report = wrapper.round_report(r)["privacy"]
         assert report["epsilon"] == pytest.approx(independent_epsilon(m / n, z, r, 1e-5), rel=1e-6)
@@ -280,7 +280,7 @@ def test_without_replacement_accounting_is_available_and_more_conservative():
     poisson = ClientLevelAccountant(100, 10, 1e-5, "poisson")
     fixed = ClientLevelAccountant(100, 10, 1e-5, "without_replacement")
     for acc in (poisson, fixed):
-        acc.spend([Release(1.0)] * 10)
+        acc.spend([Release(1.0)] * 4)  # (PLD accounting costs about 0.4 s a release)
     assert fixed.epsilon > 1.5 * poisson.epsilon > 0
 
 

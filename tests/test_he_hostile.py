@@ -21,7 +21,7 @@ from protections.dp.server import EncryptedClientSideClipping
 from protections.he.server import HomomorphicAggregation
 from tests.support.proxies import InProcessProxy, manager
 
-pytestmark = pytest.mark.unit
+# unit tier, except the full-size fuzz (integration)
 
 PARAMS = HEParams()
 PARAMS_T = {"t": new_context(PARAMS).plain_modulus}  # t depends on the parameters only
@@ -186,6 +186,30 @@ def test_a_replayed_ciphertext_with_an_edited_round_tag_is_rejected(keys):
     assert node == sent[1][0].cid and "replayed" in why and "round 1" in why
     np.testing.assert_allclose(decrypt(secret, params)[0], honest[0], atol=1e-4)
 
+
+
+def test_a_replay_from_before_a_restart_is_still_rejected(keys, tmp_path):
+    """Resume under HE (app/checkpoint.py): the seeds summed before the checkpoint come back
+    with the layer's state, so round 1's ciphertext replayed into round 2 of a resumed stack
+    is refused as it is without the restart."""
+    from app.checkpoint import load, save
+
+    secret, public = keys
+    first = strategy_for(public, 2)
+    models = models_for(2, seed=2)
+    old = encrypt_update(secret, models[1], 4, 1)
+    params, rejected, _, _ = round_with(first, public, secret, (old, 4), server_round=1, models=models)
+    assert rejected == []
+    save(tmp_path, 1, parameters_to_ndarrays(params), first.state_dict(), {}, "{}")
+    resumed = strategy_for(public, 2)
+    resumed.load_state_dict(load(tmp_path).strategy_state)
+    replay = with_header(old, round=2)
+    params, rejected, honest, sent = round_with(resumed, public, secret, (replay, 4), server_round=2, models=models)
+    ((node, why),) = rejected
+    assert node == sent[1][0].cid and "replayed ciphertext" in why and "round 1" in why
+    np.testing.assert_allclose(decrypt(secret, params)[0], honest[0], atol=1e-4)
+    fresh = strategy_for(public, 2)  # what the state carried: without it the replay is summed
+    assert round_with(fresh, public, secret, (replay, 4), server_round=2, models=models)[1] == []
 
 def test_the_same_ciphertext_twice_is_summed_once(keys):
     secret, public = keys
@@ -413,6 +437,7 @@ def fuzz_cases(secret, public, rng, honest_model, scale=1):
     return cases
 
 
+@pytest.mark.integration  # the full-size fuzz (over 2,000 cases, 13 s): like the full-size audit
 def test_fuzz_no_exception_escapes_every_rejection_is_recorded_no_silent_corruption(keys):
     secret, public = keys
     rng = np.random.default_rng(2024)

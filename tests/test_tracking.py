@@ -271,3 +271,56 @@ def test_a_resume_may_track_elsewhere_and_a_checkpoint_from_before_tracking_resu
     before.pop("tracking")  # a checkpoint written before the tracking section existed
     for saved in (resolved_yaml(first), OmegaConf.to_yaml(before)):
         check_resumable(Checkpoint(2, [], {}, {}, saved), cfg, resolved_yaml(cfg))
+
+
+def test_a_resumed_run_is_a_new_mlflow_run_and_the_killed_one_is_marked_killed(store, tmp_path):
+    """Round 1, a crash (the MLflow run left RUNNING), resume=true: the resumed run is a new
+    MLflow run tagged `resumed_from` with every round (the checkpoint's logged again), and the
+    earlier run is KILLED, tagged `resumed_by` it."""
+    from app.checkpoint import load, save
+    from app.tracking import resumed_tracking_id
+
+    uri, client = store
+    out = tmp_path / "run"
+    overrides = (
+        f"model=linear num_rounds=3 strategy.fraction_train=1.0 "
+        f"tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}"
+    )
+    cfg = load_config(overrides)
+    holder = {}
+
+    def checkpoint(server_round, arrays, state):
+        save(out, server_round, arrays, state, holder["run"].recorder.results, resolved_yaml(cfg))
+
+    tracker = start_tracking(cfg, tmp_path, out, token="t1")
+    holder["run"] = in_process_run(overrides, out, seed=0, checkpoint_fn=checkpoint, observer=tracker)
+    holder["run"].fit(num_rounds=1)
+    tracker.close()  # the ServerApp killed here: no finish, its MLflow run stays RUNNING
+    ckpt = load(out)
+    first_id = resumed_tracking_id(ckpt.results)
+    assert first_id and client.get_run(first_id).info.status == "RUNNING"
+
+    again = start_tracking(cfg, tmp_path, out, token="t2", resumed_from=first_id)
+    in_process_run(overrides, out, seed=0, observer=again, resume=ckpt, token="t2").fit().finish()
+    second_id = load_results(out).run.tracking.run_id
+    first, second = client.get_run(first_id), client.get_run(second_id)
+    assert second_id != first_id and second.info.status == "FINISHED"
+    assert first.info.status == "KILLED" and first.data.tags["resumed_by"] == second_id
+    assert second.data.tags["resumed_from"] == first_id and second.data.tags["resumed_after_round"] == "1"
+    steps = [m.step for m in client.get_metric_history(second_id, "seconds")]
+    assert sorted(steps) == [1, 2, 3]
+
+
+def test_a_resume_whose_earlier_mlflow_run_was_deleted_is_tracked_all_the_same(store, tmp_path):
+    uri, client = store
+    cfg = load_config(f"model=linear num_rounds=1 tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}")
+    experiment = client.create_experiment(EXPERIMENT) if client.get_experiment_by_name(EXPERIMENT) is None else \
+        client.get_experiment_by_name(EXPERIMENT).experiment_id
+    earlier = client.create_run(experiment).info.run_id
+    client.delete_run(earlier)
+    tracker = start_tracking(cfg, tmp_path, tmp_path / "run", token="t", resumed_from=earlier)
+    in_process_run(f"model=linear num_rounds=1 tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}",
+                   tmp_path / "run", observer=tracker).fit().finish()  # fmt: skip
+    info = load_results(tmp_path / "run").run.tracking
+    assert info.error is None and client.get_run(info.run_id).info.status == "FINISHED"
+    assert client.get_run(info.run_id).data.tags["resumed_from"] == earlier

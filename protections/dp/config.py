@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.config import ConfigError, ExperimentConfig, PrivacyGroupConfig, Require, TextDatasetConfig
+from core.config import (
+    ConfigError,
+    ExperimentConfig,
+    ImageFolderDatasetConfig,
+    PrivacyGroupConfig,
+    Require,
+    TextDatasetConfig,
+)
 
 ACCOUNTING = ("auto", "poisson", "without_replacement")
 _BUDGET_ON_CLIENTS = "is accounted by each client, so the server cannot stop on a budget"
@@ -233,7 +240,7 @@ def check_dpsgd_layers(cfg: ExperimentConfig) -> None:
     from core.finetune import build_finetune_model
     from protections.dp.opacus_import import import_opacus_quietly
 
-    if not (isinstance(cfg.dataset, TextDatasetConfig) or cfg.dataset.name == "digits"):
+    if not (isinstance(cfg.dataset, (TextDatasetConfig, ImageFolderDatasetConfig)) or cfg.dataset.name == "digits"):
         return
     import_opacus_quietly()
     import torch

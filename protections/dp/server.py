@@ -231,6 +231,9 @@ class ClientLevelDP(StrategyWrapper):
     def stop_reason(self) -> str | None:
         return self._stop or super().stop_reason()
 
+    def accounts_releases(self) -> bool:
+        return True
+
     def aggregate_fit(self, server_round, results, failures):
         global_weights = self._global.get(server_round)
         if global_weights is None or not (results or server_round in self._empty_rounds):

@@ -130,6 +130,35 @@ class HomomorphicAggregation(StrategyWrapper):
     def __repr__(self) -> str:
         return f"HomomorphicAggregation({ALGORITHM}, {self.context.params}, {self.strategy!r})"
 
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs from this layer (app/checkpoint.py): the fingerprint of
+        the keys the checkpointed model is encrypted under, every seed already summed (so an
+        update replayed from before the restart is still refused) and the last global model
+        the clients accepted (what a rollback restores). Per-round bookkeeping (mask cohorts,
+        reports) ends with its round and is not kept."""
+        state = super().state_dict()
+        last_good = None if self._last_good is None else parameters_to_ndarrays(self._last_good)
+        state["he"] = {
+            "context": self.context.fingerprint,
+            "seen": sorted([seed.hex(), r] for seed, r in self._seen.items()),
+            "last_good": last_good,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        he = state["he"]
+        if he["context"] != self.context.fingerprint:
+            raise HEError(
+                f"the checkpoint is encrypted under the HE keys with fingerprint {he['context']}, "
+                f"this run has keys {self.context.fingerprint}: resume with the first run's keys "
+                "(secagg.public_context, or in simulation the run's keys/ folder)"
+            )
+        super().load_state_dict(state)
+        self._seen = {bytes.fromhex(seed): int(r) for seed, r in he["seen"]}
+        last_good = he["last_good"]
+        self._last_good = None if last_good is None else ndarrays_to_parameters(list(last_good))
+
     # ------------------------------------------------------------------ NoisySecureSum
     def count_each_client_once(self) -> None:
         self.uniform_weights = True

@@ -64,13 +64,16 @@ def in_process_run(
     centralized_test: bool = False,
     token: str = "t",
     observer=None,
+    resume=None,
 ) -> InProcessRun:
     """A run of `overrides` over `num_nodes` in-process clients (partition i on node
     `node_ids[i]`, default 100 + i), written to `path`. `seed`: the client manager's sampling
     seed (None: Flower's sampling). The server evaluates on partition 0's training split, or
     with `centralized_test` on the data set's centralized test split (as the ServerApp does).
     `token`: the run token the recorder writes (what app.sweep's verdict checks); `observer`:
-    the recorder's (core.results.RunObserver: the MLflow tracker, tests/test_tracking.py)."""
+    the recorder's (core.results.RunObserver: the MLflow tracker, tests/test_tracking.py).
+    `resume`: an app.checkpoint.Checkpoint the run continues from, as the ServerApp's
+    `resume=true` does (under HE with the keys already in `path/keys`)."""
     cfg = load_config(overrides)
     spec = data_spec(cfg.dataset)
     if centralized_test:
@@ -91,14 +94,19 @@ def in_process_run(
     started = time.perf_counter()
     he_context, he_client_config = None, None
     if cfg.secagg.name == "he":  # keys as the ServerApp provisions them in simulation, here in-process
-        secret_path, public_path = provision(he_params(cfg), Path(path) / "keys")
+        keys = Path(path) / "keys"
+        if resume is not None:  # the first run's keys, as the ServerApp reuses them
+            secret_path, public_path = keys / "secret.ctx", keys / "public.ctx"
+        else:
+            secret_path, public_path = provision(he_params(cfg), keys)
         he_context, he_client_config = load_context(public_path), {HE_SECRET_PATH_KEY: str(secret_path)}
     strategy = build_strategy(
         cfg, ndarrays_to_parameters(get_weights(model, wire)),
         evaluate_centrally,
         he_context=he_context, he_client_config=he_client_config,
     )  # fmt: skip
-    recorder = RunRecorder(path, cfg, token=token, observer=observer)
+    recorder = RunRecorder(path, cfg, token=token, observer=observer,
+                           resumed=None if resume is None else resume.results)  # fmt: skip
     manager = NodeTrackingClientManager(seed=seed)
     node_ids = node_ids or [100 + i for i in range(num_nodes)]
     for i in range(num_nodes):
@@ -108,5 +116,6 @@ def in_process_run(
         )  # fmt: skip
         manager.register(InProcessProxy(str(node_ids[i]), build_client(cfg, context)))
     server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder,
-                              checkpoint_fn=checkpoint_fn)  # fmt: skip
+                              checkpoint_fn=checkpoint_fn, resume=resume,
+                              per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name))  # fmt: skip
     return InProcessRun(cfg, server, recorder, model, wire, Path(path), evaluate_model, started=started)

@@ -3,7 +3,8 @@
 - unit: in this process only: no child process, no process group, no network socket; the
   whole tier runs in under two minutes (`pytest -m unit`).
 - integration: real processes and process groups on this machine (DDP gloo groups, the
-  CLIs run as programs, headless Chromium) and the full-size privacy audit.
+  CLIs run as programs, headless Chromium), the full-size privacy audit and the full-size
+  fuzz of HE payloads (tests/test_he_hostile.py).
 - e2e: `flwr run`, a deployed SuperLink with SuperNodes, the notebooks.
 
 A test with no tier marker is a unit test (the marker is added at collection). The
