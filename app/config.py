@@ -134,6 +134,7 @@ def to_experiment_config(cfg: DictConfig) -> ExperimentConfig:
         raise ConfigError(_explain(err, ())) from err
     _check_options(typed)
     dp_config.resolve_accounting(typed)
+    core_config.resolve_text_tokenizer(typed)
     check_ranges(typed)  # first: the checks below build models and data from these numbers
     check_data_ranges(typed)
     require = requirer(typed)

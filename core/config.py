@@ -19,6 +19,7 @@ group, and Hydra checks types while composing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -165,6 +166,29 @@ class TabularDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class TextDatasetConfig(DatasetConfig):
+    """dataset=text: your own text classification file, CSV or JSON Lines (core/text.py).
+
+    Read with Hugging Face `datasets` (`load_dataset("csv"|"json", data_files=path)`), each
+    row's `text_column` tokenized with `tokenizer` (null: `model.name_or_path`, filled in when
+    the config is loaded) to `max_length` tokens, and its `label_column` matched against the
+    declared `classes` (as text, in class-id order: never learned from the rows, for the reason
+    dataset=tabular gives). The rows are the clients' pool, split by the partitioner; the
+    server's test set is `test_path` (same columns) or, when empty, a stratified
+    `test_fraction` of `path` (simulation, where every party reads the same file)."""
+
+    name: str = "text"
+    source: str = "file"
+    path: str = ""  # absolute path of the .csv, .json or .jsonl file
+    test_path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    classes: list[str] = field(default_factory=list)  # e.g. [negative, positive]
+    max_length: int = 64  # tokens per example (padded or truncated)
+    tokenizer: str | None = None  # null: model.name_or_path
+
+
+@dataclass
 class PartitionerConfig:
     """partitioner=iid: shuffled, equal-size shards (flwr_datasets IidPartitioner)."""
 
@@ -229,6 +253,27 @@ class CNNModelConfig(MLPModelConfig):
 
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [16, 32])
+
+
+@dataclass
+class HFModelConfig(ModelConfig):
+    """model=hf: a Hugging Face transformers model (core/hf_model.py), loaded with
+    AutoModelForSequenceClassification (dataset=text) or AutoModelForImageClassification (image
+    data sets) from `name_or_path`: an absolute local directory (what `save_pretrained` writes)
+    or a hub id such as distilbert-base-uncased (needs the network on first use; offline, with
+    HF_HUB_OFFLINE=1 or no network, only the Hugging Face cache is read). Its task head is new,
+    sized for the data set's classes. `trainable=head` (the default here) trains the head, the
+    model's modules outside its base model (BERT: `classifier`); `lora.target` takes peft
+    module-name patterns (`query,value` adapts every module whose name ends in .query or
+    .value; `all`: every Linear layer outside the head)."""
+
+    name: str = "hf"
+    name_or_path: str = ""
+    trainable: str = "head"
+    misplaced: ClassVar[dict[str, str]] = {
+        "hidden_sizes": "model=hf takes its architecture from model.name_or_path's config.json",
+        "channels": "model=hf takes its architecture from model.name_or_path's config.json",
+    }
 
 
 @dataclass
@@ -426,6 +471,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "mnist": HubDatasetConfig,
         "cifar10": HubDatasetConfig(name="cifar10", hub_name="uoft-cs/cifar10", feature_key="img"),
         "tabular": TabularDatasetConfig,
+        "text": TextDatasetConfig,
         "imagefolder": ImageFolderDatasetConfig,
     },
     "partitioner": {
@@ -433,7 +479,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "dirichlet": DirichletPartitionerConfig,
         "pathological": PathologicalPartitionerConfig,
     },
-    "model": {"linear": ModelConfig, "mlp": MLPModelConfig, "cnn": CNNModelConfig},
+    "model": {
+        "linear": ModelConfig,
+        "mlp": MLPModelConfig,
+        "cnn": CNNModelConfig,
+        "hf": HFModelConfig,
+    },
     "strategy": {
         "fedavg": StrategyConfig,
         "fedavgm": FedAvgMConfig,
@@ -718,6 +769,9 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         require(bool(d.hub_name), "dataset.hub_name", "a hub data set needs dataset.hub_name (e.g. ylecun/mnist)")
     if isinstance(d, TabularDatasetConfig):
         _check_tabular(d, p, require)
+    if isinstance(d, TextDatasetConfig):
+        _check_text(d, require)
+    _check_hf(cfg, require)
     if isinstance(d, ImageFolderDatasetConfig):
         _check_image_folder(d, require)
     if isinstance(d, LocalDatasetConfig):
@@ -886,6 +940,92 @@ def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Requi
         "partitioner.name",
         f"dataset.site_column={d.site_column} partitions by site (one SuperNode per site): "
         "use partitioner=iid (the default) with it, or drop dataset.site_column",
+    )
+
+
+def resolve_text_tokenizer(cfg: ExperimentConfig) -> None:
+    """dataset=text's `tokenizer: null` is the model's own (`model.name_or_path`), filled in
+    once here so that the data code needs only the dataset config and every party's resolved
+    config (and config.yaml) names the tokenizer that ran."""
+    if isinstance(cfg.dataset, TextDatasetConfig) and cfg.dataset.tokenizer is None:
+        if isinstance(cfg.model, HFModelConfig) and cfg.model.name_or_path:
+            cfg.dataset.tokenizer = cfg.model.name_or_path
+
+
+def _check_text(d: TextDatasetConfig, require: Require) -> None:
+    """dataset=text's schema, from the config alone (the file is read by whoever holds it:
+    core/text.py checks its columns and labels)."""
+    for key in ("path", "test_path"):
+        value = getattr(d, key)
+        require(
+            not value or Path(value).expanduser().is_absolute(),
+            f"dataset.{key}",
+            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
+            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/reviews.csv)",
+        )
+        require(
+            not value or Path(value).suffix in (".csv", ".json", ".jsonl"),
+            f"dataset.{key}",
+            "dataset=text reads .csv, .json or .jsonl (JSON Lines) files",
+        )
+    require(bool(d.path), "dataset.path", "name the text file: dataset.path=/abs/path/reviews.csv")
+    require(
+        len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
+        "dataset.classes",
+        "declare the label values as written in the file, distinct and in class-id order, "
+        "e.g. dataset.classes=[negative,positive]",
+    )
+    require(bool(d.text_column), "dataset.text_column", "name the text column, e.g. text")
+    require(bool(d.label_column), "dataset.label_column", "name the label column, e.g. label")
+    require(
+        d.text_column != d.label_column,
+        "dataset.label_column",
+        "the label column must differ from dataset.text_column",
+    )
+    require(d.max_length >= 2, "dataset.max_length", "must be >= 2 tokens")
+    require(
+        bool(d.tokenizer),
+        "dataset.tokenizer",
+        "dataset=text tokenizes with model=hf's tokenizer: use model=hf "
+        "model.name_or_path=<dir or hub id>, or set dataset.tokenizer",
+    )
+
+
+def _check_hf(cfg: ExperimentConfig, require: Require) -> None:
+    """model=hf with a data set it can read: token ids (dataset=text) for a sequence
+    classifier, images (digits, hub image sets) for an image classifier; and dataset=text only
+    with model=hf (token ids are no features for linear, mlp or cnn)."""
+    m, d = cfg.model, cfg.dataset
+    if not isinstance(m, HFModelConfig):
+        require(
+            not isinstance(d, TextDatasetConfig),
+            "model.name",
+            "dataset=text gives token ids: use model=hf model.name_or_path=<dir or hub id>",
+        )
+        return
+    require(
+        importlib.util.find_spec("transformers") is not None,
+        "model.name",
+        "model=hf needs transformers (and peft for LoRA): pip install -e '.[hf]'",
+    )
+    require(
+        bool(m.name_or_path.strip()),
+        "model.name_or_path",
+        "model=hf needs a model: an absolute local directory (save_pretrained's output) or a "
+        "hub id such as distilbert-base-uncased",
+    )
+    require(
+        m.pretrained is None,
+        "model.pretrained",
+        "model=hf starts from model.name_or_path's weights (model.pretrained is the "
+        "checkpoint of `python -m app.pretrain` for linear, mlp and cnn): drop model.pretrained",
+    )
+    image = d.name == "digits" or isinstance(d, (HubDatasetConfig, ImageFolderDatasetConfig))
+    require(
+        isinstance(d, TextDatasetConfig) or image,
+        "dataset.name",
+        "model=hf classifies text (dataset=text) or images (dataset=digits, mnist, cifar10, "
+        "imagefolder)",
     )
 
 

@@ -18,9 +18,11 @@ from core.config import (
     LocalDatasetConfig,
     PathologicalPartitionerConfig,
     Require,
+    TextDatasetConfig,
 )
 from core.data import client_pool_size, data_spec
 from core.finetune import FineTuneError, build_finetune_model
+from core.hf_model import HFModelError
 
 
 def check_data_ranges(cfg: ExperimentConfig) -> None:
@@ -64,8 +66,34 @@ def check_finetune(cfg: ExperimentConfig, require: Require) -> None:
             "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
             "folder, not from your checkout",
         )
-    if isinstance(cfg.dataset, LocalDatasetConfig):
+    # The data spec of these is known from the config (a hub data set's needs the network);
+    # model=hf: the model is loaded here, so a name_or_path that cannot be fails now.
+    if isinstance(cfg.dataset, (LocalDatasetConfig, TextDatasetConfig)):
         try:
-            build_finetune_model(m, data_spec(cfg.dataset))
-        except FineTuneError as err:
+            model, _ = build_finetune_model(m, data_spec(cfg.dataset))
+            if isinstance(cfg.dataset, TextDatasetConfig):
+                _check_tokenizer_fits(cfg.dataset, model)
+        except (FineTuneError, HFModelError) as err:
             raise ConfigError(f"Invalid experiment configuration: {err}") from err
+
+
+def _check_tokenizer_fits(d: TextDatasetConfig, model) -> None:
+    """Token ids the model has no embedding for, or more positions than it has, fail in a
+    client's first batch as an IndexError deep inside the model: caught here instead."""
+    from core.text import tokenizer_for
+
+    config = model.hf.config
+    tokens = len(tokenizer_for(d.tokenizer))
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and tokens > vocab:
+        raise HFModelError(
+            f"dataset.tokenizer={d.tokenizer!r} has {tokens} tokens but the model embeds "
+            f"{vocab} (its config's vocab_size): use the model's own tokenizer "
+            "(dataset.tokenizer=null)"
+        )
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and d.max_length > positions:
+        raise HFModelError(
+            f"dataset.max_length={d.max_length} exceeds the model's {positions} positions "
+            f"(max_position_embeddings): use dataset.max_length <= {positions}"
+        )

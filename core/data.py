@@ -7,7 +7,10 @@ data sets (`mnist`, `cifar10`, behind `dataset=` and needing the network).
 `dataset=tabular` is your own CSV or Parquet file, read and checked by core/tabular.py: its
 rows are the clients' pool (split by the partitioner, or by site through NaturalIdPartitioner),
 each client preprocesses its own rows, and the server's test set is the separate
-`dataset.test_path` (or none: :func:`centralized_evaluation_data`).
+`dataset.test_path` (or none: :func:`centralized_evaluation_data`). `dataset=text` is your own
+CSV or JSON Lines file of texts and labels, read, checked and tokenized by core/text.py into
+token-id arrays, then split like the local data sets (test: `dataset.test_path`, or a
+stratified `test_fraction` of the file).
 
 Splits, all derived from `seed` so that every process computes the same ones:
 - the server holds a stratified `test_fraction` of the data set for centralized evaluation
@@ -32,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import DatasetConfig, ImageFolderDatasetConfig, PartitionerConfig, TabularDatasetConfig
+from core.config import (
+    DatasetConfig,
+    ImageFolderDatasetConfig,
+    PartitionerConfig,
+    TabularDatasetConfig,
+    TextDatasetConfig,
+)
 # DataSpec and ArraySplit live in core/data_types.py (core/tabular.py needs them without this
 # module, which imports it); imported here so `from core.data import ArraySplit` keeps working.
 from core.data_types import ArraySplit, DataSpec  # noqa: F401
@@ -60,6 +69,10 @@ def data_spec(cfg: DatasetConfig) -> DataSpec:
         from core.tabular import tabular_spec
 
         return tabular_spec(cfg)
+    if isinstance(cfg, TextDatasetConfig):  # from the schema alone, as tabular
+        from core.text import text_spec
+
+        return text_spec(cfg)
     if isinstance(cfg, ImageFolderDatasetConfig):  # from the declaration alone: no image is read
         from core.images import image_spec
 
@@ -98,7 +111,7 @@ def centralized_evaluation_data(cfg: DatasetConfig, seed: int) -> ArraySplit | N
 
 def public_split(cfg: DatasetConfig, seed: int) -> ArraySplit:
     """The public split (`dataset.public_fraction` of the non-test data) that no client holds."""
-    if cfg.source == "hub" or cfg.public_fraction <= 0:
+    if cfg.source == "hub" or getattr(cfg, "public_fraction", 0) <= 0:
         raise ValueError(
             "a public split needs a local data set and dataset.public_fraction > 0 "
             "(e.g. dataset.public_fraction=0.2)"
@@ -130,7 +143,7 @@ def client_pool_size(cfg: DatasetConfig, seed: int) -> int | None:
     """Examples in the clients' pool of a local data set (None for hub data sets)."""
     if cfg.source == "hub":
         return None
-    if isinstance(cfg, (TabularDatasetConfig, ImageFolderDatasetConfig)):  # known once read
+    if isinstance(cfg, (TabularDatasetConfig, TextDatasetConfig, ImageFolderDatasetConfig)):  # known once read
         return len(_local_cached(_key(cfg), seed).pool_ids)
     return _pool_size(_local_shape(cfg)[1], cfg.test_fraction, cfg.public_fraction)
 
@@ -170,6 +183,11 @@ def partition_arrays(
     `python -m app.deploy export-data` writes to a site's data file."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition {partition_id} is outside 0..{num_partitions - 1}")
+    if isinstance(cfg, TextDatasetConfig):
+        raise ValueError(
+            "dataset=text: each site's data-path is its own .csv/.jsonl with the schema's text "
+            "and label columns; split dataset.path by site instead of exporting token ids"
+        )
     if isinstance(cfg, TabularDatasetConfig):
         # Its sites already hold their files: a site's data-path is its own CSV/Parquet with
         # the schema's columns (core/tabular.py), not an export of preprocessed arrays.
@@ -209,6 +227,10 @@ def load_file_data(path: str | Path, cfg: DatasetConfig, seed: int) -> tuple[Arr
         from core.tabular import load_site_file
 
         return load_site_file(path, cfg, seed)
+    if isinstance(cfg, TextDatasetConfig):  # texts and labels by column name (core/text.py)
+        from core.text import load_site_file as load_text_site_file
+
+        return load_text_site_file(path, cfg, seed)
     if isinstance(cfg, ImageFolderDatasetConfig):  # a folder of class folders (core/images.py)
         from core.images import load_site_folder
 
@@ -553,6 +575,8 @@ def _local_cached(cfg_key: tuple, seed: int) -> _LocalData:
     cfg: DatasetConfig = _from_key(cfg_key)
     if isinstance(cfg, TabularDatasetConfig):
         return _tabular_pool(cfg, seed, datasets)
+    if isinstance(cfg, TextDatasetConfig):
+        return _text_pool(cfg, seed, datasets)
     if isinstance(cfg, ImageFolderDatasetConfig):
         return _image_pool(cfg, seed, datasets)
     x, y, spec = _load_local_arrays(cfg, seed)
@@ -618,6 +642,32 @@ def _tabular_pool(cfg: TabularDatasetConfig, seed: int, datasets) -> _LocalData:
         spec, x, y, pool, _sample_ids(pool), np.arange(0), None,
         tuple(sorted({str(s) for s in sites})) if sites is not None else (),
     )  # fmt: skip
+
+
+def _text_pool(cfg: TextDatasetConfig, seed: int, datasets) -> _LocalData:
+    """dataset=text: the rows of `path`, tokenized (core/text.py), are the clients' pool; the
+    server's test split is the rows of `test_path` (appended after them, so a sample id is a
+    row of `path` or, past its end, of `test_path`) or, without one, a stratified
+    `test_fraction` of `path`, split as the other local data sets are."""
+    from core.text import load_text_arrays, text_spec
+
+    spec = text_spec(cfg)
+    data = load_text_arrays(cfg.path, cfg, "dataset.path")
+    features = datasets.Features(
+        {LABEL: datasets.ClassLabel(num_classes=spec.num_outputs), SAMPLE_ID: datasets.Value("int64")}
+    )
+    rows = datasets.Dataset.from_dict(
+        {LABEL: data.y, SAMPLE_ID: np.arange(len(data), dtype=np.int64)}, features=features
+    )
+    if cfg.test_path:
+        test = load_text_arrays(cfg.test_path, cfg, "dataset.test_path")
+        x, y = np.concatenate([data.x, test.x]), np.concatenate([data.y, test.y])
+        pool, test_ids = rows.shuffle(seed=seed), np.arange(len(data), len(y))
+    else:
+        x, y = data.x, data.y
+        split = rows.train_test_split(test_size=cfg.test_fraction, seed=seed, stratify_by_column=LABEL)
+        pool, test_ids = split["train"], _sample_ids(split["test"])
+    return _LocalData(spec, x, y, pool, _sample_ids(pool), test_ids, None)
 
 
 def _image_pool(cfg: ImageFolderDatasetConfig, seed: int, datasets) -> _LocalData:

@@ -23,6 +23,10 @@ the base, and A randomly: A is drawn from a generator seeded by `seed` alone (ev
 the experiment seed), so all parties build identical adapters before any message. The saved
 final model is the merged one (`merged_model`: W + alpha/r * B @ A folded into each base layer),
 with the same tensor names as the model without LoRA.
+
+model=hf (core/hf_model.py): `head` is the transformers model's task head (its modules outside
+the base model, all of them), and `model.lora.target` takes peft's name patterns
+(`hf_lora_targets`): the adapters plus the trainable head are the wire.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import nn
 
 from core.config import CNNModelConfig, LoraConfig, MLPModelConfig, ModelConfig
 from core.data import DataSpec
+from core.hf_model import HFClassifier
 from core.models import build_model
 
 CHECKPOINT_FORMAT = "flower-private-finetune checkpoint v1"
@@ -147,6 +152,9 @@ def trainable_modules(model: nn.Module, trainable: str) -> list[str] | None:
     modules = dict(model.named_modules())
     prefixes = []
     for name in wanted:
+        if name == HEAD and isinstance(model, HFClassifier):  # model=hf: its whole task head
+            prefixes.extend(model.head_modules())
+            continue
         name = head_module(model) if name == HEAD else name
         if name not in modules or name == "":
             choices = [n for n in modules if n]
@@ -178,8 +186,39 @@ def linear_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def hf_lora_targets(model: HFClassifier, target: str) -> list[str]:
+    """model=hf: the modules `model.lora.target` names, read as peft reads `target_modules`
+    names (a pattern matches a module whose name is it or ends in "." + it: `query` adapts
+    every attention query projection), outside the task head (which trains whole under
+    trainable=head; `all`: every Linear layer outside the head). Resolved here and handed to
+    peft as exact names because peft's own matching cannot leave the head out."""
+    head = model.head_modules()
+    outside = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and not any(name == h or name.startswith(h + ".") for h in head)
+    ]
+    if target.strip() == ALL:
+        return [n for n, m in outside if isinstance(m, nn.Linear)]
+    wanted = [p.strip() for p in target.split(",") if p.strip()]
+    chosen: list[str] = []
+    for pattern in wanted:
+        matched = [n for n, _ in outside if n == pattern or n.endswith("." + pattern)]
+        if not matched:
+            linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in outside if isinstance(m, nn.Linear)})
+            raise FineTuneError(
+                f"model.lora.target={target!r}: {pattern!r} matches no module of this model "
+                f"outside its head {head}; LoRA adapts layers by name (or name suffix): use "
+                f"all or names from {linear_names}"
+            )
+        chosen += [n for n in matched if n not in chosen]
+    return chosen
+
+
 def lora_targets(model: nn.Module, target: str) -> list[str]:
     """The Linear modules `model.lora.target` names (`all`: every Linear layer)."""
+    if isinstance(model, HFClassifier):
+        return hf_lora_targets(model, target)
     linears = linear_modules(model)
     if target.strip() == ALL:
         return linears
@@ -211,8 +250,17 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None) -> list[str]:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0 if seed is None else seed)
-        inject_adapter_in_model(config, model)
-    return [k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k]
+        try:
+            inject_adapter_in_model(config, model)
+        except ValueError as err:  # peft: a module type it cannot adapt (model=hf patterns)
+            raise FineTuneError(f"model.lora.target={lora.target!r}: peft refused it: {err}") from err
+    return [k for k in model.state_dict() if is_adapter(k)]
+
+
+def is_adapter(key: str) -> bool:
+    """A peft LoRA adapter tensor: lora_A/lora_B of an adapted Linear (or Conv) layer,
+    lora_embedding_A/B of an adapted Embedding (model=hf patterns may name embeddings)."""
+    return re.search(r"\.lora_(?:embedding_)?[AB]\.", key) is not None
 
 
 def merged_model(model: nn.Module) -> nn.Module:
@@ -221,7 +269,7 @@ def merged_model(model: nn.Module) -> nn.Module:
     LoRA (what `model.pt` and `model_int8.pt` hold). A model without adapters is returned as is.
     peft's `merge_and_unload` lives on its tuner wrapper, which `inject_adapter_in_model` does
     not return; this does the same with the layers' public `merge()` / `get_base_layer()`."""
-    if not any(".lora_A." in k for k in model.state_dict()):
+    if not any(is_adapter(k) for k in model.state_dict()):
         return model
     from peft.tuners.lora import LoraLayer
 

@@ -1,4 +1,5 @@
-"""Models (`model=linear|mlp|cnn`) and the parameter <-> NumPy conversion both sides share.
+"""Models (`model=linear|mlp|cnn`, and `model=hf`: core/hf_model.py) and the parameter <->
+NumPy conversion both sides share.
 
 No BatchNorm anywhere: Opacus DP-SGD needs per-sample gradients, which BatchNorm mixes.
 """
@@ -54,7 +55,11 @@ def build_model(cfg: ModelConfig, spec: DataSpec, seed: int | None = None) -> nn
         return _mlp(spec.num_features, cfg.hidden_sizes, spec.num_outputs)
     if cfg.name == "cnn":
         return CNN(spec, cfg.channels, cfg.hidden_sizes)
-    raise ValueError(f"model.name={cfg.name!r}: use linear, mlp or cnn")
+    if cfg.name == "hf":
+        from core.hf_model import build_hf_model  # transformers: imported for model=hf only
+
+        return build_hf_model(cfg, spec)
+    raise ValueError(f"model.name={cfg.name!r}: use linear, mlp, cnn or hf")
 
 
 def get_weights(model: nn.Module, names: list[str] | None = None) -> list[np.ndarray]:

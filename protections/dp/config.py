@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.config import ConfigError, ExperimentConfig, PrivacyGroupConfig, Require
+from core.config import (
+    ConfigError,
+    ExperimentConfig,
+    ImageFolderDatasetConfig,
+    PrivacyGroupConfig,
+    Require,
+    TextDatasetConfig,
+)
 
 ACCOUNTING = ("auto", "poisson", "without_replacement")
 _BUDGET_ON_CLIENTS = "is accounted by each client, so the server cannot stop on a budget"
@@ -208,4 +215,72 @@ def check_privacy(cfg: ExperimentConfig, require: Require) -> None:
             "strategy.name",
             "FedProx's proximal term has no per-sample gradient, so DP-SGD would silently "
             "drop it: use strategy=fedavg|fedavgm|fedadam with privacy=dpsgd",
+        )
+        if cfg.model.name == "hf":
+            check_dpsgd_layers(cfg)
+
+
+def check_dpsgd_layers(cfg: ExperimentConfig) -> None:
+    """model=hf under DP-SGD: every tensor that trains needs an exact per-sample gradient.
+
+    Opacus 1.6 has grad samplers for Linear, Embedding, LayerNorm, the Conv and norm layers and
+    RMSNorm (`GradSampleModule.GRAD_SAMPLERS`): the pieces of a BERT-like encoder and of
+    peft's LoRA Linear (its lora_A and lora_B are Linear layers). A module of another type that
+    owns trainable tensors would go to its torch.func fallback, which peft's LoRA Embedding
+    defeats (its adapters are a ParameterDict that the forward reads directly, so no hook
+    fires) and which refuses modules with buffers: refused by type. A supported layer can still
+    be called on an input every example shares: BERT's position embeddings get a (1, length)
+    batch of position ids, so Opacus computes one gradient for the whole batch, not one per
+    example, and the client's first step fails. No layer type tells that, so the model is
+    probed: one forward and backward of a 2-example batch under Opacus' GradSampleModule, and
+    every trainable tensor must come back with 2 per-sample gradients of its shape. Both run
+    here, at config time, naming the tensors. A data set whose spec needs the network (hub
+    image sets) is checked when a client builds the model."""
+    from core.data import data_spec
+    from core.finetune import build_finetune_model
+    from protections.dp.opacus_import import import_opacus_quietly
+
+    if not (isinstance(cfg.dataset, (TextDatasetConfig, ImageFolderDatasetConfig)) or cfg.dataset.name == "digits"):
+        return
+    import_opacus_quietly()
+    import torch
+    from opacus.grad_sample import GradSampleModule
+    from opacus.utils.module_utils import trainable_modules
+
+    spec = data_spec(cfg.dataset)
+    model, _ = build_finetune_model(cfg.model, spec)
+    refused = [
+        f"{name} ({type(module).__module__}.{type(module).__name__})"
+        for name, module in trainable_modules(model)
+        if type(module) not in GradSampleModule.GRAD_SAMPLERS or list(module.buffers(recurse=False))
+    ]
+    why = "no per-sample gradients for these layer types"
+    if not refused:
+        if spec.image_shape is None:  # token id 0 everywhere, attention mask 1 everywhere
+            half = spec.num_features // 2
+            x = torch.cat([torch.zeros(2, half), torch.ones(2, half)], dim=1).long()
+        else:
+            x = torch.zeros(2, spec.num_features)
+        probe = GradSampleModule(model.train())  # Opacus records activations in training mode
+        try:
+            probe(x).sum().backward()
+        except (RuntimeError, ValueError) as err:  # a layer Opacus' hooks cannot follow
+            refused, why = [f"the probe step failed ({err})"], "per-sample gradients failed"
+        else:
+            refused = [
+                name
+                for name, p in model.named_parameters()
+                if p.requires_grad
+                and (getattr(p, "grad_sample", None) is None or tuple(p.grad_sample.shape) != (2, *p.shape))
+            ]
+            why = "one gradient for the whole batch, not one per example (a layer called on an input all examples share, such as position embeddings)"
+        finally:
+            probe._close()
+    if refused:
+        raise ConfigError(
+            "Invalid experiment configuration: privacy=dpsgd: Opacus computes per-sample "
+            "gradients of Linear, Embedding, LayerNorm, Conv and norm layers (and peft's LoRA "
+            f"Linear adapters) applied per example; {why}: {', '.join(refused[:5])}"
+            f"{' and more' if len(refused) > 5 else ''}. Train other tensors (model.trainable=head, "
+            "with LoRA adapters on Linear layers: model.lora.target), or use a client-level privacy= option"
         )

@@ -12,9 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from core.config import ConfigError, ExperimentConfig, LocalDatasetConfig, Require, SecAggConfig
+from core.config import (
+    ConfigError,
+    ExperimentConfig,
+    LocalDatasetConfig,
+    Require,
+    SecAggConfig,
+    TextDatasetConfig,
+)
 from core.data import data_spec
-from core.models import build_model, num_parameters
+from core.finetune import build_finetune_model
 from protections.he.context import HEError, HEParams
 
 _PARAMS = HEParams()
@@ -114,8 +121,12 @@ def check_secagg(cfg: ExperimentConfig, require: Require) -> None:
         f"{s.max_weight} exceeds {most}, the total weight the plaintext modulus holds "
         "at these settings: lower it or raise secagg.plain_modulus_bits",
     )
-    if cfg.privacy.name == "client_fixed" and isinstance(cfg.dataset, LocalDatasetConfig):
-        d = num_parameters(build_model(cfg.model, data_spec(cfg.dataset)))
+    if cfg.privacy.name == "client_fixed" and isinstance(cfg.dataset, (LocalDatasetConfig, TextDatasetConfig)):
+        # the values that are encrypted: the wire (core/finetune.py), not the whole model
+        # (under LoRA or model=hf a small part of it)
+        model, wire = build_finetune_model(cfg.model, data_spec(cfg.dataset))
+        state = model.state_dict()
+        d = sum(state[name].numel() for name in wire)
         slack = 0.5 * math.sqrt(d) / params.scale
         clipping_norm = cfg.privacy.clipping_norm  # a key of privacy=client_fixed
         require(
