@@ -285,6 +285,16 @@ def dispatch_warnings(cfg: ExperimentConfig, nodes: int) -> list[str]:
     return warnings
 
 
+def federated_evaluation_every(cfg: ExperimentConfig) -> int | None:
+    """strategy.evaluate_every when the run has federated evaluation (fraction_evaluate > 0,
+    clients hold a validation split, and privacy allows its metrics), else None: no round
+    then records a skipped federated evaluation."""
+    s = cfg.strategy
+    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg):
+        return s.evaluate_every
+    return None
+
+
 def shipped_grid(context: Context) -> bool:
     """The run config's `shipped-grid` (absent: false), as a bool."""
     value = context.run_config.get(SHIPPED_GRID_KEY, False)
@@ -357,6 +367,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         ),
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
+        evaluate_every=federated_evaluation_every(cfg),
     )  # fmt: skip
     # Deployment: replies collected every 0.1 s (app/grid_messages.py); the simulation's
     # InMemoryGrid already pulls every 0.1 s.

@@ -261,6 +261,9 @@ class RoundRecord(Record):
     train: FitMetrics | None = None
     centralized: Metrics | None = None
     federated: Metrics | None = None
+    # True: strategy.evaluate_every skipped this round's federated evaluation (absent: it ran,
+    # or the run has none).
+    federated_skipped: bool | None = None
     secagg: SecAggReport | None = None
     privacy: PrivacyReport | None = None
     rejected_updates: int | None = None  # protections/validation/server.py: how many

@@ -1,4 +1,5 @@
-"""The deployment round path's message collector (app/grid_messages.py).
+"""The deployment round path's message collector (app/grid_messages.py), and
+strategy.evaluate_every in the real round loop.
 
 The collector is tested against `FakeGrid`, an in-memory stand-in for the SuperLink's Runtime
 API (push_messages / pull_messages, replies sent by "nodes" on timer threads): the real
@@ -16,7 +17,10 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supercore.task_identity import TaskIdentity
 
+from app.config import load_config
 from app.grid_messages import CollectingGrid, CollectorClosed, MessageCollector
+from core.config import ConfigError
+from tests.support.rounds import in_process_run
 
 
 class FakeGrid:
@@ -247,3 +251,36 @@ def test_the_wrapper_delegates_everything_but_send_and_receive(grid):
         assert not wrapped.collector.polling  # the poller starts with the first message
     finally:
         wrapped.close()
+
+
+# --------------------------------------------------------------------------- evaluate_every
+def test_evaluate_every_2_runs_federated_evaluation_on_rounds_2_and_4_of_4(tmp_path):
+    run = in_process_run(
+        "num_rounds=4 strategy.evaluate_every=2 strategy.fraction_evaluate=1.0", tmp_path
+    ).fit()
+    rounds = run.recorder.record.rounds
+    assert [r.federated is not None for r in rounds] == [False, True, False, True]
+    assert [r.federated_skipped for r in rounds] == [True, None, True, None]
+    assert all(r.centralized is not None for r in rounds)  # centralized: every round
+
+
+def test_evaluate_every_runs_federated_evaluation_on_the_last_round(tmp_path):
+    run = in_process_run(
+        "num_rounds=3 strategy.evaluate_every=2 strategy.fraction_evaluate=1.0", tmp_path
+    ).fit()
+    rounds = run.recorder.record.rounds
+    assert [r.federated is not None for r in rounds] == [False, True, True]  # 3 is the last
+    written = (tmp_path / "results.json").read_text()
+    assert written.count('"federated_skipped": true') == 1
+    run.finish()
+    assert run.recorder.record.final.federated is not None
+
+
+def test_evaluate_every_records_no_skip_when_the_run_has_no_federated_evaluation(tmp_path):
+    run = in_process_run("num_rounds=2 strategy.evaluate_every=2 strategy.fraction_evaluate=0", tmp_path).fit()
+    assert [r.federated_skipped for r in run.recorder.record.rounds] == [None, None]
+
+
+def test_evaluate_every_below_one_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"strategy\.evaluate_every=0: must be at least 1"):
+        load_config("strategy.evaluate_every=0")
