@@ -184,7 +184,9 @@ class CollectingGrid(Grid):
     """The run's Grid, with `send_and_receive` through a :class:`MessageCollector`; every
     other method and attribute is the wrapped grid's."""
 
-    def __init__(self, grid: Grid, interval: float = PULL_INTERVAL_S, max_pull_failures: int = MAX_PULL_FAILURES) -> None:
+    def __init__(
+        self, grid: Grid, interval: float = PULL_INTERVAL_S, max_pull_failures: int = MAX_PULL_FAILURES
+    ) -> None:
         self.grid = grid
         self.collector = MessageCollector(grid, interval, max_pull_failures)
 
@@ -210,7 +212,9 @@ class CollectingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.collector.send_and_receive(messages, timeout=timeout)
 
     def close(self) -> None:
