@@ -284,3 +284,19 @@ def test_evaluate_every_records_no_skip_when_the_run_has_no_federated_evaluation
 def test_evaluate_every_below_one_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"strategy\.evaluate_every=0: must be at least 1"):
         load_config("strategy.evaluate_every=0")
+
+
+def test_the_shipped_grid_switch_reads_the_run_config():
+    from flwr.common import Context
+
+    from app.server_app import shipped_grid
+
+    def context(**run_config):
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+    assert shipped_grid(context()) is False  # absent: the collector
+    assert shipped_grid(context(**{"shipped-grid": False})) is False
+    assert shipped_grid(context(**{"shipped-grid": True})) is True
+    assert shipped_grid(context(**{"shipped-grid": "true"})) is True
+    with pytest.raises(ConfigError, match=r"run config shipped-grid='yes': use true or false"):
+        shipped_grid(context(**{"shipped-grid": "yes"}))
