@@ -83,9 +83,12 @@ def base_env(home: Path) -> dict[str, str]:
     return {**os.environ, **isolated_flower_env(home)}
 
 
-def flwr_run(env: dict, app: Path, target: list[str], run_config: str) -> None:
+def flwr_run(env: dict, app: Path, target: list[str], run_config: str, log: Path | None = None) -> None:
+    """`flwr run ... --stream`; its output (the ServerApp's log) into `log` when given."""
     cmd = ["flwr", "run", str(app), *target, "--stream", "--run-config", run_config]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
@@ -193,7 +196,7 @@ class Deployment:
             run_config = f'overrides="{full}" output-dir="{out}"'
         else:
             run_config = f'overrides="{full} output_dir={out}"' + (" shipped-grid=true" if v.shipped_grid else "")
-        flwr_run(self.env, v.app, ["bench"], run_config)
+        flwr_run(self.env, v.app, ["bench"], run_config, self.work / f"flwr-run-{v.name}.log")
         result = json.loads((out / "results.json").read_text())
         return result
 
