@@ -28,7 +28,8 @@ SuperNodes' logs (every line timestamped here) where a deployed round's time goe
 node's time from "Receiving" to "Sending" a message, per stage (the SuperExec's task poll, a
 fresh ClientApp process, the work, the SuperNode's 0.5 s reply wait), and the rest of the
 round outside the ClientApps (the ServerApp noticing replies, the SuperNode's own 3 s idle
-poll, aggregation and centralized evaluation). `--keep DIR` keeps every log.
+poll, aggregation and centralized evaluation), and each node's wait from its train reply to
+its evaluate message. `--keep DIR` keeps every log.
 Every process started is stopped by PID. A benchmark, not a timed test: compare the columns.
 """
 
@@ -267,6 +268,13 @@ def round_breakdown(events: list, rounds: list[dict]) -> dict[str, list[float]]:
         for kind, hold in holds.items():
             out.setdefault(f"slowest {kind} in a ClientApp", []).append(hold)
         out.setdefault("outside ClientApps", []).append(record["seconds"] - sum(holds.values()))
+    # each node's wait from its train reply to receiving its evaluate message of the round:
+    # the ServerApp noticing the stage's replies, its work, and the SuperNode's 3 s idle poll
+    for node, kind, rnd, _, end in events:
+        if kind == "train" and rnd > 1:
+            nxt = [s for n, k, r, s, _ in events if n == node and k == "evaluate" and r == rnd]
+            if nxt:
+                out.setdefault("train reply -> evaluate received", []).append(min(nxt) - end)
     return out
 
 
@@ -332,7 +340,8 @@ def main() -> None:
     if "before" in means:
         print("| before / run | " + " | ".join(f"{means['before'] / means[n]:.2f}x" for n in names) + " |")
     # From the SuperNodes' logs (deployed runs only): means over rounds 2..
-    for key in ("slowest train in a ClientApp", "slowest evaluate in a ClientApp", "outside ClientApps"):
+    for key in ("slowest train in a ClientApp", "slowest evaluate in a ClientApp", "outside ClientApps",
+                "train reply -> evaluate received"):  # fmt: skip
         cells = [f"{statistics.mean(breakdown[n][key]):.2f}" if breakdown.get(n, {}).get(key) else "" for n in names]
         print(f"| {key} | " + " | ".join(cells) + " |")
     for name in names:
