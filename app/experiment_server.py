@@ -317,14 +317,21 @@ class ExperimentServer(Server):
         checkpoint_fn=None,
         resume=None,
         per_site_metrics: bool = False,
+        evaluate_every: int | None = 1,
     ) -> None:
         """`checkpoint_fn(round, global arrays, strategy state)`: called after every round
         (app/checkpoint.py). `resume`: a Checkpoint to continue from (its strategy state is
         loaded here; rounds continue after its round). `per_site_metrics`: record each
         federated evaluation's clients' own metrics (`federated_sites`,
-        evaluation.per_site)."""
+        evaluation.per_site). `evaluate_every` (strategy.evaluate_every, app/server_app.py
+        federated_evaluation_every): federated evaluation on every k-th round and the last,
+        the others record `federated_skipped`; None: the run has no federated evaluation to
+        skip (the strategy is asked every round, as with 1)."""
         super().__init__(client_manager=client_manager, strategy=strategy)
         self.per_site_metrics = per_site_metrics
+        if evaluate_every is not None and evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
+        self.evaluate_every = evaluate_every
         self.recorder = recorder
         self.checkpoint_fn = checkpoint_fn
         self.resume = resume
@@ -474,7 +481,11 @@ class ExperimentServer(Server):
                     pending.seconds = time.perf_counter() - round_start
                     self._checkpoint(server_round, pending)
 
-            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout, before_release=before_release)
+            res_fed = None
+            if self.federated_evaluation_due(server_round, num_rounds):
+                res_fed = self.evaluate_round(server_round=server_round, timeout=timeout, before_release=before_release)
+            else:  # strategy.evaluate_every: no evaluate messages this round
+                record.federated_skipped = True
             if res_fed is not None and res_fed[0] is not None:
                 record.federated = _metrics(res_fed[0], res_fed[1])
             if res_fed is not None:
@@ -508,6 +519,12 @@ class ExperimentServer(Server):
         else:
             self.checkpoint_fn(server_round, arrays, self.strategy.state_dict(), pending=pending)
 
+    def federated_evaluation_due(self, server_round: int, num_rounds: int) -> bool:
+        """Whether `server_round` runs federated evaluation: every `evaluate_every`-th round
+        and the last one (`num_rounds`)."""
+        k = self.evaluate_every
+        return k is None or server_round % k == 0 or server_round == num_rounds
+
     def check_trained(self) -> None:
         """Raise RunFailed when no round aggregated any update (every client failed or was
         rejected, or no round could run): the model is still the initial one."""
@@ -540,6 +557,8 @@ def _round_line(record: RoundRecord, num_rounds: int, total: float) -> str:
         parts.append(f"central {_fmt(record.centralized)}")
     if record.federated is not None:
         parts.append(f"federated {_fmt(record.federated)}")
+    elif record.federated_skipped:
+        parts.append("federated skipped (strategy.evaluate_every)")
     if record.privacy is not None:
         parts.append(f"epsilon {record.privacy.epsilon:.3f} (delta {record.privacy.delta:g})")
     if record.train is not None and "train_loss" in record.train:

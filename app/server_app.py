@@ -25,6 +25,7 @@ from flwr.server import Grid, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 
 from app.config import load_config
+from app.grid_messages import PULL_INTERVAL_S, CollectingGrid
 from core.config import ConfigError, ExperimentConfig, parse_overrides, resolved_yaml
 from protections.he.context import (
     HE_SECRET_PATH_KEY,
@@ -59,6 +60,10 @@ DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
 LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
 RUN_TOKEN_KEY = "run-token"  # run config (pyproject.toml): set by app.sweep / run_experiment
 SWEEP_DIR_KEY = "sweep-dir"  # run config: set by app.sweep for a sweep's jobs (MLflow tag `sweep`)
+# Run config, for benchmarks/deployment_round.py's `before` run only: true sends the rounds'
+# messages through Flower's Grid as shipped (HttpGrid: a 3 s sleep between pulls) instead of
+# app/grid_messages.py's collector.
+SHIPPED_GRID_KEY = "shipped-grid"
 # strategy.client_wait_timeout_s=null. Deployment: how long a wait for enough SuperNodes
 # lasts before the run fails.
 NODE_WAIT_S = 600.0
@@ -302,6 +307,27 @@ def dispatch_warnings(cfg: ExperimentConfig, nodes: int) -> list[str]:
     return warnings
 
 
+def federated_evaluation_every(cfg: ExperimentConfig) -> int | None:
+    """strategy.evaluate_every when the run has federated evaluation (fraction_evaluate > 0,
+    clients hold a validation split, and privacy allows its metrics), else None: no round
+    then records a skipped federated evaluation."""
+    s = cfg.strategy
+    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg):
+        return s.evaluate_every
+    return None
+
+
+def shipped_grid(context: Context) -> bool:
+    """The run config's `shipped-grid` (absent: false), as a bool."""
+    value = context.run_config.get(SHIPPED_GRID_KEY, False)
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value not in ("true", "false", ""):
+            raise ConfigError(f"run config {SHIPPED_GRID_KEY}={value!r}: use true or false")
+        return value == "true"
+    return bool(value)
+
+
 def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> None:
     started = time.perf_counter()
     warn_if_runtime_environment()
@@ -373,8 +399,20 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         strategy=strategy, recorder=recorder,
         checkpoint_fn=checkpoint, resume=resume,
         per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
+        evaluate_every=federated_evaluation_every(cfg),
     )  # fmt: skip
-    start_grid(grid=grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
+    # Deployment: replies collected every 0.1 s (app/grid_messages.py); the simulation's
+    # InMemoryGrid already pulls every 0.1 s.
+    collecting = not simulation and not shipped_grid(context)
+    round_grid = CollectingGrid(grid) if collecting else grid
+    if not simulation:
+        log(INFO, "%s", f"replies collected every {PULL_INTERVAL_S:g} s (app/grid_messages.py)"
+            if collecting else f"{SHIPPED_GRID_KEY}=true: Flower's Grid as shipped (3 s between pulls)")  # fmt: skip
+    try:
+        start_grid(grid=round_grid, server=server, config=ServerConfig(num_rounds=cfg.num_rounds))
+    finally:
+        if collecting:
+            round_grid.close()  # the poller thread ends with the rounds
     server.check_trained()  # RunFailed when no round aggregated anything: no model is written
 
     summary = finish_run(

@@ -312,6 +312,10 @@ class StrategyConfig:
     # numbers (before round 1 and whenever a round samples). null: 600 s in deployment,
     # 10 s in simulation (where every node registers within seconds of the start).
     client_wait_timeout_s: float | None = None
+    # Federated evaluation (clients on their validation splits) every k-th round and on the
+    # last round (num_rounds); the rounds between skip it and record `federated_skipped`.
+    # 1: every round. Centralized evaluation runs every round regardless.
+    evaluate_every: int = 1
 
 
 @dataclass
@@ -738,6 +742,12 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
     )
     for key in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
         require(value_of(cfg, f"strategy.{key}") >= 1, f"strategy.{key}", "must be at least 1")
+    require(
+        s.evaluate_every >= 1,
+        "strategy.evaluate_every",
+        "must be at least 1 (1: federated evaluation every round; k: every k-th round and the "
+        "last; to turn federated evaluation off use strategy.fraction_evaluate=0)",
+    )
     if isinstance(s, FedProxConfig):
         require(s.proximal_mu >= 0.0, "strategy.proximal_mu", "must be >= 0")
         require(

@@ -263,6 +263,9 @@ class RoundRecord(Record):
     federated: Metrics | None = None
     # evaluation.per_site: each evaluating client's own metrics, by site (not covered by DP)
     federated_sites: dict[str, Metrics] | None = None
+    # True: strategy.evaluate_every skipped this round's federated evaluation (absent: it ran,
+    # or the run has none).
+    federated_skipped: bool | None = None
     secagg: SecAggReport | None = None
     privacy: PrivacyReport | None = None
     rejected_updates: int | None = None  # protections/validation/server.py: how many

@@ -263,6 +263,7 @@ class Deployment:
         self.commands = readme_commands()
         self.prefixes = prefixes or {}
         self.env = dict(os.environ)
+        self.env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # only the README's command sets it
         self.env.update(
             FLWR_HOME=str(self.home),
             FLWR_DISABLE_UPDATE_CHECK="1",
@@ -325,6 +326,9 @@ class Deployment:
             _wait(f"SuperNode {site} connected", lambda: "SuperNode ID:" in log.read_text(), 60,
                   self.processes[f"supernode-{site}"], log)  # fmt: skip
             self.node_ids[site] = re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1)
+            # the README's command sets the SuperExec's task poll (the SuperNode's own process)
+            environ = Path(f"/proc/{self.processes[f'supernode-{site}'].pid}/environ").read_bytes()
+            assert b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1" in environ.split(b"\0")
         nodes = self.nodes()
         assert sorted(n["node-id"] for n in nodes) == sorted(self.node_ids.values())
         assert {n["status"] for n in nodes} == {"online"}

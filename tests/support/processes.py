@@ -22,12 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Flower's SuperExec (the one a SuperNode or the local SuperLink starts) asks for a new task
+# every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (flwr/supercore/superexec/run_superexec.py,
+# default 1.0, at least 0.01): every ClientApp process of a deployment waits for that tick.
+# 0.1 s, as README "Deploy across machines" starts SuperNodes (benchmarks/deployment_round.py).
+SUPEREXEC_TASK_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
 def isolated_flower_env(home: Path | str) -> dict[str, str]:
     """Environment variables for a Flower setup of its own: home, ports, no runtime
-    dependency installation, no update check; MLflow tracking off unless a run sets
-    tracking.enabled=true (it adds seconds of CPU to every run a benchmark times), and then
-    into the home's own store."""
+    dependency installation, no update check, the SuperExec's task poll at 0.1 s
+    (SUPEREXEC_TASK_POLL); MLflow tracking off unless a run sets tracking.enabled=true (it
+    adds seconds of CPU to every run a benchmark times), and then into the home's own store."""
     return {
+        **SUPEREXEC_TASK_POLL,
         "FLWR_HOME": str(home),
         "PRIVACY_FT_TRACKING": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{Path(home).resolve() / 'mlflow.db'}",

@@ -16,7 +16,7 @@ from flwr.common import Context, RecordDict, ndarrays_to_parameters
 from app.client_app import build_client
 from app.config import load_config
 from app.experiment_server import ExperimentServer, NodeTrackingClientManager
-from app.server_app import finish_run
+from app.server_app import federated_evaluation_every, finish_run
 from core.config import ExperimentConfig
 from core.data import centralized_test_split, data_spec, load_client_data
 from core.evaluation import evaluate
@@ -117,5 +117,6 @@ def in_process_run(
         manager.register(InProcessProxy(str(node_ids[i]), build_client(cfg, context)))
     server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder,
                               checkpoint_fn=checkpoint_fn, resume=resume,
-                              per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name))  # fmt: skip
+                              per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
+                              evaluate_every=federated_evaluation_every(cfg))  # fmt: skip
     return InProcessRun(cfg, server, recorder, model, wire, Path(path), evaluate_model, started=started)
