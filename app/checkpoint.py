@@ -134,7 +134,12 @@ def check_resumable(checkpoint: Checkpoint, cfg, config_yaml: str) -> None:
             "lives in the first run's Flower contexts, so a resumed run would restart their "
             "epsilon at 0. Start a new run instead"
         )
-    old = OmegaConf.to_container(OmegaConf.create(checkpoint.config_yaml))
+    from app.config import schema_for
+
+    saved = OmegaConf.create(checkpoint.config_yaml)
+    # Merged into the option schemas: a key this version added (absent from an older
+    # checkpoint) takes its default, so only a value that differs refuses the resume.
+    old = OmegaConf.to_container(OmegaConf.merge(schema_for(saved), saved), resolve=True)
     new = OmegaConf.to_container(OmegaConf.create(config_yaml))
     for c in (old, new):
         c.pop("num_rounds", None)

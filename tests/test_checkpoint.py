@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-from app.checkpoint import CheckpointError, check_resumable, load, save
+from app.checkpoint import Checkpoint, CheckpointError, check_resumable, load, save
 from app.config import load_config
 from core.config import ConfigError, resolved_yaml
 from strategies.factory import build_strategy
@@ -243,3 +243,16 @@ def test_a_crash_during_federated_evaluation_under_dp_does_not_release_a_round_t
     assert sorted(counts) == [1, 2, 3] and len(set(counts.values())) == 1  # each model released once
     rounds = resumed.recorder.record.rounds
     assert [r.round for r in rounds] == [1, 2, 3] and rounds[-1].privacy.releases == 3
+
+
+def test_a_checkpoint_written_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = load_config(f"output_dir={tmp_path} num_rounds=2")
+    older = OmegaConf.to_container(OmegaConf.create(resolved_yaml(cfg)))
+    del older["evaluation"], older["strategy"]["evaluate_every"]  # keys added since
+    resumed = load_config(f"output_dir={tmp_path} num_rounds=4 resume=true")
+    check_resumable(Checkpoint(2, [], {}, {}, OmegaConf.to_yaml(older)), resumed, resolved_yaml(resumed))
+    changed = load_config(f"output_dir={tmp_path} num_rounds=4 resume=true strategy.evaluate_every=2")
+    with pytest.raises(CheckpointError, match=r"strategy.evaluate_every changed"):
+        check_resumable(Checkpoint(2, [], {}, {}, OmegaConf.to_yaml(older)), changed, resolved_yaml(changed))
