@@ -84,16 +84,53 @@ def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictC
 @lru_cache(maxsize=32)
 def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
     # Imported here: only needed when composing.
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        split = _split_overrides(overrides)
+        if split is None:  # anything but plain `group=option` and `key=value`: all Hydra's
+            return _hydra_compose(overrides)
+        groups, values = split
+        # Hydra composes the defaults list from the `group=option` overrides, then applies the
+        # `key=value` ones to the result (hydra/_internal/config_loader_impl.py
+        # _load_configuration_impl, `_apply_overrides_to_config`). Here the first step is
+        # cached per choice of options and the second is Hydra's own function on a copy: the
+        # same config and the same errors, for ~10 ms instead of ~130 ms a call (a client, a
+        # sweep job and the config tests compose once per distinct override string).
+        cfg = copy.deepcopy(_hydra_compose(groups))
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides)) from err
     return cfg
+
+
+@lru_cache(maxsize=64)
+def _hydra_compose(overrides: tuple[str, ...]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+def _split_overrides(overrides: tuple[str, ...]):
+    """(the `group=option` overrides as given, the other overrides parsed) when every
+    override is a plain change (no sweep, no +/++/~, no package), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups, values = [], []
+    for text, override in zip(overrides, parsed):
+        if override.type != OverrideType.CHANGE or override.is_sweep_override() or override.package:
+            return None
+        if override.key_or_group in OPTIONS:
+            groups.append(text)
+        else:
+            values.append(override)
+    return tuple(groups), values
 
 
 def load_config(overrides: str | list[str] | tuple[str, ...] | None = None) -> ExperimentConfig:

@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dataclasses
+import re
 
 from omegaconf import OmegaConf
 
@@ -399,3 +400,36 @@ def test_the_he_key_tool_takes_secagg_keys_without_naming_the_option(tmp_path):
     assert load_context(tmp_path / PUBLIC_FILE).params.scale_bits == 12
     assert main(["provision", "--out", str(tmp_path / "again"), "secagg=he"]) == 0
     assert load_context(tmp_path / "again" / PUBLIC_FILE).params.scale_bits == 16
+
+
+@pytest.mark.parametrize("overrides", [
+    "", "privacy=adaptive privacy.target_quantile=0.9", "training.lr=0.01 num_rounds=3 seed=5",
+    "dataset=tabular dataset.features=[a,b] dataset.categorical=[{column:ward,categories:[icu,surgery]}]",
+    "model.hidden_sizes=[64,32] output_dir='/runs/my run'", "secagg=he secagg.scale_bits=20 privacy=client_fixed",
+    "privacy.noise_multiplier=0.5 privacy=server_fixed", "training=ddp training.world_size=2",
+    "evaluation.threshold=0.3 strategy.evaluate_every=2 +training.extra=1",
+])  # fmt: skip
+def test_the_cached_composition_is_hydras(overrides):
+    """app/config.py composes each choice of options once and applies the key=value overrides
+    with Hydra's own function: the same config as Hydra's compose of the whole string."""
+    from app.config import _compose_cached, _hydra_compose
+    from core.config import parse_overrides
+
+    tokens = parse_overrides(overrides)
+    assert OmegaConf.to_container(_compose_cached(tokens)) == OmegaConf.to_container(_hydra_compose(tokens))
+
+
+@pytest.mark.parametrize("override,hydra_says", [
+    ("training.lrr=1", "Could not override 'training.lrr'"),
+    ("num_rounds=abc", "Error merging override num_rounds=abc"),
+])  # fmt: skip
+def test_the_cached_composition_fails_as_hydra_does(override, hydra_says):
+    from hydra.errors import HydraException
+
+    from app.config import _compose_cached, _hydra_compose
+
+    with pytest.raises(HydraException, match=re.escape(hydra_says)):
+        _hydra_compose((override,))
+    with pytest.raises(ConfigError) as err:
+        _compose_cached((override,))
+    assert isinstance(err.value.__cause__, HydraException) and hydra_says in str(err.value.__cause__)
