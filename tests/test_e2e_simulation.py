@@ -30,7 +30,8 @@ def test_default_experiment_on_digits_learns_and_writes_every_result(flower, tmp
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     for r in rounds:
-        assert set(r["centralized"]) == {"loss", "accuracy"}
+        # digits: 10 classes, each with its recall
+        assert set(r["centralized"]) == {"loss", "accuracy", "f1", "ece", *(f"recall_{k}" for k in range(10))}
         assert r["comm"]["bytes_down"] > r["comm"]["bytes_up"] > 0
         assert r["seconds"] > 0
         assert r["clients"] == {"trained": 2, "failed": 0}  # fraction_train=0.5 of 4

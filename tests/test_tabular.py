@@ -430,7 +430,8 @@ def test_flwr_run_on_the_readme_example_files(flower, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["run"]["status"] == "completed"
     final = results["final"]
-    assert set(final["centralized"]) == {"loss", "accuracy", "auroc", "sensitivity", "specificity"}
+    assert set(final["centralized"]) == {"loss", "accuracy", "auroc", "sensitivity", "specificity", "f1", "ece",
+                                         "recall_0", "recall_1"}
     # measured: accuracy 0.753, AUROC 0.822 (the test file's majority class: 0.54)
     assert final["centralized"]["accuracy"] >= 0.70 and final["centralized"]["auroc"] >= 0.78
     assert {"auroc", "sensitivity", "specificity"} <= set(final["federated"])
