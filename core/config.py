@@ -868,17 +868,23 @@ def _check_tracking(t: TrackingConfig, require: Require) -> None:
         )
 
 
-def _check_image_folder(d: ImageFolderDatasetConfig, require: Require) -> None:
-    """dataset=imagefolder's declaration, checked from the config alone (core/images.py
-    checks the folders themselves)."""
+def _require_absolute_paths(d: DatasetConfig, example: str, require: Require) -> None:
+    """A file data set's `path` and `test_path`: empty, or absolute (the ServerApp and
+    ClientApps run from Flower's app folder, not from the user's checkout)."""
     for key in ("path", "test_path"):
         value = getattr(d, key)
         require(
             not value or Path(value).expanduser().is_absolute(),
             f"dataset.{key}",
             "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
-            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/images)",
+            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/{example})",
         )
+
+
+def _check_image_folder(d: ImageFolderDatasetConfig, require: Require) -> None:
+    """dataset=imagefolder's declaration, checked from the config alone (core/images.py
+    checks the folders themselves)."""
+    _require_absolute_paths(d, "images", require)
     require(
         len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes),
         "dataset.classes",
@@ -896,14 +902,7 @@ def _check_image_folder(d: ImageFolderDatasetConfig, require: Require) -> None:
 def _check_tabular(d: TabularDatasetConfig, p: PartitionerConfig, require: Require) -> None:
     """dataset=tabular's schema, checked from the config alone (the file is read later, by
     whoever holds it: core/tabular.py checks its columns and values)."""
-    for key in ("path", "test_path"):
-        value = getattr(d, key)
-        require(
-            not value or Path(value).expanduser().is_absolute(),
-            f"dataset.{key}",
-            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
-            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/site.csv)",
-        )
+    _require_absolute_paths(d, "site.csv", require)
     require(
         bool(d.features or d.categorical),
         "dataset.features",
@@ -965,14 +964,9 @@ def resolve_text_tokenizer(cfg: ExperimentConfig) -> None:
 def _check_text(d: TextDatasetConfig, require: Require) -> None:
     """dataset=text's schema, from the config alone (the file is read by whoever holds it:
     core/text.py checks its columns and labels)."""
+    _require_absolute_paths(d, "reviews.csv", require)
     for key in ("path", "test_path"):
         value = getattr(d, key)
-        require(
-            not value or Path(value).expanduser().is_absolute(),
-            f"dataset.{key}",
-            "must be an absolute path: the ServerApp and ClientApps run from Flower's app "
-            f"folder, not from your checkout (e.g. dataset.{key}=$PWD/data/reviews.csv)",
-        )
         require(
             not value or Path(value).suffix in (".csv", ".json", ".jsonl"),
             f"dataset.{key}",
