@@ -256,3 +256,23 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_when_the_key_keeps_it
     changed = load_config(f"output_dir={tmp_path} num_rounds=4 resume=true strategy.evaluate_every=2")
     with pytest.raises(CheckpointError, match=r"strategy.evaluate_every changed"):
         check_resumable(Checkpoint(2, [], {}, {}, OmegaConf.to_yaml(older)), changed, resolved_yaml(changed))
+
+
+def test_the_server_app_reuses_the_first_runs_keys_on_resume_and_refuses_a_secret_one(tmp_path):
+    """app/server_app.py prepare_he_keys(resume=True): no key is provisioned; missing keys
+    and a public.ctx that holds the secret key are refused, naming the folder."""
+    import shutil
+
+    from app.server_app import prepare_he_keys
+    from protections.he.config import he_params
+    from protections.he.context import HE_SECRET_PATH_KEY, HEError, provision
+
+    cfg = load_config("secagg=he")
+    with pytest.raises(HEError, match="needs the first run's keys in"):
+        prepare_he_keys(cfg, "secagg=he", tmp_path, resume=True)
+    secret, public = provision(he_params(cfg), tmp_path / "keys")
+    context, client_config = prepare_he_keys(cfg, "secagg=he", tmp_path, resume=True)
+    assert not context.is_secret and client_config == {HE_SECRET_PATH_KEY: str(secret)}
+    shutil.copy(secret, public)
+    with pytest.raises(HEError, match="holds a secret key: put the first run's public.ctx back"):
+        prepare_he_keys(cfg, "secagg=he", tmp_path, resume=True)
