@@ -314,8 +314,8 @@ def test_a_resumed_run_is_a_new_mlflow_run_and_the_killed_one_is_marked_killed(s
 def test_a_resume_whose_earlier_mlflow_run_was_deleted_is_tracked_all_the_same(store, tmp_path):
     uri, client = store
     cfg = load_config(f"model=linear num_rounds=1 tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}")
-    experiment = client.create_experiment(EXPERIMENT) if client.get_experiment_by_name(EXPERIMENT) is None else \
-        client.get_experiment_by_name(EXPERIMENT).experiment_id
+    # artifacts under tmp_path: MLflow's default location is ./mlruns in the test's working directory
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     earlier = client.create_run(experiment).info.run_id
     client.delete_run(earlier)
     tracker = start_tracking(cfg, tmp_path, tmp_path / "run", token="t", resumed_from=earlier)
