@@ -42,6 +42,17 @@ def pytest_configure(config):
     os.environ.setdefault("PRIVACY_FT_TRACKING", "false")
 
 
+@pytest.fixture(autouse=True)
+def writes_no_mlflow_store_into_the_repository():
+    """MLflow puts a run's artifacts in ./mlruns of the working directory (the repository,
+    under pytest) when an experiment was created without an artifact location: the test that
+    does so fails here, by name, instead of its files being committed."""
+    leak = PROJECT_DIR / "mlruns"
+    existed = leak.exists()
+    yield
+    assert existed or not leak.exists(), f"this test wrote MLflow artifacts into {leak}"
+
+
 @pytest.fixture(scope="session")
 def flower(tmp_path_factory):
     app_dir = fab_files_copy(tmp_path_factory.mktemp("flower_app"))

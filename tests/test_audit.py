@@ -37,7 +37,7 @@ def test_identical_worlds_give_no_evidence():
 
 SMALL = audit.default_audits(scale=0.05, overrides=())
 # adaptive's update noise is z_u = 1.81, so its leakage is about half of a z = 1 mechanism's and
-# at scale 0.05 (2 rounds) its bound spread 0.17-0.87 over runs (0.17 failed a CI run): 6 rounds
+# at scale 0.05 (2 rounds) its bound spread 0.44-0.87 over six runs and once fell to 0.17 (a failed suite run): 6 rounds
 # (scale 0.15, 4.5 s) measured 0.88-1.37 over six runs, well clear of the floor.
 SMALL["adaptive/poisson"] = audit.default_audits(scale=0.15, overrides=())["adaptive/poisson"]
 # The attack must find real leakage where the mechanism has plenty (not a vacuous bound). At
