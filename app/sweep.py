@@ -46,10 +46,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.config import load_config, to_experiment_config  # registers the option schemas
+from app.fab import PROJECT_DIR, stage_app
 from core.config import CONF_DIR, ConfigError, ExperimentConfig, client_resources, parse_overrides
 from core.results import RESULTS_FILE, ResultsError, RunRecord, archive_previous_run, load_results
 
-PROJECT_DIR = CONF_DIR.parent
 SUMMARY_FILE = "summary.csv"
 # Jobs that differ only by `seed=`, as one row each: mean and sd over seeds (summarize_by_config).
 SUMMARY_BY_CONFIG_FILE = "summary_by_config.csv"
@@ -68,11 +68,13 @@ PROGRESS = re.compile(
 
 
 def flwr_run_command(
-    cfg: ExperimentConfig, overrides: list[str], token: str = "", sweep_dir: str = ""
-) -> list[str]:
+    cfg: ExperimentConfig, overrides: list[str], token: str = "", sweep_dir: str = "",
+    app_dir: Path = PROJECT_DIR,
+) -> list[str]:  # fmt: skip
     """The `flwr run` command line for one job (overrides travel as one TOML string; the
     run token, which results.json must echo, as a second; a sweep's directory, which tags the
-    job's MLflow run, as a third)."""
+    job's MLflow run, as a third). `app_dir`: what `flwr run` packs (run_job passes the
+    project staged by app/fab.py, the same FAB without walking the virtualenv)."""
     cpus, gpus = client_resources(cfg)
     federation = (
         f"num-supernodes={cfg.simulation.num_supernodes} "
@@ -81,7 +83,7 @@ def flwr_run_command(
     # One TOML basic string; core.config.parse_overrides splits it back, keeping Hydra's quotes.
     run_config = f"overrides={json.dumps(' '.join(overrides))}"
     return [
-        "flwr", "run", str(PROJECT_DIR), "--stream",
+        "flwr", "run", str(app_dir), "--stream",
         "--federation-config", federation,
         "--run-config", run_config,
         "--run-config", f"run-token={json.dumps(token)}",
@@ -227,10 +229,10 @@ def run_job(cfg: ExperimentConfig, overrides: list[str], job_dir: Path, sweep_di
     token = uuid.uuid4().hex
     archive_previous_run(job_dir)  # an earlier run's results are never reported as ours
     (job_dir / STATUS_FILE).unlink(missing_ok=True)
-    command = flwr_run_command(cfg, overrides, token, sweep_dir)
     started_run: list[int] = []
     timeout_s = cfg.simulation.job_timeout_s
-    with open(job_dir / FLWR_LOG, "w") as log_file:
+    with open(job_dir / FLWR_LOG, "w") as log_file, stage_app() as app_dir:
+        command = flwr_run_command(cfg, overrides, token, sweep_dir, app_dir)
 
         def on_line(line: str) -> None:
             log_file.write(line)
