@@ -571,5 +571,5 @@ def _round_line(record: RoundRecord, num_rounds: int, total: float) -> str:
         parts.append("no update aggregated: model unchanged")
     if record.comm is not None:
         parts.append(f"{(record.comm.bytes_down + record.comm.bytes_up) / 1024:.0f} KiB")
-    parts.append(f"{record.seconds:.1f} s (total {total:.1f} s)")
+    parts.append(f"{record.seconds:.1f} s (total {total:.2f} s)")
     return " | ".join(parts)

@@ -40,5 +40,7 @@ def fit(msg: Message, context: Context) -> Message:
 def validate(msg: Message, context: Context) -> Message:
     _, spec, _, net, _, val_data = _setup(msg, context)
     metrics = evaluate(net, val_data, spec.task, torch.device("cpu"))
-    metrics = MetricRecord({**metrics, "num-examples": len(val_data)})
+    # Flower's FedAvg averages only keys every reply has: per-class recall (recall_<k>) exists
+    # only for the classes a site's split holds, so a skewed or small split would differ.
+    metrics = MetricRecord({k: metrics[k] for k in ("loss", "accuracy")} | {"num-examples": len(val_data)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
