@@ -100,7 +100,7 @@ def test_flwr_run():
     [
         ("unit", ["test_plain"]),
         ("not slow", ["test_plain"]),
-        ("slow", ["test_group", "test_flwr_run"]),
+        ("slow", ["test_flwr_run", "test_group"]),  # longest tier first
         ("integration", ["test_group"]),
         ("e2e", ["test_flwr_run"]),
     ],
@@ -109,6 +109,14 @@ def test_an_unmarked_test_is_unit_and_not_slow_selects_the_unit_tier(run_session
     result = run_session(TIERED, "--collect-only", "-q", "-m", select)
     assert result.ret == pytest.ExitCode.OK
     assert [line.split("::")[1] for line in result.outlines if "::" in line] == selected
+
+
+def test_the_longest_tier_is_collected_first_so_workers_end_on_short_tests(run_session):
+    result = run_session(TIERED + TIERED.replace("def test_", "def test_again_"), "--collect-only", "-q")
+    assert [line.split("::")[1] for line in result.outlines if "::" in line] == [
+        "test_flwr_run", "test_again_flwr_run", "test_group", "test_again_group",
+        "test_plain", "test_again_plain",
+    ]  # fmt: skip
 
 
 def test_contradicting_tiers_stop_the_session_and_name_each_test(run_session):

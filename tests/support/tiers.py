@@ -190,6 +190,11 @@ class UnitGuard:
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers it adds
 def pytest_collection_modifyitems(config, items):
     assign_tiers(items)
+    # Longest first: xdist hands tests (and xdist_group blocks) out in collection order, so
+    # the e2e tests (30-200 s each) start at once and the unit tests (most under 1 s) fill
+    # the workers at the end, instead of a notebook, collected late, starting last and
+    # running alone. Stable: a module's tests keep their order within each tier.
+    items.sort(key=lambda item: -TIERS.index(tier_of(item)))
 
 
 def _guarded(item):
