@@ -58,12 +58,16 @@ def fab_files(project: Path = PROJECT_DIR) -> dict[str, Path]:
     return filter_paths_for_publish(files)
 
 
+def copy_fab_files(dest: Path, project: Path = PROJECT_DIR) -> Path:
+    """Copy the files `flwr run project` would pack into `dest`; return `dest`."""
+    for rel, src in fab_files(project).items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    return dest
+
+
 @contextmanager
 def stage_app(project: Path = PROJECT_DIR) -> Iterator[Path]:
     """A temporary directory holding the files `flwr run project` would pack; removed after."""
     with tempfile.TemporaryDirectory(prefix="flwr-app-") as tmp:
-        dest = Path(tmp)
-        for rel, src in fab_files(project).items():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-        yield dest
+        yield copy_fab_files(Path(tmp), project)

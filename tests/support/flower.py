@@ -4,7 +4,6 @@ project (the FAB's files, app/fab.py): `flwr run .` would walk the virtualenv on
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -59,11 +58,8 @@ class FlowerEnv:
 
 
 def fab_files_copy(dest: Path) -> Path:
-    """Copy the files of the project's FAB (what `flwr run .` packs, app/fab.py) to `dest`
+    """Copy the files of the project's FAB (what `flwr run .` packs) to `dest`
     (tests/test_fab.py checks that such a copy builds the project's FAB, byte for byte)."""
-    from app.fab import fab_files
+    from app.fab import copy_fab_files
 
-    for name, src in fab_files(PROJECT_DIR).items():
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dest / name)
-    return dest
+    return copy_fab_files(dest, PROJECT_DIR)
