@@ -66,17 +66,21 @@ class CountingGrid:
     """Delegates to Flower's Grid and counts the bytes of what goes out and comes back."""
 
     def __init__(self, grid, stats: dict) -> None:
+        import threading
+
         self._grid = grid
         self._stats = stats
+        self._lock = threading.Lock()  # Flower's fit_clients (and the HE mask steps) call from threads
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *args, **kwargs):
         messages = list(messages)
-        self._stats["bytes"] += sum(content_bytes(m) for m in messages)
+        sent = sum(content_bytes(m) for m in messages)
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
-        self._stats["bytes"] += sum(content_bytes(m) for m in replies)
+        with self._lock:
+            self._stats["bytes"] += sent + sum(content_bytes(m) for m in replies)
         return replies
 
 

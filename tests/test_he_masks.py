@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -217,6 +218,36 @@ def nodes_sharing(n, threshold, server_round=1):
     keys = [masks.advertise(s, server_round) for s in states]
     peers = [[k[masks.SHARE_PK_PROPERTY], k[masks.MASK_PK_PROPERTY]] for k in keys]
     return states, peers
+
+
+class BarrierProxy(InProcessProxy):
+    """A node that answers a mask step only once every node of the cohort has been asked it:
+    sent one node after the other, the first waits alone and the barrier breaks."""
+
+    def __init__(self, inner: InProcessProxy, barrier: threading.Barrier, stages: list) -> None:
+        super().__init__(inner.cid, inner.client)
+        self.barrier, self.stages = barrier, stages
+
+    def get_properties(self, ins, timeout, group_id):
+        self.barrier.wait(timeout=20)
+        self.stages.append(str(ins.config[masks.MASK_STAGE_KEY]))
+        return super().get_properties(ins, timeout, group_id)
+
+
+def test_each_mask_step_asks_every_node_at_once(tmp_path):
+    """One round trip per protocol step, not one per node: advertise, share and unmask reach
+    all four nodes concurrently (each node blocks until all four are asked), and the round
+    then aggregates all four."""
+    fed = Federation(tmp_path)
+    barrier, stages = threading.Barrier(4), []
+    fed.manager = SimpleClientManager()
+    for cid, proxy in list(fed.proxies.items()):
+        fed.proxies[cid] = BarrierProxy(proxy, barrier, stages)
+        fed.manager.register(fed.proxies[cid])
+    aggregate, results = fed.round(1, ndarrays_to_parameters(fed.initial))
+    assert stages == ["advertise"] * 4 + ["share"] * 4 + ["unmask"] * 4
+    assert aggregate is not None and he_layer(fed.stack).mask_failures == {}
+    assert fed.stack.round_report(1)["secagg"]["clients_aggregated"] == 4 == len(results)
 
 
 def test_a_node_refuses_a_threshold_at_or_below_half_the_cohort_and_a_second_sharing():

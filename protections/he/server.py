@@ -203,15 +203,37 @@ class HomomorphicAggregation(StrategyWrapper):
         res = proxy.get_properties(GetPropertiesIns({**config, masks.MASK_ROUND_KEY: server_round}), None, server_round)
         return dict(res.properties)
 
+    def _ask_all(self, proxies: list, server_round: int, config: dict) -> list:
+        """`_ask` every proxy at once, as Flower's own `fit_clients` sends fit instructions (a
+        thread per node; the Grid sends and waits on each node's message independently): one
+        protocol step costs one round trip instead of one per node (5 nodes in simulation, 1M
+        parameters: advertise + share 2.54 -> 0.41 s per round, unmask 0.69 -> 0.30 s;
+        benchmarks/secure_aggregation.py). Each answer, or the exception that
+        node's call raised, in the order of `proxies`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(proxy):
+            try:
+                return self._ask(proxy, server_round, config)
+            except Exception as err:  # noqa: BLE001 - the caller records it against the node
+                return err
+
+        if not proxies:
+            return []
+        with ThreadPoolExecutor(max_workers=min(32, len(proxies))) as pool:
+            return list(pool.map(one, proxies))
+
     def _mask_cohort(self, server_round, instructions):
         """Steps 1 and 2 of the mask protocol (protections/he/masks.py): collect each sampled
         node's keys of this round, name the cohort and the threshold to all and collect their
         sealed shares; the fit instructions then carry the members that shared and each
         member's inbox. A node that does not answer is left out (recorded)."""
         advertised = []
-        for proxy, ins in instructions:
+        answers = self._ask_all([proxy for proxy, _ in instructions], server_round, {masks.MASK_STAGE_KEY: "advertise"})
+        for (proxy, ins), res in zip(instructions, answers, strict=True):
             try:
-                res = self._ask(proxy, server_round, {masks.MASK_STAGE_KEY: "advertise"})
+                if isinstance(res, Exception):
+                    raise res
                 keys = [str(res[masks.SHARE_PK_PROPERTY]), str(res[masks.MASK_PK_PROPERTY])]
                 if any(len(bytes.fromhex(k)) != 32 for k in keys):
                     raise ValueError("a key is not 32 bytes")
@@ -229,9 +251,11 @@ class HomomorphicAggregation(StrategyWrapper):
         peers = [keys for _, _, keys in advertised]
         ask = {masks.MASK_STAGE_KEY: "share", masks.PEERS_KEY: json.dumps(peers), masks.THRESHOLD_KEY: threshold}
         sealed, commits = {}, {}
-        for i, (proxy, _, _) in enumerate(advertised):
+        answers = self._ask_all([proxy for proxy, _, _ in advertised], server_round, ask)
+        for i, ((proxy, _, _), res) in enumerate(zip(advertised, answers, strict=True)):
             try:
-                res = self._ask(proxy, server_round, ask)
+                if isinstance(res, Exception):
+                    raise res
                 messages = json.loads(str(res[masks.SHARES_PROPERTY]))
                 commit = str(res[masks.COMMIT_PROPERTY])
                 if not isinstance(messages, list) or len(messages) != n or len(bytes.fromhex(commit)) != 32:
@@ -280,10 +304,12 @@ class HomomorphicAggregation(StrategyWrapper):
         b_shares: dict[int, list[bytes]] = {i: [] for i in survivors}
         s_shares: dict[int, list[bytes]] = {j: [] for j in dropped}
         answered = 0
-        for entry in accepted:
+        answers = self._ask_all([entry[3][0] for entry in accepted], server_round, ask)
+        for entry, res in zip(accepted, answers, strict=True):
             proxy = entry[3][0]
             try:
-                res = self._ask(proxy, server_round, ask)
+                if isinstance(res, Exception):
+                    raise res
                 got_b = json.loads(str(res[masks.B_SHARES_PROPERTY]))
                 got_s = json.loads(str(res[masks.S_SHARES_PROPERTY]))
                 b = {i: bytes.fromhex(got_b[str(i)]) for i in survivors}
