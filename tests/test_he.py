@@ -426,3 +426,32 @@ def test_dpsgd_client_under_he_returns_an_encrypted_model_and_its_epsilon(keys, 
     trained = decrypt(secret, params, [a.shape for a in initial])
     np.testing.assert_allclose(trained[0], get_weights(client.model)[0], atol=1e-4)
     assert not np.allclose(trained[0], initial[0], atol=1e-3)  # it did train
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(min_value=17, max_value=60),
+    n=st.integers(min_value=1, max_value=9000),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_the_mac_tag_and_the_masked_addition_are_exact_mod_t(bits, n, seed):
+    """linear_tag (float64 blocks where 2h <= 44, uint64 rows above), _add_mod (int64) and
+    add_mod_t (uint64, the masks' sums) agree with Python's exact integers for every modulus width SEAL allows, at the range's
+    edges too (values at +-t/2, keys and masks at t - 1)."""
+    from protections.he.client import _add_mod
+    from protections.he.context import add_mod_t, linear_tag
+
+    rng = np.random.default_rng(seed)
+    t = int(rng.integers(1 << (bits - 1), 1 << bits))
+    keys = rng.integers(0, t, n, dtype=np.uint64)
+    values = rng.integers(-(t // 2), t // 2 + 1, n, dtype=np.int64)
+    mask = rng.integers(0, t, n, dtype=np.uint64)
+    values[:2], keys[:1], mask[:2] = [t // 2, -(t // 2)][:n], [t - 1], [t - 1, t - 1][:n]
+    exact = sum(int(k) * (int(v) % t) for k, v in zip(keys, values)) % t
+    assert linear_tag(keys, values, t) == exact
+    masked = [(int(v) + int(m)) % t for v, m in zip(values, mask)]
+    assert _add_mod(values, mask, t).tolist() == [x - t if x > t // 2 else x for x in masked]
+    other = rng.integers(0, t + 1, n, dtype=np.uint64)  # a negated mask t - m lies in [1, t]
+    other[:1] = [t]
+    expected = [(int(a) + int(b)) % t for a, b in zip(mask, other)]
+    assert add_mod_t(mask.copy(), other, t).tolist() == expected

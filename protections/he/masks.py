@@ -70,7 +70,7 @@ import secrets
 import numpy as np
 from flwr.common import ConfigRecord, RecordDict
 
-from protections.he.context import EXTRA_SLOTS, PAYLOAD_ALGORITHM, HEContext, HEError, _hkdf, _uniform_mod, mask_keypair, pairwise_mask
+from protections.he.context import EXTRA_SLOTS, PAYLOAD_ALGORITHM, HEContext, HEError, _hkdf, _uniform_mod, add_mod_t, mask_keypair, pairwise_mask
 
 # get_properties config keys and answers of the mask protocol (server -> node -> server).
 MASK_STAGE_KEY = "he_mask"  # "advertise" | "share" | "unmask"
@@ -235,8 +235,7 @@ def node_mask(ctx: HEContext, node: RecordDict, server_round: int, layout: str, 
     mine = _public_of(s_private)
     members = [bytes.fromhex(peers[j][1]) for j in state["members"]]
     mask = pairwise_mask(ctx, s_private, mine, members, server_round, layout, count)
-    t_mod = np.uint64(ctx.plain_modulus)
-    return (mask + self_mask(ctx, bytes.fromhex(state["b"]), server_round, layout, count)) % t_mod
+    return add_mod_t(mask, self_mask(ctx, bytes.fromhex(state["b"]), server_round, layout, count), ctx.plain_modulus)
 
 
 def unmask(node: RecordDict, server_round: int, survivors: list[int]) -> dict[str, str]:
@@ -292,11 +291,11 @@ def correction(
     which the survivors added with the opposite sign of j's own `pairwise_mask`."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    count, t = mask_count(num_values), np.uint64(ctx.plain_modulus)
+    count, t = mask_count(num_values), ctx.plain_modulus
     total = np.zeros(count, dtype=np.uint64)
     for seed in b_seeds:
-        total = (total + self_mask(ctx, seed, server_round, layout, count)) % t
+        add_mod_t(total, self_mask(ctx, seed, server_round, layout, count), t)
     for private, public in dropped:
         theirs = pairwise_mask(ctx, X25519PrivateKey.from_private_bytes(private), public, survivor_pks, server_round, layout, count)
-        total = (total + (t - theirs) % t) % t
+        add_mod_t(total, np.uint64(t) - theirs, t)
     return total
