@@ -29,6 +29,7 @@ marks it `finished:failed`) and writes no model.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import re
 import time
@@ -38,7 +39,7 @@ from datetime import datetime
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import GetPropertiesIns, ndarrays_to_parameters
+from flwr.common import Code, EvaluateRes, GetPropertiesIns, Status, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import History, Server
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -46,6 +47,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.server import evaluate_clients, fit_clients
 
 from clients.torch_client import PARTITION_ID_PROPERTY
+from core.evaluation import RECEIVED_EVAL_PREFIX
 from core.results import ClientCounts, FailureRecord, RoundRecord, RunRecorder
 from protections.base import StrategyWrapper
 
@@ -307,6 +309,31 @@ def describe_failures(failures: list, stage: str) -> list[FailureRecord]:
     return out
 
 
+def received_evaluations(results: list) -> tuple[list, list[tuple[str, str]]]:
+    """strategy.evaluate_with_train: each train reply's evaluation of the model it received
+    (its `eval/` metrics, clients/torch_client.py), as the (proxy, EvaluateRes) an evaluate
+    message would have returned, plus (node, reason) for each reply whose evaluation is not
+    numbers (a finite loss, a whole number of examples >= 0; client input, never raised). The
+    `eval/` metrics are taken out of the train replies: they are no training metrics."""
+    evaluations, problems = [], []
+    for proxy, res in results:
+        found = {k[len(RECEIVED_EVAL_PREFIX):]: v for k, v in res.metrics.items()
+                 if k.startswith(RECEIVED_EVAL_PREFIX)}  # fmt: skip
+        if not found:
+            continue
+        res.metrics = {k: v for k, v in res.metrics.items() if not k.startswith(RECEIVED_EVAL_PREFIX)}
+        loss, count = found.pop("loss", None), found.pop("num_examples", None)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (loss, count))
+        if not numeric or not math.isfinite(loss) or not math.isfinite(count) or count < 0 or count != int(count):
+            problems.append((str(proxy.cid), f"its train reply's evaluation has loss {loss!r} and "
+                             f"num_examples {count!r}: not a finite loss and a count of examples"))  # fmt: skip
+            continue
+        evaluations.append(
+            (proxy, EvaluateRes(status=Status(Code.OK, ""), loss=float(loss), num_examples=int(count), metrics=found))
+        )
+    return evaluations, problems
+
+
 class ExperimentServer(Server):
     def __init__(
         self,
@@ -318,6 +345,7 @@ class ExperimentServer(Server):
         resume=None,
         per_site_metrics: bool = False,
         evaluate_every: int | None = 1,
+        evaluate_with_train: bool = False,
     ) -> None:
         """`checkpoint_fn(round, global arrays, strategy state)`: called after every round
         (app/checkpoint.py). `resume`: a Checkpoint to continue from (its strategy state is
@@ -326,12 +354,17 @@ class ExperimentServer(Server):
         evaluation.per_site). `evaluate_every` (strategy.evaluate_every, app/server_app.py
         federated_evaluation_every): federated evaluation on every k-th round and the last,
         the others record `federated_skipped`; None: the run has no federated evaluation to
-        skip (the strategy is asked every round, as with 1)."""
+        skip (the strategy is asked every round, as with 1). `evaluate_with_train`
+        (strategy.evaluate_with_train, strategies/factory.py evaluates_with_train): round r's
+        train replies carry their evaluation of the model they received, recorded as round
+        r-1's `federated`; only the last round sends evaluate messages."""
         super().__init__(client_manager=client_manager, strategy=strategy)
         self.per_site_metrics = per_site_metrics
         if evaluate_every is not None and evaluate_every < 1:
             raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
         self.evaluate_every = evaluate_every
+        self.evaluate_with_train = evaluate_with_train
+        self._received: tuple[list, list] = ([], [])  # this round's received_evaluations
         self.recorder = recorder
         self.checkpoint_fn = checkpoint_fn
         self.resume = resume
@@ -387,6 +420,8 @@ class ExperimentServer(Server):
             group_id=server_round,
         )  # fmt: skip
         results = self._in_stable_order(results)
+        if self.evaluate_with_train:  # before aggregation: the eval/ metrics leave the replies
+            self._received = received_evaluations(results)
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         return parameters, metrics, (results, failures)
 
@@ -438,6 +473,7 @@ class ExperimentServer(Server):
                 break
             round_start = time.perf_counter()
             record = RoundRecord(round=server_round)
+            self._received = ([], [])
 
             res_fit = self.fit_round(server_round=server_round, timeout=timeout)
             if res_fit is None:
@@ -465,6 +501,14 @@ class ExperimentServer(Server):
             ]
             if fit_metrics:
                 record.train = dict(fit_metrics)
+            evaluations, problems = self._received
+            if evaluations:
+                self._record_received_evaluation(server_round - 1, evaluations)
+            round_failures += [
+                FailureRecord(node_id=node, stage="evaluate", reason=clean_reason(f"evaluation of "
+                              f"round {server_round - 1}'s model not recorded: {why}"))
+                for node, why in problems
+            ]  # fmt: skip
 
             res_cen = self.strategy.evaluate(server_round, parameters=self.parameters)
             if res_cen is not None:
@@ -484,7 +528,7 @@ class ExperimentServer(Server):
             res_fed = None
             if self.federated_evaluation_due(server_round, num_rounds):
                 res_fed = self.evaluate_round(server_round=server_round, timeout=timeout, before_release=before_release)
-            else:  # strategy.evaluate_every: no evaluate messages this round
+            elif not self.evaluate_with_train:  # strategy.evaluate_every: no evaluate messages this round
                 record.federated_skipped = True
             if res_fed is not None and res_fed[0] is not None:
                 record.federated = _metrics(res_fed[0], res_fed[1])
@@ -519,9 +563,31 @@ class ExperimentServer(Server):
         else:
             self.checkpoint_fn(server_round, arrays, self.strategy.state_dict(), pending=pending)
 
+    def _record_received_evaluation(self, evaluated_round: int, evaluations: list) -> None:
+        """Round `evaluated_round`'s federated evaluation, from the next round's train replies
+        (strategy.evaluate_with_train), averaged by the strategy as an evaluate stage's."""
+        earlier = next((r for r in self.recorder.record.rounds if r.round == evaluated_round), None)
+        if earlier is None or earlier.federated is not None:
+            # not recorded, or evaluated by its own evaluate messages already: the last round
+            # of a run that a resume with more rounds continues keeps that measurement
+            return
+        evaluations = self._in_stable_order(evaluations)
+        loss, metrics = self.strategy.aggregate_evaluate(evaluated_round, evaluations, [])
+        if loss is None:
+            return
+        parts: dict[str, Any] = {"federated": _metrics(loss, metrics)}
+        if self.per_site_metrics:
+            parts["federated_sites"] = self._site_metrics(evaluations)
+        self.recorder.update_round(evaluated_round, **parts)
+        log(INFO, "round %d: federated %s (measured by %d clients as round %d began)",
+            evaluated_round, _fmt(parts["federated"]), len(evaluations), evaluated_round + 1)  # fmt: skip
+
     def federated_evaluation_due(self, server_round: int, num_rounds: int) -> bool:
-        """Whether `server_round` runs federated evaluation: every `evaluate_every`-th round
-        and the last one (`num_rounds`)."""
+        """Whether `server_round` sends evaluate messages: every `evaluate_every`-th round
+        and the last one (`num_rounds`); with `evaluate_with_train` the last one only (the
+        others are evaluated by the next round's train messages)."""
+        if self.evaluate_with_train:
+            return server_round == num_rounds
         k = self.evaluate_every
         return k is None or server_round % k == 0 or server_round == num_rounds
 

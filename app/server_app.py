@@ -54,7 +54,7 @@ from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
 from core.results import Comm, FinalRecord, Int8Model, RunRecorder
 from app.tracking import resumed_tracking_id, start_tracking
-from strategies.factory import build_strategy, federated_evaluation_allowed
+from strategies.factory import build_strategy, evaluates_with_train, federated_evaluation_allowed
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
 LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
@@ -400,6 +400,7 @@ def run(grid, context, cfg, overrides, output_dir, recorder, resume=None) -> Non
         checkpoint_fn=checkpoint, resume=resume,
         per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
         evaluate_every=federated_evaluation_every(cfg),
+        evaluate_with_train=evaluates_with_train(cfg),
     )  # fmt: skip
     # Deployment: replies collected every 0.1 s (app/grid_messages.py); the simulation's
     # InMemoryGrid already pulls every 0.1 s.

@@ -180,6 +180,10 @@ class MlflowTracker(RunObserver):
         step, metrics, at = record.round, round_metrics(record), now_ms()
         self._submit(lambda: self._metrics([(step, metrics)], at))
 
+    def round_updated(self, record: RoundRecord, added: dict[str, Any]) -> None:
+        step, metrics, at = record.round, numbers(added), now_ms()
+        self._submit(lambda: self._metrics([(step, metrics)], at))
+
     def finished(self, record: RunRecord, files: list[Path]) -> None:
         final = record.final
         step = final.rounds_completed if final is not None else len(record.rounds)

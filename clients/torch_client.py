@@ -17,7 +17,15 @@ from torch import nn
 from clients.ddp import train_ddp
 from core.config import TrainingConfig
 from core.data import ArraySplit
-from core.evaluation import DEFAULT_BINS, DEFAULT_THRESHOLD, EVAL_BINS_KEY, EVAL_THRESHOLD_KEY, evaluate
+from core.evaluation import (
+    DEFAULT_BINS,
+    DEFAULT_THRESHOLD,
+    EVAL_BINS_KEY,
+    EVAL_THRESHOLD_KEY,
+    EVALUATE_RECEIVED_KEY,
+    RECEIVED_EVAL_PREFIX,
+    evaluate,
+)
 from core.models import get_weights, set_weights
 from core.training import TrainResult, train
 from protections.client_step import (
@@ -102,6 +110,11 @@ class TorchClient(NumPyClient):
             return [], 0, refusal.metrics
         ctx.global_weights = parameters
         set_weights(self.model, parameters, self.wire_names)
+        if config.get(EVALUATE_RECEIVED_KEY):  # strategy.evaluate_with_train: the model as received
+            loss, num_examples, metrics = self._evaluate(config)
+            ctx.metrics.update({f"{RECEIVED_EVAL_PREFIX}{k}": v for k, v in metrics.items()})
+            ctx.metrics[f"{RECEIVED_EVAL_PREFIX}loss"] = loss
+            ctx.metrics[f"{RECEIVED_EVAL_PREFIX}num_examples"] = num_examples
         trainer = self.pipeline.trainer
         result = trainer.train(ctx) if trainer is not None else self._train(ctx)
         ctx.metrics.update(
@@ -131,11 +144,15 @@ class TorchClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         parameters = self.pipeline.receive(parameters, self._round(config, fitting=False))
+        set_weights(self.model, parameters, self.wire_names)
+        return self._evaluate(config)
+
+    def _evaluate(self, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """The model as it is now on the validation split: (loss, examples, metrics)."""
         if len(self.val_data) == 0:
             # No validation examples (dataset.val_fraction=0, or a partition under two
             # examples): 0 examples weigh nothing; the strategy drops such results.
             return 0.0, 0, {}
-        set_weights(self.model, parameters, self.wire_names)
         metrics = evaluate(
             self.model, self.val_data, self.task, self.device,
             # the server's evaluation.* (strategies/factory.py evaluate_config_fn)

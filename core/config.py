@@ -316,6 +316,12 @@ class StrategyConfig:
     # last round (num_rounds); the rounds between skip it and record `federated_skipped`.
     # 1: every round. Centralized evaluation runs every round regardless.
     evaluate_every: int = 1
+    # Federated evaluation inside the train message: round r's sampled clients evaluate the
+    # model they receive (round r-1's global model) on their validation split before they
+    # train, and the server records it as round r-1's `federated`; only the last round sends
+    # evaluate messages. One message per node per round instead of two (a deployed round
+    # pays one ClientApp process, not two); the evaluating cohort is then the train cohort.
+    evaluate_with_train: bool = False
 
 
 @dataclass
@@ -720,6 +726,33 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         )
 
 
+def _check_evaluate_with_train(cfg: ExperimentConfig, require: Require) -> None:
+    """strategy.evaluate_with_train=true moves federated evaluation into the train messages:
+    it needs a federated evaluation to move."""
+    s, key = cfg.strategy, "strategy.evaluate_with_train"
+    require(
+        s.evaluate_every == 1,
+        key,
+        f"it evaluates every round within the train messages, so strategy.evaluate_every="
+        f"{s.evaluate_every} has no evaluate message to save: use one of the two",
+    )
+    require(
+        s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0,
+        key,
+        "the run has no federated evaluation to move into the train messages "
+        f"(strategy.fraction_evaluate={s.fraction_evaluate:g}, dataset.val_fraction="
+        f"{cfg.dataset.val_fraction:g}); leave it false, or give both a value above 0",
+    )
+    privacy = cfg.privacy
+    require(
+        privacy.name == "none" or bool(getattr(privacy, "unprotected_metrics", False)),
+        key,
+        f"under privacy={privacy.name} federated evaluation is off (no accountant covers its "
+        "metrics); set privacy.unprotected_metrics=true to report them outside the guarantee, "
+        "or leave evaluate_with_train false",
+    )
+
+
 def check_values(cfg: ExperimentConfig, require: Require) -> None:
     """Values of the task's groups that have the right type but cannot work, naming the key
     and what to use instead (the protections check theirs in protections/*/config.py)."""
@@ -748,6 +781,8 @@ def check_values(cfg: ExperimentConfig, require: Require) -> None:
         "must be at least 1 (1: federated evaluation every round; k: every k-th round and the "
         "last; to turn federated evaluation off use strategy.fraction_evaluate=0)",
     )
+    if s.evaluate_with_train:
+        _check_evaluate_with_train(cfg, require)
     if isinstance(s, FedProxConfig):
         require(s.proximal_mu >= 0.0, "strategy.proximal_mu", "must be >= 0")
         require(

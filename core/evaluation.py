@@ -38,6 +38,12 @@ DEFAULT_BINS = 15
 # clients (strategies/factory.py evaluate_config_fn sends them, clients/torch_client.py reads).
 EVAL_THRESHOLD_KEY = "eval_threshold"
 EVAL_BINS_KEY = "eval_calibration_bins"
+# strategy.evaluate_with_train: a train instruction that asks the client to evaluate the model
+# it received on its validation split before training (strategies/factory.py fit_config_fn),
+# and the prefix of the fit reply's metrics that carry that evaluation ("eval/loss",
+# "eval/num_examples", "eval/accuracy", ...; read by app/experiment_server.py).
+EVALUATE_RECEIVED_KEY = "evaluate_received"
+RECEIVED_EVAL_PREFIX = "eval/"
 
 
 def loss_fn(task: str):

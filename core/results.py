@@ -118,6 +118,10 @@ class RunObserver:
     def round(self, record: RoundRecord) -> None:
         """A round was added."""
 
+    def round_updated(self, record: RoundRecord, added: dict[str, Any]) -> None:
+        """An earlier round got the parts in `added` (as results.json writes them): its
+        federated evaluation, which strategy.evaluate_with_train measures in the next round."""
+
     def finished(self, record: RunRecord, files: list[Path]) -> None:
         """The run completed; `files`: the run's artifacts on disk (results.json, config.yaml,
         metrics.png, the model files)."""
@@ -191,6 +195,21 @@ class RunRecorder:
         self.record.rounds.append(record)
         self._write()
         self.observer.round(record)
+
+    def update_round(self, server_round: int, **parts: Any) -> None:
+        """Add parts to round `server_round`'s record (strategy.evaluate_with_train: its
+        `federated`, measured by the next round's clients). A round not recorded (resumed
+        from a checkpoint that lacks it) is left alone."""
+        record = next((r for r in self.record.rounds if r.round == server_round), None)
+        if record is None:
+            return
+        for name, value in parts.items():
+            if name not in RoundRecord.__dataclass_fields__:
+                raise ValueError(f"RoundRecord has no part {name!r}")
+            setattr(record, name, value)
+        self._write()
+        written = record.to_dict()
+        self.observer.round_updated(record, {k: written[k] for k in parts if k in written})
 
     def finish(
         self,

@@ -18,7 +18,7 @@ from flwr.common import Metrics, Parameters, Scalar
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from core.config import ExperimentConfig
-from core.evaluation import EVAL_BINS_KEY, EVAL_THRESHOLD_KEY
+from core.evaluation import EVAL_BINS_KEY, EVAL_THRESHOLD_KEY, EVALUATE_RECEIVED_KEY
 from protections.dp.mechanisms import CLIP_NORM_KEY, LOCAL_NOISE_KEY, make_noise_source
 from protections.he.context import HEContext
 from protections.dp.server import (
@@ -66,16 +66,33 @@ def evaluate_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scala
 
 
 def fit_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scalar]]:
-    """Per-round instructions the server sends with the model (read by the client's fit)."""
+    """Per-round instructions the server sends with the model (read by the client's fit).
+    With strategy.evaluate_with_train, from round 2 on they also ask each client to evaluate
+    the model it receives (the previous round's) first, as evaluate_config_fn would."""
+    evaluation = evaluate_config_fn(cfg) if evaluates_with_train(cfg) else None
 
     def configure(server_round: int) -> dict[str, Scalar]:
-        return {
+        config: dict[str, Scalar] = {
             "server_round": server_round,
             "local_epochs": cfg.training.local_epochs,
             "lr": cfg.training.lr,
         }
+        if evaluation is not None and server_round >= 2:
+            config.update(evaluation(server_round))
+            config[EVALUATE_RECEIVED_KEY] = True
+        return config
 
     return configure
+
+
+def evaluates_with_train(cfg: ExperimentConfig) -> bool:
+    """strategy.evaluate_with_train on a run that has federated evaluation (core/config.py
+    refuses it on one that has none)."""
+    s = cfg.strategy
+    return bool(
+        s.evaluate_with_train and s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0
+        and federated_evaluation_allowed(cfg)
+    )  # fmt: skip
 
 
 def build_strategy(

@@ -132,6 +132,25 @@ def test_a_tracked_run_reads_back_from_mlflow_as_results_json_has_it(store, tmp_
     assert open(copy).read() == (out / "results.json").read_text()
 
 
+def test_federated_metrics_measured_a_round_later_reach_mlflow_at_their_round(store, tmp_path):
+    """strategy.evaluate_with_train records round r's federated evaluation during round r+1
+    (RunRecorder.update_round): MLflow gets it at step r, once."""
+    uri, client = store
+    overrides = (
+        "model=linear num_rounds=3 strategy.fraction_train=1.0 strategy.evaluate_with_train=true "
+        f"tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}"
+    )
+    out = tmp_path / "run"
+    tracker = start_tracking(load_config(overrides), tmp_path, out, token="t")
+    in_process_run(overrides, out, observer=tracker).fit().finish()
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    history = client.get_metric_history(run.info.run_id, "federated.accuracy")
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["round"], r["federated"]["accuracy"]) for r in rounds
+    ]
+
+
 def test_a_failed_run_is_failed_in_mlflow_with_its_reason(store, tmp_path):
     uri, client = store
     cfg = load_config(f"tracking.enabled=true tracking.uri={uri} tracking.experiment={EXPERIMENT}")

@@ -25,7 +25,7 @@ from core.models import get_weights, set_weights
 from core.results import RunRecorder
 from protections.he.config import he_params
 from protections.he.context import HE_SECRET_PATH_KEY, load_context, provision
-from strategies.factory import build_strategy
+from strategies.factory import build_strategy, evaluates_with_train
 from tests.support.proxies import InProcessProxy
 
 
@@ -118,5 +118,6 @@ def in_process_run(
     server = ExperimentServer(client_manager=manager, strategy=strategy, recorder=recorder,
                               checkpoint_fn=checkpoint_fn, resume=resume,
                               per_site_metrics=cfg.evaluation.per_site_enabled(cfg.privacy.name),
-                              evaluate_every=federated_evaluation_every(cfg))  # fmt: skip
+                              evaluate_every=federated_evaluation_every(cfg),
+                              evaluate_with_train=evaluates_with_train(cfg))  # fmt: skip
     return InProcessRun(cfg, server, recorder, model, wire, Path(path), evaluate_model, started=started)
