@@ -309,12 +309,22 @@ def describe_failures(failures: list, stage: str) -> list[FailureRecord]:
     return out
 
 
+# A validation split's size: more examples than this is a lie, not a count (and a sum of lies
+# past 2**53 would no longer add up as floats, or overflow Flower's weighted mean).
+MAX_EVAL_EXAMPLES = 2**31
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def received_evaluations(results: list) -> tuple[list, list[tuple[str, str]]]:
     """strategy.evaluate_with_train: each train reply's evaluation of the model it received
     (its `eval/` metrics, clients/torch_client.py), as the (proxy, EvaluateRes) an evaluate
-    message would have returned, plus (node, reason) for each reply whose evaluation is not
-    numbers (a finite loss, a whole number of examples >= 0; client input, never raised). The
-    `eval/` metrics are taken out of the train replies: they are no training metrics."""
+    message would have returned, plus (node, reason) for each reply whose evaluation is
+    refused (client input: refused, never raised): a loss or metric that is not a finite
+    number, or an example count that is not a whole number in [0, MAX_EVAL_EXAMPLES]. The
+    `eval/` metrics are taken out of every train reply: they are no training metrics."""
     evaluations, problems = [], []
     for proxy, res in results:
         found = {k[len(RECEIVED_EVAL_PREFIX):]: v for k, v in res.metrics.items()
@@ -323,14 +333,19 @@ def received_evaluations(results: list) -> tuple[list, list[tuple[str, str]]]:
             continue
         res.metrics = {k: v for k, v in res.metrics.items() if not k.startswith(RECEIVED_EVAL_PREFIX)}
         loss, count = found.pop("loss", None), found.pop("num_examples", None)
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (loss, count))
-        if not numeric or not math.isfinite(loss) or not math.isfinite(count) or count < 0 or count != int(count):
-            problems.append((str(proxy.cid), f"its train reply's evaluation has loss {loss!r} and "
-                             f"num_examples {count!r}: not a finite loss and a count of examples"))  # fmt: skip
+        bad = [k for k, v in found.items() if not _finite_number(v)]
+        if not _finite_number(loss):
+            why = f"loss {loss!r}: not a finite number"
+        elif not _finite_number(count) or count != int(count) or not 0 <= count <= MAX_EVAL_EXAMPLES:
+            why = f"num_examples {count!r}: not a whole number of examples in [0, {MAX_EVAL_EXAMPLES}]"
+        elif bad:
+            why = f"metric {bad[0]} {found[bad[0]]!r}: not a finite number"
+        else:
+            evaluations.append((proxy, EvaluateRes(
+                status=Status(Code.OK, ""), loss=float(loss), num_examples=int(count), metrics=found
+            )))  # fmt: skip
             continue
-        evaluations.append(
-            (proxy, EvaluateRes(status=Status(Code.OK, ""), loss=float(loss), num_examples=int(count), metrics=found))
-        )
+        problems.append((str(proxy.cid), f"its train reply's evaluation has {why}"))
     return evaluations, problems
 
 
@@ -405,6 +420,7 @@ class ExperimentServer(Server):
         a stable order and cohorts drawn for this round; plus the round whose Poisson cohort
         was empty: under client-level DP that round still releases (noise alone), so the
         strategy aggregates no results."""
+        self._received = ([], [])  # a round that returns before its results carries none
         if isinstance(self._client_manager, NodeTrackingClientManager):
             self._client_manager.begin_round(server_round)
         instructions = self.strategy.configure_fit(
@@ -473,7 +489,6 @@ class ExperimentServer(Server):
                 break
             round_start = time.perf_counter()
             record = RoundRecord(round=server_round)
-            self._received = ([], [])
 
             res_fit = self.fit_round(server_round=server_round, timeout=timeout)
             if res_fit is None:
@@ -575,7 +590,12 @@ class ExperimentServer(Server):
         loss, metrics = self.strategy.aggregate_evaluate(evaluated_round, evaluations, [])
         if loss is None:
             return
-        parts: dict[str, Any] = {"federated": _metrics(loss, metrics)}
+        federated = _metrics(loss, metrics)
+        if not all(math.isfinite(v) for v in federated.values()):  # finite inputs, an inf mean
+            log(WARNING, "round %d: the federated evaluation from round %d's train replies is not "
+                "finite (%s); not recorded", evaluated_round, evaluated_round + 1, _fmt(federated))  # fmt: skip
+            return
+        parts: dict[str, Any] = {"federated": federated}
         if self.per_site_metrics:
             parts["federated_sites"] = self._site_metrics(evaluations)
         self.recorder.update_round(evaluated_round, **parts)

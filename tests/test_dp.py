@@ -442,6 +442,8 @@ def test_report_names_what_is_not_covered_and_hides_the_clipped_count():
     report = opted.round_report(1)["privacy"]
     assert report["clients_clipped"] == 4
     assert any("clients_clipped" in item and "opted in" in item for item in report["not_covered"])
+    assert any("federated evaluation" in item and "opted in" in item for item in report["not_covered"])
+    assert not any("federated evaluation" in item for item in wrapper.round_report(1)["privacy"]["not_covered"])
 
 
 def test_poisson_sampling_draws_each_client_independently():

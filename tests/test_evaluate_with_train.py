@@ -92,10 +92,10 @@ def test_per_site_metrics_come_with_the_fused_evaluation(tmp_path):
 
 
 class LyingEvaluation:
-    """A node's proxy whose train replies carry a forged evaluation: NaN loss."""
+    """A node's proxy whose train replies carry a forged evaluation (NaN loss by default)."""
 
-    def __init__(self, proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, proxy, key: str = "loss", value=float("nan")) -> None:
+        self.proxy, self.key, self.value = proxy, key, value
 
     def __getattr__(self, name):
         return getattr(self.proxy, name)
@@ -103,7 +103,7 @@ class LyingEvaluation:
     def fit(self, ins, timeout, group_id):
         res = self.proxy.fit(ins, timeout, group_id)
         if f"{RECEIVED_EVAL_PREFIX}loss" in res.metrics:
-            res.metrics[f"{RECEIVED_EVAL_PREFIX}loss"] = float("nan")
+            res.metrics[f"{RECEIVED_EVAL_PREFIX}{self.key}"] = self.value
         return res
 
 
@@ -126,6 +126,20 @@ def test_a_forged_evaluation_in_a_train_reply_is_recorded_and_the_round_goes_on(
     assert math.isfinite(first["loss"]) and first != honest.recorder.record.rounds[0].federated
 
 
+def test_two_clients_claiming_1e308_examples_cannot_crash_the_run(tmp_path):
+    """Each count is finite and whole; their sum would overflow Flower's weighted mean."""
+    run = in_process_run(FUSED, tmp_path, num_nodes=3, seed=1)
+    for cid in ("100", "101"):
+        node = run.server.client_manager().clients[cid]
+        node.inner = LyingEvaluation(node.inner, "num_examples", 1e308)
+    run.fit()
+    rounds = run.recorder.record.rounds
+    assert [r.clients.trained for r in rounds] == [3, 3, 3]
+    assert sorted(f.node_id for f in rounds[1].clients.failures) == ["100", "101"]
+    assert math.isfinite(rounds[0].federated["loss"])  # node 102's evaluation alone
+    json.loads((tmp_path / "results.json").read_text())  # valid JSON: no NaN or Infinity
+
+
 @pytest.mark.parametrize(
     "metrics, problem",
     [
@@ -135,6 +149,10 @@ def test_a_forged_evaluation_in_a_train_reply_is_recorded_and_the_round_goes_on(
         ({"eval/loss": 0.5, "eval/num_examples": True}, "num_examples True"),
         ({"eval/num_examples": 4}, "loss None"),
         ({"eval/loss": float("inf"), "eval/num_examples": 4}, "loss inf"),
+        ({"eval/loss": 0.5, "eval/num_examples": 1e308}, "num_examples 1e+308"),
+        ({"eval/loss": 0.5, "eval/num_examples": 2**31 + 1}, f"num_examples {2**31 + 1}"),
+        ({"eval/loss": 0.5, "eval/num_examples": 4, "eval/accuracy": float("nan")}, "metric accuracy nan"),
+        ({"eval/loss": 0.5, "eval/num_examples": 4, "eval/accuracy": "high"}, "metric accuracy 'high'"),
     ],
 )
 def test_each_malformed_evaluation_is_refused_naming_the_field(metrics, problem):
@@ -176,9 +194,10 @@ def test_under_unprotected_metrics_dp_runs_accept_it():
 
 
 def test_a_resume_with_more_rounds_keeps_the_last_rounds_own_evaluation(tmp_path):
-    """2 rounds (round 2, the last, evaluated by evaluate messages), then resume=true with
-    num_rounds=4: round 3's train replies evaluate round 2's model again, and round 2 keeps
-    the measurement it has; round 3 gets its own from round 4's train replies."""
+    """2 rounds (round 2, the last, evaluated by evaluate messages to all 3 nodes), then
+    resume=true with num_rounds=4: round 3's train replies (2 of the 3 nodes) evaluate round
+    2's model again, and round 2 keeps the measurement it has; round 3 gets its own from
+    round 4's train replies."""
     from app.checkpoint import load, save
     from core.config import resolved_yaml
 
@@ -188,13 +207,19 @@ def test_a_resume_with_more_rounds_keeps_the_last_rounds_own_evaluation(tmp_path
     def checkpoint(server_round, arrays, state):
         save(out, server_round, arrays, state, holder["run"].recorder.results, resolved_yaml(holder["run"].cfg))
 
-    first = f"{FUSED} num_rounds=2"
+    two_train = "strategy.fraction_train=0.6 strategy.min_train_clients=2"  # 2 of 3 train
+    first = f"{FUSED} {two_train} num_rounds=2"
     holder["run"] = in_process_run(first, out, num_nodes=3, seed=1, checkpoint_fn=checkpoint)
     holder["run"].fit()
     before = [r.federated for r in holder["run"].recorder.record.rounds]
     assert all(before)
-    resumed = in_process_run(f"{FUSED} num_rounds=4", out, num_nodes=3, seed=1, resume=load(out)).fit()
+    resumed = in_process_run(f"{FUSED} {two_train} num_rounds=4", out, num_nodes=3, seed=1, resume=load(out))
+    recorded = []
+    update = resumed.recorder.update_round
+    resumed.recorder.update_round = lambda r, **parts: (recorded.append(r), update(r, **parts))
+    resumed.fit()
     rounds = resumed.recorder.record.rounds
     assert [r.round for r in rounds] == [1, 2, 3, 4]
     assert [r.federated for r in rounds[:2]] == before
+    assert recorded == [3]  # round 3's train replies measured round 2 again: not recorded
     assert rounds[2].federated and rounds[3].federated

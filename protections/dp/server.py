@@ -298,6 +298,11 @@ class ClientLevelDP(StrategyWrapper):
         if self.unprotected_metrics and clipped:
             clients_clipped = int(sum(clipped))
             not_covered.append("clients_clipped: exact count, no noise (opted in)")
+        if self.unprotected_metrics:
+            not_covered.append(
+                "train metrics and federated evaluation: computed on the clients' data, "
+                "no noise (opted in)"
+            )
         if self.accountant is not None:
             spent = self.accountant.report()
         else:  # z = 0: no privacy
