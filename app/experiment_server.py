@@ -318,13 +318,27 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def evaluation_problem(loss, count, metrics: dict) -> str | None:
+    """Why a client's evaluation cannot be averaged, or None: a loss or metric that is not a
+    finite number, or an example count that is not a whole number in [0, MAX_EVAL_EXAMPLES].
+    Client input, so a reason, never an exception: one NaN would make the round's average NaN
+    (and results.json no longer JSON), two counts near 1e308 overflow Flower's weighted mean."""
+    if not _finite_number(loss):
+        return f"loss {loss!r}: not a finite number"
+    if not _finite_number(count) or count != int(count) or not 0 <= count <= MAX_EVAL_EXAMPLES:
+        return f"num_examples {count!r}: not a whole number of examples in [0, {MAX_EVAL_EXAMPLES}]"
+    bad = next((k for k, v in metrics.items() if not _finite_number(v)), None)
+    if bad is not None:
+        return f"metric {bad} {metrics[bad]!r}: not a finite number"
+    return None
+
+
 def received_evaluations(results: list) -> tuple[list, list[tuple[str, str]]]:
     """strategy.evaluate_with_train: each train reply's evaluation of the model it received
     (its `eval/` metrics, clients/torch_client.py), as the (proxy, EvaluateRes) an evaluate
     message would have returned, plus (node, reason) for each reply whose evaluation is
-    refused (client input: refused, never raised): a loss or metric that is not a finite
-    number, or an example count that is not a whole number in [0, MAX_EVAL_EXAMPLES]. The
-    `eval/` metrics are taken out of every train reply: they are no training metrics."""
+    refused (:func:`evaluation_problem`). The `eval/` metrics are taken out of every train
+    reply: they are no training metrics."""
     evaluations, problems = [], []
     for proxy, res in results:
         found = {k[len(RECEIVED_EVAL_PREFIX):]: v for k, v in res.metrics.items()
@@ -333,19 +347,13 @@ def received_evaluations(results: list) -> tuple[list, list[tuple[str, str]]]:
             continue
         res.metrics = {k: v for k, v in res.metrics.items() if not k.startswith(RECEIVED_EVAL_PREFIX)}
         loss, count = found.pop("loss", None), found.pop("num_examples", None)
-        bad = [k for k, v in found.items() if not _finite_number(v)]
-        if not _finite_number(loss):
-            why = f"loss {loss!r}: not a finite number"
-        elif not _finite_number(count) or count != int(count) or not 0 <= count <= MAX_EVAL_EXAMPLES:
-            why = f"num_examples {count!r}: not a whole number of examples in [0, {MAX_EVAL_EXAMPLES}]"
-        elif bad:
-            why = f"metric {bad[0]} {found[bad[0]]!r}: not a finite number"
-        else:
-            evaluations.append((proxy, EvaluateRes(
-                status=Status(Code.OK, ""), loss=float(loss), num_examples=int(count), metrics=found
-            )))  # fmt: skip
+        why = evaluation_problem(loss, count, found)
+        if why is not None:
+            problems.append((str(proxy.cid), f"its train reply's evaluation has {why}"))
             continue
-        problems.append((str(proxy.cid), f"its train reply's evaluation has {why}"))
+        evaluations.append((proxy, EvaluateRes(
+            status=Status(Code.OK, ""), loss=float(loss), num_examples=int(count), metrics=found
+        )))  # fmt: skip
     return evaluations, problems
 
 
@@ -455,9 +463,15 @@ class ExperimentServer(Server):
         results, failures = evaluate_clients(
             instructions, max_workers=self.max_workers, timeout=timeout, group_id=server_round
         )
-        results = self._in_stable_order(results)
-        loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
-        return loss, metrics, (results, failures)
+        accepted, failures = [], list(failures)
+        for proxy, res in self._in_stable_order(results):
+            why = evaluation_problem(res.loss, res.num_examples, res.metrics)
+            if why is None:
+                accepted.append((proxy, res))
+            else:  # refused and recorded with its node, as a failed evaluate call
+                failures.append(ClientFailure(str(proxy.cid), "evaluate", f"refused evaluation: {why}"))
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, accepted, failures)
+        return loss, metrics, (accepted, failures)
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         # Every measurement goes to results.json; the History stays empty, so Flower's

@@ -223,3 +223,41 @@ def test_a_resume_with_more_rounds_keeps_the_last_rounds_own_evaluation(tmp_path
     assert [r.federated for r in rounds[:2]] == before
     assert recorded == [3]  # round 3's train replies measured round 2 again: not recorded
     assert rounds[2].federated and rounds[3].federated
+
+
+class LyingEvaluateReply:
+    """A node's proxy whose evaluate replies carry a forged accuracy."""
+
+    def __init__(self, proxy, value) -> None:
+        self.proxy, self.value = proxy, value
+
+    def __getattr__(self, name):
+        return getattr(self.proxy, name)
+
+    def evaluate(self, ins, timeout, group_id):
+        res = self.proxy.evaluate(ins, timeout, group_id)
+        res.metrics["accuracy"] = self.value
+        return res
+
+
+def strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path.name}: not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "high"])
+def test_an_evaluate_reply_that_is_not_numbers_is_refused_and_recorded(tmp_path, value):
+    """The evaluate messages' replies get the same check as the train replies' evaluations:
+    one NaN accuracy made the round's federated accuracy NaN and results.json not JSON."""
+    run = in_process_run(FULL, tmp_path, num_nodes=3, seed=1)
+    node = run.server.client_manager().clients["101"]
+    node.inner = LyingEvaluateReply(node.inner, value)
+    run.fit()
+    for r in run.recorder.record.rounds:
+        (failure,) = r.clients.failures
+        assert (failure.node_id, failure.stage) == ("101", "evaluate")
+        assert f"refused evaluation: metric accuracy {value!r}: not a finite number" in failure.reason
+        assert 0.5 < r.federated["accuracy"] <= 1  # the two other nodes'
+    assert all(r["federated"] for r in strict_json(tmp_path / "results.json")["rounds"])
