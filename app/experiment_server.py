@@ -560,7 +560,7 @@ class ExperimentServer(Server):
             elif not self.evaluate_with_train:  # strategy.evaluate_every: no evaluate messages this round
                 record.federated_skipped = True
             if res_fed is not None and res_fed[0] is not None:
-                record.federated = _metrics(res_fed[0], res_fed[1])
+                record.federated = _federated(res_fed[0], res_fed[1], server_round)
             if res_fed is not None:
                 round_failures += describe_failures(res_fed[2][1], "evaluate")
                 if self.per_site_metrics and res_fed[2][0]:
@@ -604,10 +604,8 @@ class ExperimentServer(Server):
         loss, metrics = self.strategy.aggregate_evaluate(evaluated_round, evaluations, [])
         if loss is None:
             return
-        federated = _metrics(loss, metrics)
-        if not all(math.isfinite(v) for v in federated.values()):  # finite inputs, an inf mean
-            log(WARNING, "round %d: the federated evaluation from round %d's train replies is not "
-                "finite (%s); not recorded", evaluated_round, evaluated_round + 1, _fmt(federated))  # fmt: skip
+        federated = _federated(loss, metrics, evaluated_round)
+        if federated is None:
             return
         parts: dict[str, Any] = {"federated": federated}
         if self.per_site_metrics:
@@ -635,6 +633,18 @@ class ExperimentServer(Server):
             f"no client update was aggregated in any of {self.rounds_completed} rounds "
             f"({self.stop_reason}), so there is no trained model; first failure: {cause}"
         )
+
+
+def _federated(loss: float, metrics: dict[str, Any], server_round: int) -> dict[str, float] | None:
+    """A round's federated metrics, or None (logged) when their average is not finite: every
+    client's values are (evaluation_problem), but a large enough loss times its example
+    count still overflows to inf, which results.json cannot hold as JSON."""
+    federated = _metrics(loss, metrics)
+    if all(math.isfinite(v) for v in federated.values()):
+        return federated
+    log(WARNING, "round %d: federated evaluation averaged to %s, not a finite number; not recorded",
+        server_round, _fmt(federated))  # fmt: skip
+    return None
 
 
 def _metrics(loss: float, metrics: dict[str, Any]) -> dict[str, float]:

@@ -54,7 +54,7 @@ from app.checkpoint import load as load_checkpoint
 from app.checkpoint import save as save_checkpoint
 from core.results import Comm, FinalRecord, Int8Model, RunRecorder
 from app.tracking import resumed_tracking_id, start_tracking
-from strategies.factory import build_strategy, evaluates_with_train, federated_evaluation_allowed
+from strategies.factory import build_strategy, evaluates_with_train, has_federated_evaluation
 
 DEFAULT_RUNS_ROOT = Path.home() / "flower-private-finetune" / "runs"
 LATEST_LINK = "latest"  # <runs root>/latest -> the newest run directory under it
@@ -211,7 +211,7 @@ def wait_for_nodes(grid: Grid, cfg: ExperimentConfig) -> int:
     otherwise wait up to 24 h or stop after 0 rounds."""
     s = cfg.strategy
     needed = {"min_train_clients": s.min_train_clients, "min_available_clients": s.min_available_clients}
-    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
+    if has_federated_evaluation(cfg):
         needed["min_evaluate_clients"] = s.min_evaluate_clients
     key, want = max(needed.items(), key=lambda kv: kv[1])
     simulation = type(grid).__name__ == "InMemoryGrid"
@@ -277,7 +277,7 @@ def dispatch_warnings(cfg: ExperimentConfig, nodes: int) -> list[str]:
     samples: max(int(nodes * fraction), min clients), at most `nodes`."""
     s = cfg.strategy
     stages = [("train", "fraction_train", s.fraction_train, "min_train_clients", s.min_train_clients)]
-    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg):
+    if has_federated_evaluation(cfg):
         stages.append(("evaluate", "fraction_evaluate", s.fraction_evaluate,
                        "min_evaluate_clients", s.min_evaluate_clients))  # fmt: skip
     warnings = []
@@ -311,10 +311,7 @@ def federated_evaluation_every(cfg: ExperimentConfig) -> int | None:
     """strategy.evaluate_every when the run has federated evaluation (fraction_evaluate > 0,
     clients hold a validation split, and privacy allows its metrics), else None: no round
     then records a skipped federated evaluation."""
-    s = cfg.strategy
-    if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg):
-        return s.evaluate_every
-    return None
+    return cfg.strategy.evaluate_every if has_federated_evaluation(cfg) else None
 
 
 def shipped_grid(context: Context) -> bool:

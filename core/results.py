@@ -198,11 +198,10 @@ class RunRecorder:
 
     def update_round(self, server_round: int, **parts: Any) -> None:
         """Add parts to round `server_round`'s record (strategy.evaluate_with_train: its
-        `federated`, measured by the next round's clients). A round not recorded (resumed
-        from a checkpoint that lacks it) is left alone."""
+        `federated`, measured by the next round's clients)."""
         record = next((r for r in self.record.rounds if r.round == server_round), None)
         if record is None:
-            return
+            raise ValueError(f"round {server_round} is not recorded: nothing to add {sorted(parts)} to")
         for name, value in parts.items():
             if name not in RoundRecord.__dataclass_fields__:
                 raise ValueError(f"RoundRecord has no part {name!r}")

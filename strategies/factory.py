@@ -88,11 +88,7 @@ def fit_config_fn(cfg: ExperimentConfig) -> Callable[[int], dict[str, Scalar]]:
 def evaluates_with_train(cfg: ExperimentConfig) -> bool:
     """strategy.evaluate_with_train on a run that has federated evaluation (core/config.py
     refuses it on one that has none)."""
-    s = cfg.strategy
-    return bool(
-        s.evaluate_with_train and s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0
-        and federated_evaluation_allowed(cfg)
-    )  # fmt: skip
+    return cfg.strategy.evaluate_with_train and has_federated_evaluation(cfg)
 
 
 def build_strategy(
@@ -105,11 +101,7 @@ def build_strategy(
     """`he_context` (secagg=he): the public context; `he_client_config`: extra instructions
     for clients (in simulation, where the run's secret context lies)."""
     s = cfg.strategy
-    # Federated evaluation computes loss and accuracy on the clients' own data and no
-    # accountant covers it: under DP it runs only when the user opts into unprotected metrics.
-    # dataset.val_fraction=0: clients hold no validation split, so no federated evaluation.
-    evaluate = federated_evaluation_allowed(cfg) and cfg.dataset.val_fraction > 0
-    fraction_evaluate = s.fraction_evaluate if evaluate else 0.0
+    fraction_evaluate = s.fraction_evaluate if has_federated_evaluation(cfg) else 0.0
     common = dict(
         fraction_fit=s.fraction_train,
         fraction_evaluate=fraction_evaluate,
@@ -159,7 +151,15 @@ def build_strategy(
 
 
 def federated_evaluation_allowed(cfg: ExperimentConfig) -> bool:
+    """Federated evaluation computes loss and accuracy on the clients' own data and no
+    accountant covers it: under DP it runs only when the user opts into unprotected metrics."""
     return cfg.privacy.name == "none" or cfg.privacy.unprotected_metrics
+
+
+def has_federated_evaluation(cfg: ExperimentConfig) -> bool:
+    """Whether the run evaluates on the clients: strategy.fraction_evaluate > 0, clients hold
+    a validation split (dataset.val_fraction > 0), and privacy allows its metrics."""
+    return cfg.strategy.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0 and federated_evaluation_allowed(cfg)
 
 
 CLIENT_LEVEL_DP = {

@@ -261,3 +261,22 @@ def test_an_evaluate_reply_that_is_not_numbers_is_refused_and_recorded(tmp_path,
         assert f"refused evaluation: metric accuracy {value!r}: not a finite number" in failure.reason
         assert 0.5 < r.federated["accuracy"] <= 1  # the two other nodes'
     assert all(r["federated"] for r in strict_json(tmp_path / "results.json")["rounds"])
+
+
+def test_finite_values_whose_average_overflows_are_not_recorded(tmp_path):
+    """1e308 passes each client's check; times an example count it is inf. Neither the
+    evaluate messages' average nor the train replies' is recorded then, and results.json
+    stays JSON."""
+    separate = in_process_run(FULL, tmp_path / "separate", num_nodes=3, seed=1)
+    node = separate.server.client_manager().clients["101"]
+    node.inner = LyingEvaluateReply(node.inner, 1e308)
+    separate.fit()
+    assert [r.federated for r in separate.recorder.record.rounds] == [None, None, None]
+    strict_json(tmp_path / "separate" / "results.json")
+
+    fused = in_process_run(FUSED, tmp_path / "fused", num_nodes=3, seed=1)
+    node = fused.server.client_manager().clients["101"]
+    node.inner = LyingEvaluation(node.inner, "loss", 1e308)
+    fused.fit()
+    assert [r.federated is None for r in fused.recorder.record.rounds] == [True, True, False]
+    strict_json(tmp_path / "fused" / "results.json")
